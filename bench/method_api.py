@@ -1,0 +1,75 @@
+"""What a method is and what it is given. Methods never compute metrics or touch files."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.registry import Registry
+from bench.tasks.base import NoOptions, TaskData, TrainRecipe
+from bench.types import Prediction
+
+Progress = Callable[..., Iterable]
+
+
+@dataclass
+class FitContext:
+    """Everything a method may use to fit. ``map_model`` is the shared cached MAP network
+    (post-hoc methods start from it and must not modify it in place: copy first).
+    ``train_model(member)`` trains a fresh network with the task's recipe for ensemble member
+    ``member`` (member 0 is the MAP network), reusing the harness's checkpoint cache.
+    """
+
+    data: TaskData
+    make_model: Callable[[], nn.Module]
+    recipe: TrainRecipe
+    device: torch.device
+    seed: int
+    map_model: nn.Module | None
+    train_model: Callable[[int], nn.Module]
+    progress: Progress
+    log: Callable[[str], None]
+    make_small_model: Callable[[], nn.Module] | None = None
+
+
+class Method(ABC):
+    """Base class of registered methods.
+
+    ``uses_map``: the harness trains (or loads) the MAP network before ``fit``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    uses_map: ClassVar[bool] = True
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @abstractmethod
+    def fit(self, ctx: FitContext) -> None:
+        """Prepare the predictive (post-hoc fit, tuning on ``ctx.data.val``, training...)."""
+
+    @abstractmethod
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """Predictive probabilities (and the method's own scores) for inputs ``x`` (on CPU)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Fitted quantities worth recording in the result (tuned temperature, prior...)."""
+        return {}
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+register_method = METHODS.register
+
+
+@torch.no_grad()
+def batched_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Eval-mode logits for ``x`` in batches, returned on CPU."""
+    model.eval()
+    outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)

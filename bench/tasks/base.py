@@ -1,0 +1,97 @@
+"""What a task is: in-distribution data, shift and OOD sets, a model factory and a recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bench.options import as_dict
+from bench.registry import Registry
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How the task's model is trained to MAP (also used by ensembles and MC dropout)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class TaskData:
+    """Tensors in memory. ``ood`` sets have inputs only; ``shift`` sets keep their labels."""
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    ood: dict[str, torch.Tensor] = field(default_factory=dict)
+    shift: dict[str, TensorDataset] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        out = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        out.update({f"ood/{k}": len(v) for k, v in self.ood.items()})
+        out.update({f"shift/{k}": len(v) for k, v in self.shift.items()})
+        return out
+
+
+@dataclass
+class NoOptions:
+    """A task or method without options."""
+
+
+class Task(ABC):
+    """Base class of registered tasks. Subclasses set ``Options`` and implement the abstract API.
+
+    ``smoke`` asks for a small, fast configuration (CI, tests); ``data_dir`` points at user data.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None, smoke: bool = False, data_dir: Path | None = None):
+        self.options = options if options is not None else self.Options()
+        self.smoke = smoke
+        self.data_dir = data_dir
+
+    @abstractmethod
+    def load(self) -> TaskData:
+        """Read (and if needed, download or embed) the data; deterministic splits."""
+
+    @abstractmethod
+    def make_model(self, num_classes: int) -> nn.Module:
+        """A freshly initialised trainable model (seeded by the caller)."""
+
+    @abstractmethod
+    def recipe(self) -> TrainRecipe:
+        """The MAP training recipe."""
+
+    def make_small_model(self, num_classes: int) -> nn.Module:
+        """A version of the model small enough (≤ 10k params) for exact curvature."""
+        raise NotImplementedError(f"task {self.name} has no small model for fidelity checks")
+
+    def cache_key(self) -> str:
+        """Identifies the data and model configuration for checkpoint caching."""
+        payload = {"task": self.name, "smoke": self.smoke, "options": as_dict(self.options)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+register_task = TASKS.register
