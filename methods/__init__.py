@@ -1,0 +1,3 @@
+"""Registered methods: one module each. Importing this package registers the built-in ones."""
+
+from methods import map  # noqa: F401

@@ -1,0 +1,154 @@
+"""Command line: ``python -m bench {list,run,sweep,table,plot,perf,fidelity}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError
+
+MAIN_METRICS = ["cls/acc", "cls/nll", "cal/ece", "cls/brier"]
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
+    p.add_argument("--smoke", action="store_true", help="small, fast configuration (CI, tests)")
+    p.add_argument("--data-dir", type=Path, default=None, help="directory with the task's data files")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="method or task option (method.KEY= / task.KEY= when ambiguous); repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__)
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                        help="a Python file registering extra methods or tasks (also BENCH_PLUGINS)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("list", help="registered methods and tasks, one per line")
+    p_list.add_argument("--options", action="store_true", help="also show each one's options")
+
+    p_run = sub.add_parser("run", help="run one method on one task and write its result")
+    p_run.add_argument("--method", required=True, help="method name or spec, e.g. 'laplace(link=mc)'")
+    p_run.add_argument("--task", required=True, help="task name or spec")
+    _add_run_args(p_run)
+
+    p_sweep = sub.add_parser("sweep", help="run a grid of methods × tasks × seeds, resuming")
+    p_sweep.add_argument("--methods", default="all", help="comma-separated names or 'all'")
+    p_sweep.add_argument("--tasks", default="all", help="comma-separated names or 'all'")
+    p_sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p_sweep.add_argument("--force", action="store_true", help="rerun runs whose result exists")
+    _add_run_args(p_sweep)
+    p_sweep.set_defaults(seed=None)
+
+    p_table = sub.add_parser("table", help="build results/leaderboard.{md,csv} from the run files")
+    p_table.add_argument("--results", type=Path, default=Path("results"))
+    p_table.add_argument("--check", action="store_true",
+                         help="exit 1 if the committed tables differ from what the run files give")
+
+    p_plot = sub.add_parser("plot", help="reliability diagrams and OOD histograms into results/plots")
+    p_plot.add_argument("--results", type=Path, default=Path("results"))
+
+    for name, helptext in (("perf", "rerunnable speed benchmarks"), ("fidelity", "RegVar vs exact Laplace")):
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bench import options as opts
+    from bench.method_api import METHODS
+    from bench.perf import PERF
+    from bench.runner import TASKS
+
+    for kind, registry in (("method", METHODS), ("task", TASKS)):
+        for name in registry.names():
+            cls = registry.get(name)
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"{kind:7s} {name:18s} {doc}")
+            if args.options:
+                for line in opts.help_lines(cls.Options):
+                    print(f"{'':27s}{line}")
+    for name in PERF.names():
+        print(f"{'perf':7s} {name}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bench.registry import parse_assignment
+    from bench.runner import RunConfig, run
+
+    settings: dict[str, str] = {}
+    for item in args.settings:
+        settings.update(parse_assignment(item))
+    config = RunConfig(
+        method=args.method, task=args.task, seed=args.seed, device=args.device, out=args.out,
+        smoke=args.smoke, data_dir=args.data_dir, settings=settings, quiet=args.quiet,
+    )
+    record = run(config)
+    m, t = record["metrics"], record["timings"]
+    rows = [[k, f"{m[k]:.4f}"] for k in MAIN_METRICS]
+    rows += [[k, f"{v:.4f}"] for k, v in sorted(m.items()) if k.startswith(("ood/", "shift/"))]
+    rows += [["time/fit_s", f"{t['fit_s']:.2f}"], ["time/predict_per_1k_s", f"{t['predict_per_1k_s']:.3f}"],
+             ["memory/predict_peak_MiB", f"{record['memory']['predict_peak_bytes'] / 2**20:.1f}"]]
+    print(f"{record['method']} on {record['task']} (seed {record['seed']})")
+    print(tabulate(rows, headers=["metric", "value"], tablefmt="github"))
+    return 0
+
+
+def cmd_passthrough(args: argparse.Namespace) -> int:
+    if args.command == "perf":
+        from bench.perf import PERF
+        from bench.perf.loader import load_all
+
+        load_all()
+        rest = args.rest
+        if not rest or rest[0] in ("-h", "--help"):
+            print("usage: bench perf NAME [options]; benchmarks: " + ", ".join(PERF.names()))
+            return 0
+        return PERF.get(rest[0])(rest[1:])
+    from bench.fidelity import main as fidelity_main
+
+    return fidelity_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from bench.plugins import load_plugins
+
+        load_plugins(args.plugin)
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "sweep":
+            from bench.sweep import cmd_sweep
+
+            return cmd_sweep(args)
+        if args.command == "table":
+            from bench.leaderboard import cmd_table
+
+            return cmd_table(args)
+        if args.command == "plot":
+            from bench.plots import cmd_plot
+
+            return cmd_plot(args)
+        return cmd_passthrough(args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bench: interrupted; nothing partial was written, finished results are intact",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

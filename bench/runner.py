@@ -1,0 +1,247 @@
+"""One run: task → (cached MAP) → method → predictions → metrics → results.
+
+This is the only place where the pieces meet, and the only place that writes a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import methods  # noqa: F401 - registers the built-in methods
+from bench import options as opts
+from bench.device import select_device
+from bench.errors import BenchError
+from bench.method_api import METHODS, FitContext, Method
+from bench.metrics import evaluate
+from bench.profiling import measure
+from bench.progress import Reporter
+from bench.provenance import git_commit, machine, versions
+from bench.registry import parse_spec
+from bench.results import SCHEMA_VERSION, pack_predictions, run_paths, write_run
+from bench.seeding import derive_seed, seed_everything
+from bench.tasks import TASKS, Task, TaskData
+from bench.training import checkpoint_path, load_state, save_state, train
+from bench.types import Prediction
+
+
+@dataclass
+class RunConfig:
+    method: str
+    task: str
+    seed: int = 0
+    device: str = "auto"
+    out: Path = Path("results")
+    smoke: bool = False
+    data_dir: Path | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    quiet: bool = False
+
+
+@dataclass
+class Resolved:
+    """A run's classes and parsed options; ``label`` names its results folder."""
+
+    method_cls: type[Method]
+    method_options: Any
+    task_cls: type[Task]
+    task_options: Any
+    method_label: str
+    task_label: str
+
+
+def _split_settings(settings: dict[str, str], method_fields: set[str], task_fields: set[str],
+                    method: str, task: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Route ``--set`` keys: ``method.k``/``task.k`` explicitly, else by which declares ``k``."""
+    m: dict[str, str] = {}
+    t: dict[str, str] = {}
+    for key, value in settings.items():
+        if key.startswith("method."):
+            m[key.removeprefix("method.")] = value
+        elif key.startswith("task."):
+            t[key.removeprefix("task.")] = value
+        elif key in method_fields and key in task_fields:
+            raise BenchError(f"--set {key} is ambiguous; write method.{key}= or task.{key}=")
+        elif key in method_fields:
+            m[key] = value
+        elif key in task_fields:
+            t[key] = value
+        else:
+            valid = ", ".join(sorted(method_fields | task_fields)) or "none"
+            raise BenchError(f"unknown --set key {key!r} for method {method} / task {task}; valid keys: {valid}")
+    return m, t
+
+
+def _label(name: str, defaults: Any, chosen: Any, extra: list[str] = ()) -> str:
+    """``name`` for default options, else ``name@k=v,...`` listing the non-default ones."""
+    base, mine = opts.as_dict(defaults), opts.as_dict(chosen)
+    changed = [f"{k}={_fmt(v)}" for k, v in mine.items() if base[k] != v] + list(extra)
+    return name + ("@" + ",".join(changed) if changed else "")
+
+
+def _fmt(value: Any) -> str:
+    return "|".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def resolve(config: RunConfig) -> Resolved:
+    method_name, method_raw = parse_spec(config.method)
+    task_name, task_raw = parse_spec(config.task)
+    method_cls = METHODS.get(method_name)
+    task_cls = TASKS.get(task_name)
+    m_fields = {f.name for f in dataclasses.fields(method_cls.Options)}
+    t_fields = {f.name for f in dataclasses.fields(task_cls.Options)}
+    m_set, t_set = _split_settings(config.settings, m_fields, t_fields, method_name, task_name)
+    method_options = opts.build(method_cls.Options, {**method_raw, **m_set}, f"method {method_name}")
+    task_options = opts.build(task_cls.Options, {**task_raw, **t_set}, f"task {task_name}")
+    return Resolved(
+        method_cls, method_options, task_cls, task_options,
+        _label(method_name, method_cls.Options(), method_options),
+        _label(task_name, task_cls.Options(), task_options, ["smoke"] if config.smoke else []),
+    )
+
+
+def result_paths(config: RunConfig) -> tuple[Path, Path]:
+    r = resolve(config)
+    return run_paths(config.out, r.task_label, r.method_label, config.seed)
+
+
+class ModelCache:
+    """Trains a task's model with its recipe once per (task config, recipe, seed, member)."""
+
+    def __init__(self, task: Task, data: TaskData, device: torch.device, seed: int, reporter: Reporter):
+        self.task, self.data, self.device, self.seed, self.reporter = task, data, device, seed, reporter
+        self.recipe = task.recipe()
+        self.trained_seconds = 0.0
+        self.loaded: list[int] = []
+        self.trained: list[int] = []
+
+    def make_model(self) -> torch.nn.Module:
+        return self.task.make_model(self.data.num_classes)
+
+    def get(self, member: int = 0) -> torch.nn.Module:
+        seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
+        path = checkpoint_path(self.task.cache_key(), self.recipe, self.seed, member)
+        torch.manual_seed(seed)
+        model = self.make_model()
+        what = "MAP model" if member == 0 else f"ensemble member {member}"
+        if load_state(model, path):
+            self.loaded.append(member)
+            self.reporter.log(f"{what}: loaded cached checkpoint {path} (no training)")
+            return model.to(self.device).eval()
+        self.reporter.log(f"{what}: training {self.recipe.epochs} epoch(s) on {len(self.data.train)} examples")
+        generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
+        with measure(self.device) as m:
+            train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
+        self.trained_seconds += m.seconds
+        self.trained.append(member)
+        save_state(model, path)
+        return model.eval()
+
+
+def _predict(method: Method, x: torch.Tensor) -> Prediction:
+    pred = method.predict(x)
+    if pred.probs.shape[0] != len(x):
+        raise RuntimeError(f"method returned {pred.probs.shape[0]} predictions for {len(x)} inputs")
+    probs = pred.probs.detach().double().cpu()
+    if not torch.isfinite(probs).all() or (probs < 0).any() or not torch.allclose(
+        probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4
+    ):
+        raise RuntimeError(f"method {method.name} returned invalid probabilities (not finite or not normalised)")
+    return Prediction(probs, {k: v.detach().double().cpu() for k, v in pred.scores.items()})
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Execute one run and write its JSON + npz; returns the record."""
+    r = resolve(config)
+    reporter = Reporter(config.quiet)
+    device = select_device(config.device)
+    json_path, npz_path = run_paths(config.out, r.task_label, r.method_label, config.seed)
+    task = r.task_cls(r.task_options, smoke=config.smoke, data_dir=config.data_dir)
+    method = r.method_cls(r.method_options)
+    reporter.log(f"run {r.method_label} on {r.task_label}, seed {config.seed}, device {device}")
+
+    seed_everything(config.seed)
+    with measure(torch.device("cpu")) as data_time:
+        data = task.load()
+    cache = ModelCache(task, data, device, config.seed, reporter)
+    map_model = cache.get(0) if r.method_cls.uses_map else None
+    map_train_s = cache.trained_seconds
+
+    ctx = FitContext(
+        data=data,
+        make_model=cache.make_model,
+        recipe=cache.recipe,
+        device=device,
+        seed=config.seed,
+        map_model=copy.deepcopy(map_model) if map_model is not None else None,
+        train_model=cache.get,
+        progress=reporter.progress,
+        log=reporter.log,
+        make_small_model=lambda: task.make_small_model(data.num_classes),
+    )
+    seed_everything(derive_seed(config.seed, "fit"))
+    with measure(device) as fit:
+        method.fit(ctx)
+    fit_s = fit.seconds - (cache.trained_seconds - map_train_s)  # member training counted below
+    member_train_s = cache.trained_seconds - map_train_s
+
+    seed_everything(derive_seed(config.seed, "predict"))
+    x_test, y_test = data.test.tensors
+    with measure(device) as pred_time:
+        test_pred = _predict(method, x_test)
+    with measure(device) as rest_time:
+        ood_preds = {name: _predict(method, x) for name, x in data.ood.items()}
+        shift_preds = {name: (_predict(method, ds.tensors[0]), ds.tensors[1]) for name, ds in data.shift.items()}
+
+    metrics = evaluate(
+        test_pred.probs, y_test, test_pred.scores,
+        ood={k: (p.probs, p.scores) for k, p in ood_preds.items()},
+        shift={k: (p.probs, y) for k, (p, y) in shift_preds.items()},
+    )
+    record = {
+        "schema": SCHEMA_VERSION,
+        "task": r.task_label,
+        "method": r.method_label,
+        "seed": config.seed,
+        "status": "ok",
+        "config": {
+            "method": r.method_cls.name,
+            "method_options": opts.as_dict(r.method_options),
+            "task": r.task_cls.name,
+            "task_options": opts.as_dict(r.task_options),
+            "smoke": config.smoke,
+            "recipe": dataclasses.asdict(cache.recipe),
+            "device_requested": config.device,
+        },
+        "data": {"sizes": data.sizes(), **data.info},
+        "method_summary": method.summary(),
+        "metrics": metrics,
+        "timings": {
+            "data_s": data_time.seconds,
+            "map_train_s": map_train_s,
+            "map_cached": bool(cache.loaded and 0 in cache.loaded),
+            "fit_s": fit_s + member_train_s,
+            "fit_posthoc_s": fit_s,
+            "member_train_s": member_train_s,
+            "members_cached": sorted(m for m in cache.loaded if m),
+            "members_trained": sorted(m for m in cache.trained if m),
+            "predict_test_s": pred_time.seconds,
+            "predict_per_1k_s": pred_time.seconds / max(len(x_test), 1) * 1000.0,
+            "predict_other_s": rest_time.seconds,
+        },
+        "memory": {
+            "kind": fit.kind,
+            "fit_peak_bytes": fit.peak_bytes,
+            "predict_peak_bytes": pred_time.peak_bytes,
+        },
+        "provenance": {"git": git_commit(), "versions": versions(), "machine": machine(device)},
+    }
+    arrays = pack_predictions(test_pred, y_test, ood_preds, shift_preds)
+    write_run(json_path, npz_path, record, arrays)
+    reporter.log(f"wrote {json_path} and {npz_path.name}")
+    return record
