@@ -10,7 +10,9 @@ network is the cached MAP checkpoint (``ctx.train_model(0)``). ``rate=p`` sets p
 dropout layer *and trains a fresh network with that rate* (same recipe, seed derived from the
 run seed): Gal's method samples from the rate it was trained with, and changing p only at test
 time would be a different, uncalibrated method. That retraining happens inside ``fit`` (so the
-harness's fit time includes it) and is not cached, because methods never write files.
+harness's fit time includes it) and is not cached, because methods never write files. Where the
+task exposes its model's rate as a task option (``fashion-mnist``: ``--set task.dropout=0.1``),
+prefer that: the network then comes from the harness's checkpoint cache like any MAP network.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class MCDropoutOptions:
     rate: float = option(
         KEEP_RATE,
         "dropout probability for every dropout layer, in training and at test time; "
-        "-1 keeps the model's own rates (and reuses the cached MAP checkpoint)",
+        "-1 keeps the model's own rates (and reuses the cached MAP checkpoint); another rate "
+        "trains an uncached network in fit (a task's own dropout option, if any, is cached)",
         min=-1.0,
         max=0.99,
     )

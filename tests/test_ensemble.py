@@ -16,13 +16,17 @@ from bench.training import train
 from methods.ensemble import DeepEnsemble, EnsembleOptions
 
 N_IN, N_CLASSES = 4, 3
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 
 
 def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(N_IN, 16), nn.ReLU(), nn.Linear(16, N_CLASSES))
 
 
-def make_ctx(seed: int = 0) -> tuple[FitContext, list[int]]:
+def make_ctx(seed: int = 0, device: str = "cpu") -> tuple[FitContext, list[int]]:
     """A FitContext whose train_model trains a member-seeded tiny MLP (records the calls)."""
     g = torch.Generator().manual_seed(123)
     x = torch.randn(64, N_IN, generator=g)
@@ -41,13 +45,15 @@ def make_ctx(seed: int = 0) -> tuple[FitContext, list[int]]:
         member_seed = derive_seed(seed, "member", member)
         torch.manual_seed(member_seed)
         gen = torch.Generator().manual_seed(member_seed)
-        return train(make_model(), data.train, recipe, torch.device("cpu"), gen, lambda it, **k: it)
+        return train(
+            make_model(), data.train, recipe, torch.device(device), gen, lambda it, **k: it
+        )
 
     ctx = FitContext(
         data=data,
         make_model=make_model,
         recipe=recipe,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         seed=seed,
         map_model=None,
         train_model=train_model,
@@ -57,8 +63,10 @@ def make_ctx(seed: int = 0) -> tuple[FitContext, list[int]]:
     return ctx, calls
 
 
-def fitted(members: int, seed: int = 0, batch_size: int = 1024) -> tuple[DeepEnsemble, list[int]]:
-    ctx, calls = make_ctx(seed)
+def fitted(
+    members: int, seed: int = 0, batch_size: int = 1024, device: str = "cpu"
+) -> tuple[DeepEnsemble, list[int]]:
+    ctx, calls = make_ctx(seed, device)
     method = DeepEnsemble(EnsembleOptions(members=members, batch_size=batch_size))
     method.fit(ctx)
     return method, calls
@@ -78,13 +86,16 @@ def test_members_come_from_train_model(members: int) -> None:
     assert method.summary() == {"members": members}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch_size", [5, 1024])
-def test_mean_of_member_probs(batch_size: int) -> None:
-    method, _ = fitted(3, batch_size=batch_size)
+def test_mean_of_member_probs(batch_size: int, device: str) -> None:
+    method, _ = fitted(3, batch_size=batch_size, device=device)
     x = torch.randn(20, N_IN)
     pred = method.predict(x)
+    assert pred.probs.device.type == "cpu"
     with torch.no_grad():
-        member_probs = torch.stack([m(x).softmax(dim=-1) for m in method.models]).double()
+        member_probs = torch.stack([m(x.to(device)).softmax(dim=-1) for m in method.models])
+    member_probs = member_probs.double().cpu()
     torch.testing.assert_close(pred.probs, member_probs.mean(dim=0))
     assert set(pred.scores) == {"mutual_info", "expected_entropy"}
     assert (pred.scores["mutual_info"] >= 0).all()
@@ -97,11 +108,13 @@ def test_single_member_has_zero_mutual_information() -> None:
     assert torch.all(pred.scores["mutual_info"] < 1e-12)
 
 
-def test_same_seed_same_numbers() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_numbers(device: str) -> None:
     x = torch.randn(10, N_IN)
-    a, b = fitted(2, seed=7)[0].predict(x), fitted(2, seed=7)[0].predict(x)
+    a = fitted(2, seed=7, device=device)[0].predict(x)
+    b = fitted(2, seed=7, device=device)[0].predict(x)
     torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=0)
-    c = fitted(2, seed=8)[0].predict(x)
+    c = fitted(2, seed=8, device=device)[0].predict(x)
     assert not torch.equal(a.probs, c.probs)
 
 

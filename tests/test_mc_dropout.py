@@ -17,6 +17,10 @@ from bench.training import train
 from methods.mc_dropout import MCDropout, MCDropoutOptions, dropout_layers, seeded_rng
 
 N_IN, N_CLASSES = 4, 3
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 
 
 def mlp(
@@ -33,7 +37,9 @@ def mlp(
     return make_model
 
 
-def make_ctx(make_model: Callable[[], nn.Module], seed: int = 0) -> tuple[FitContext, list[int]]:
+def make_ctx(
+    make_model: Callable[[], nn.Module], seed: int = 0, device: str = "cpu"
+) -> tuple[FitContext, list[int]]:
     g = torch.Generator().manual_seed(123)
     x = torch.randn(64, N_IN, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
@@ -54,7 +60,7 @@ def make_ctx(make_model: Callable[[], nn.Module], seed: int = 0) -> tuple[FitCon
             torch.manual_seed(seed + member)
             gen = torch.Generator().manual_seed(seed + member)
             shared[member] = train(
-                make_model(), data.train, recipe, torch.device("cpu"), gen, lambda it, **k: it
+                make_model(), data.train, recipe, torch.device(device), gen, lambda it, **k: it
             )
         return shared[member]
 
@@ -62,7 +68,7 @@ def make_ctx(make_model: Callable[[], nn.Module], seed: int = 0) -> tuple[FitCon
         data=data,
         make_model=make_model,
         recipe=recipe,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         seed=seed,
         map_model=None,
         train_model=train_model,
@@ -72,8 +78,10 @@ def make_ctx(make_model: Callable[[], nn.Module], seed: int = 0) -> tuple[FitCon
     return ctx, calls
 
 
-def fitted(make_model=None, seed: int = 0, **options) -> tuple[MCDropout, FitContext, list[int]]:
-    ctx, calls = make_ctx(make_model or mlp(), seed)
+def fitted(
+    make_model=None, seed: int = 0, device: str = "cpu", **options
+) -> tuple[MCDropout, FitContext, list[int]]:
+    ctx, calls = make_ctx(make_model or mlp(), seed, device)
     method = MCDropout(MCDropoutOptions(**{"samples": 8, **options}))
     method.fit(ctx)
     return method, ctx, calls
@@ -86,26 +94,28 @@ def test_registered_with_options() -> None:
         build(MCDropoutOptions, {"rate": "1"}, "mc-dropout")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [nn.Dropout, nn.AlphaDropout])
-def test_rate_zero_equals_deterministic_model(dropout: type[nn.Module]) -> None:
-    method, ctx, _ = fitted(mlp(p=0.0, dropout=dropout))
+def test_rate_zero_equals_deterministic_model(dropout: type[nn.Module], device: str) -> None:
+    method, ctx, _ = fitted(mlp(p=0.0, dropout=dropout), device=device)
     x = torch.randn(25, N_IN)
     pred = method.predict(x)
-    expected = batched_logits(ctx.train_model(0), x, torch.device("cpu")).double().softmax(-1)
+    expected = batched_logits(ctx.train_model(0), x, torch.device(device)).double().softmax(-1)
     torch.testing.assert_close(pred.probs, expected)
     assert torch.all(pred.scores["mutual_info"] < 1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch_size", [3, 1024])
-def test_same_seed_same_numbers(batch_size: int) -> None:
+def test_same_seed_same_numbers(batch_size: int, device: str) -> None:
     x = torch.randn(10, N_IN)
-    a = fitted(seed=3, batch_size=batch_size)[0]
-    b = fitted(seed=3, batch_size=batch_size)[0]
+    a = fitted(seed=3, batch_size=batch_size, device=device)[0]
+    b = fitted(seed=3, batch_size=batch_size, device=device)[0]
     pa = a.predict(x)
     torch.testing.assert_close(pa.probs, b.predict(x).probs, rtol=0, atol=0)
     torch.testing.assert_close(pa.probs, a.predict(x).probs, rtol=0, atol=0)  # per-call reseed
     assert (pa.scores["mutual_info"] > 0).any()  # masks do differ between passes
-    other = fitted(seed=4, batch_size=batch_size)[0]
+    other = fitted(seed=4, batch_size=batch_size, device=device)[0]
     assert not torch.equal(pa.probs, other.predict(x).probs)
 
 
@@ -162,10 +172,18 @@ def test_predict_before_fit_is_refused() -> None:
         MCDropout().predict(torch.randn(2, N_IN))
 
 
-def test_seeded_rng_restores_state() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_rng_restores_state(device: str) -> None:
+    dev = torch.device(device)
+    x = torch.ones(1000, device=dev)
     state = torch.get_rng_state()
-    with seeded_rng(torch.device("cpu"), 5):
-        a = torch.rand(3)
+    device_state = torch.cuda.get_rng_state() if dev.type == "cuda" else None
+    with seeded_rng(dev, 5):
+        a = nn.functional.dropout(x, 0.5)
     assert torch.equal(torch.get_rng_state(), state)
-    with seeded_rng(torch.device("cpu"), 5):
-        torch.testing.assert_close(torch.rand(3), a, rtol=0, atol=0)
+    if device_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), device_state)
+    with seeded_rng(dev, 5):
+        torch.testing.assert_close(nn.functional.dropout(x, 0.5), a, rtol=0, atol=0)
+    with seeded_rng(dev, 6):
+        assert not torch.equal(nn.functional.dropout(x, 0.5), a)
