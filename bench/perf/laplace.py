@@ -1,0 +1,137 @@
+"""``python -m bench perf laplace``: laplace-torch's all-weights GLM predictive vs ours.
+
+Fits laplace-torch's all-weights KFAC posterior (curvlinops GGN, prior precision by marginal
+likelihood, as the ``laplace`` method does) of the ``fashion-mnist`` CNN, using the harness's
+cached MAP checkpoint when there is one (else the same CNN on its random initial weights; the
+timings and the agreement do not depend on the weights), then, in one process and on the same
+posterior and inputs, times the probit GLM predictive of
+
+* laplace-torch: ``la(x, pred_type="glm", link_approx="probit")`` in batches of ``--ref-batch``
+  (its full batch Jacobian needs N·C·P floats and more inside jacrev), and
+* ours: ``methods.kfac_predictive.FastGLMPredictive`` + the same probit link, in batches of
+  ``--batch``,
+
+and prints seconds per 1,000 inputs, their ratio and the largest absolute difference in
+probabilities (target: ratio ≥ 5, difference ≤ 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bench.device import select_device
+from bench.perf import register_perf
+from bench.profiling import measure
+
+
+def _model_and_data(smoke: bool, seed: int, device: torch.device) -> tuple[Any, TensorDataset,
+                                                                           torch.Tensor, str]:
+    from bench.tasks import TASKS
+    from bench.training import checkpoint_path, load_state
+
+    task = TASKS.get("fashion-mnist")(smoke=smoke)
+    data = task.load()
+    torch.manual_seed(seed)
+    model = task.make_model(data.num_classes)
+    path = checkpoint_path(task.cache_key(), task.recipe(), seed)
+    weights = f"cached MAP checkpoint {path}" if load_state(model, path) else (
+        "random initial weights (no cached MAP checkpoint; `python -m bench run --method map "
+        f"--task fashion-mnist{' --smoke' if smoke else ''}` makes one)"
+    )
+    return model.to(device).eval(), data.train, data.test.tensors[0], weights
+
+
+def _timed(device: torch.device, fn: Any, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, Any]:
+    fn(x[: min(2, len(x))])  # warm-up (lazy allocations, first-call dispatch)
+    with measure(device) as m:
+        out = torch.cat([fn(x[s : s + batch]).cpu() for s in range(0, len(x), batch)])
+    return out, m
+
+
+@register_perf("laplace")
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench perf laplace", description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1000, help="test inputs to predict (default 1000)")
+    parser.add_argument("--fit-n", type=int, default=2000,
+                        help="training images for the curvature fit (default 2000)")
+    parser.add_argument("--batch", type=int, default=256, help="inputs per batch, ours")
+    parser.add_argument("--ref-batch", type=int, default=32, help="inputs per batch, laplace-torch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--smoke", action="store_true", help="tiny quick version (n=40, fit-n=200)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.n, args.fit_n = min(args.n, 40), min(args.fit_n, 200)
+
+    from laplace import Laplace
+    from laplace.curvature import CurvlinopsGGN
+
+    from methods.kfac_predictive import FastGLMPredictive, probit_probs
+
+    device = select_device(args.device)
+    model, train, x_test, weights = _model_and_data(args.smoke, args.seed, device)
+    x = x_test[: args.n]
+    fit_data = TensorDataset(*(t[: args.fit_n] for t in train.tensors))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"fashion-mnist CNN, {n_params} params, {weights}", file=sys.stderr)
+    print(f"fitting all-weights KFAC on {len(fit_data)} images ...", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                     backend=CurvlinopsGGN)
+        with measure(device) as fit:
+            la.fit(DataLoader(fit_data, batch_size=256))
+            la.optimize_prior_precision(method="marglik", pred_type="glm")
+    fast = FastGLMPredictive(la)
+
+    def ours(xb: torch.Tensor) -> torch.Tensor:
+        return probit_probs(*fast.functional(xb.to(device)))
+
+    def theirs(xb: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return la(xb.to(device), pred_type="glm", link_approx="probit").detach()
+
+    print(f"ours on {len(x)} inputs ...", file=sys.stderr)
+    p_ours, t_ours = _timed(device, ours, x, args.batch)
+    print(f"laplace-torch on {len(x)} inputs ...", file=sys.stderr)
+    p_ref, t_ref = _timed(device, theirs, x, args.ref_batch)
+
+    per_1k = 1000.0 / max(len(x), 1)
+    result = {
+        "model_params": n_params,
+        "weights": weights.split(" (")[0],
+        "fit_images": len(fit_data),
+        "fit_s": fit.seconds,
+        "prior_precision": float(la.prior_precision.reshape(-1)[0]),
+        "n": len(x),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "laplace_torch_s_per_1k": t_ref.seconds * per_1k,
+        "ours_s_per_1k": t_ours.seconds * per_1k,
+        "ratio": t_ref.seconds / max(t_ours.seconds, 1e-12),
+        "max_abs_diff_probs": float((p_ours - p_ref).abs().max()) if len(x) else 0.0,
+        "laplace_torch_peak_bytes": t_ref.peak_bytes,
+        "ours_peak_bytes": t_ours.peak_bytes,
+        "memory_kind": t_ours.kind,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"GLM probit predictive, all-weights KFAC, {n_params}-param CNN, {len(x)} inputs, "
+              f"{result['device']} ({result['threads']} threads)")
+        print(f"  laplace-torch : {result['laplace_torch_s_per_1k']:9.2f} s per 1,000 inputs "
+              f"(peak +{t_ref.peak_bytes / 2**20:.0f} MiB)")
+        print(f"  ours          : {result['ours_s_per_1k']:9.2f} s per 1,000 inputs "
+              f"(peak +{t_ours.peak_bytes / 2**20:.0f} MiB)")
+        print(f"  ratio         : {result['ratio']:9.1f}x")
+        print(f"  max |Δ prob|  : {result['max_abs_diff_probs']:.2e}")
+    return 0
