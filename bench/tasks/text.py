@@ -120,6 +120,8 @@ def resolve_imdb_source(source: ImdbSource, data_dir: Path | None) -> ImdbSource
 def load_imdb(source: ImdbSource, data_dir: Path | None) -> ts.TextSet:
     """IMDB reviews from the first source that works (in the order of ``ImdbSource``)."""
     chosen = resolve_imdb_source(source, data_dir)
+    if data_dir is not None and chosen != ImdbSource.ACLIMDB:
+        _say(f"imdb: --data-dir {data_dir} has no aclImdb layout; using {chosen.value}")
     if chosen == ImdbSource.ACLIMDB:
         if data_dir is None:
             raise BenchError("source=aclimdb needs --data-dir pointing at the extracted aclImdb")
@@ -189,6 +191,9 @@ class TextTask(Task):
         from bench.training import cache_root  # lazy: bench.training imports bench.tasks
 
         splits, shift, ood, info = self.text_sets()
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        dups = info["duplicates_removed"]
+        _say(f"{self.name}: {info['source']} ({dups} duplicates dropped; {sizes})")
         if self.smoke:
             splits = {k: v.subset(range(min(len(v), SMOKE[k]))) for k, v in splits.items()}
             shift = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in shift.items()}
@@ -251,8 +256,9 @@ class TextTask(Task):
         return nn.Sequential(nn.Linear(self.in_dim, 16), nn.Tanh(), nn.Linear(16, num_classes))
 
     def recipe(self) -> TrainRecipe:
-        epochs = min(self.options.epochs, 10) if self.smoke else self.options.epochs
-        return TrainRecipe(epochs=epochs, batch_size=128, lr=1e-3, weight_decay=1e-2)
+        # Smoke mode keeps the epochs: on 200 examples they cost milliseconds, and fewer steps
+        # leave the head untrained.
+        return TrainRecipe(epochs=self.options.epochs, batch_size=128, lr=1e-3, weight_decay=1e-2)
 
     def cache_key(self) -> str:
         """Also keyed by the concrete IMDB source, so a new HF cache never reuses old weights."""
