@@ -226,6 +226,7 @@ class _LaplaceBase(Method):
             "prior_precision": prior_summary(self.la),
             "link": o.link.value,
             "n_params": int(self.la.n_params),
+            "backend": type(self.la.backend).__name__,
             "log_marglik": log_marglik,
             "curvature_fit_s": t1 - t0,
             "prior_tuning_s": t2 - t1,
@@ -296,9 +297,9 @@ class LinearizedLaplace(_LaplaceBase):
                 f"{n_params} parameters > max_full_params={o.max_full_params}; use structure=kron "
                 f"or structure=diag (or laplace-ll)"
             )
-        self.backend_cls = resolve_backend(o.backend, o.structure, model)
+        backend = resolve_backend(o.backend, o.structure, model)
         return Laplace(model, "classification", subset_of_weights="all",
-                       hessian_structure=o.structure.value, backend=self.backend_cls)
+                       hessian_structure=o.structure.value, backend=backend)
 
     def _after_fit(self) -> None:
         if self.options.predictive is Predictive.FAST:
@@ -325,8 +326,4 @@ class LinearizedLaplace(_LaplaceBase):
         return score
 
     def summary(self) -> dict[str, Any]:
-        return {
-            **self.info,
-            "backend": getattr(self, "backend_cls", type(None)).__name__,
-            "predictive": self.options.predictive.value,
-        }
+        return {**self.info, "predictive": self.options.predictive.value}

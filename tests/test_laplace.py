@@ -101,9 +101,10 @@ def test_methods_predict_valid_distributions(setup, name, settings):
     assert info["prior_precision"] == info["prior_precision"]  # not NaN
     if name == "laplace":
         assert info["n_params"] == sum(p.numel() for p in setup[1].parameters())
-        assert info["backend"].endswith("GGN")
+        assert info["predictive"] == settings.get("predictive", "fast")
     else:
         assert info["n_params"] == 8 * C + C and info["last_layer"] == "head.3"
+    assert info["backend"].endswith("GGN")
 
 
 def test_fast_and_laplace_torch_predictives_agree(setup):
@@ -185,3 +186,13 @@ def test_last_layer_layerwise_prior_refused(setup):
 def test_bad_option_value_names_the_choices():
     with pytest.raises(BenchError, match="kron"):
         build(METHODS.get("laplace").Options, {"structure": "lowrank"}, "method laplace")
+
+
+def test_auto_backend_for_diag_depends_on_the_container():
+    from methods.laplace import Backend, Structure, resolve_backend
+
+    seq = nn.Sequential(nn.Linear(2, 2))
+    assert resolve_backend(Backend.AUTO, Structure.DIAG, seq).__name__ == "BackPackGGN"
+    assert resolve_backend(Backend.AUTO, Structure.DIAG, TinyCNN()).__name__ == "AsdlGGN"
+    assert resolve_backend(Backend.AUTO, Structure.KRON, seq).__name__ == "CurvlinopsGGN"
+    assert resolve_backend(Backend.ASDL, Structure.KRON, seq).__name__ == "AsdlGGN"
