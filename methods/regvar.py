@@ -1,0 +1,301 @@
+"""RegVar, per input (McInerney & Kallus, AISTATS 2025, "Variation Due to Regularization").
+
+For a query x*, refit the MAP with the prediction added to the log-joint,
+``θ̂_λ = argmax L(θ) + λ·g(x*; θ)``, and read the variance as the change of the prediction per
+unit λ: ``σ²(x*) ≈ [g(x*; θ̂_λ) − g(x*; θ̂)] / λ``. As λ → 0 this is g'ᵀP⁻¹g', the linearized
+Laplace predictive variance with P the Hessian of the negative log-joint (the paper's
+Theorem 4.1). No Hessian is formed. The objective and the scale of λ are in
+``methods.regvar_common`` (mean cross-entropy + (wd/2)‖θ‖², prior precision n·wd).
+
+Which output g is regularised (option ``output``) — for a C-class model the "prediction" is a
+vector of logits f, and we regularise one fixed linear read-out g = wᵀf per fit:
+
+- ``top`` (default): g = f_ŷ, the logit of the MAP's predicted class ŷ. One fit pair per
+  input; σ² = J_ŷ P⁻¹ J_ŷᵀ. The predictive applies this σ² to every logit.
+- ``logits``: one fit pair per logit k, giving the diagonal J_k P⁻¹ J_kᵀ (C times the cost).
+  The predictive uses each logit's own σ²_k; the score is their mean.
+- ``mean-abs``: g = mean_k |f_k|, the paper listing's output, linearised at the MAP
+  (w = sign(f_MAP)/C); σ² is the variance of the mean absolute logit, applied to every logit.
+
+The ``variance`` score is σ² of the regularised output (for ``logits``: the mean over logits).
+The predictive is the linearized-Laplace probit per logit,
+``softmax(f_MAP / sqrt(1 + π/8 · s · σ²))``, with the scale s tuned on validation NLL over
+``val_queries`` validation inputs (recorded in ``summary()``).
+
+Finite differences (option ``difference``). A MAP from a few epochs of AdamW is not a
+stationary point of the objective: refitting moves g even with λ = 0, and that drift divided
+by a small λ swamps the variance. ``central`` (default) fits +λ and −λ with the same optimizer,
+steps and data order and takes [g(θ̂₊) − g(θ̂₋)]/(2λ): the drift cancels and so does the O(λ)
+bias. ``forward`` differences against a λ = 0 fit with the same optimizer, steps and data.
+
+Cost and the evaluated subset: each input costs one (``top``) or C pairs of fits. ``predict``
+computes the variance of every input it is given and refuses more than ``max_queries`` inputs
+per call rather than inventing scores: the harness evaluates a fixed seeded subset of each
+evaluation set for methods that set ``eval_limit`` (this one sets it to ``max_queries``).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench.errors import BenchError
+from bench.method_api import FitContext, Method, register_method
+from bench.options import option
+from bench.seeding import derive_seed
+from bench.types import Prediction
+from methods.regvar_common import (
+    FlatModel,
+    Optimizer,
+    Precision,
+    Regularizer,
+    SolverSettings,
+    StackedObjective,
+    probit_probs,
+    resolve,
+    solve,
+    train_tensors,
+    tune_scale,
+)
+
+
+class Output(str, enum.Enum):
+    """Which read-out of the logits is regularised (see the module docstring)."""
+
+    TOP = "top"
+    """The MAP-predicted class's logit: one fit pair per input."""
+    LOGITS = "logits"
+    """Every logit in turn: C fit pairs per input, the diagonal of the logit covariance."""
+    MEAN_ABS = "mean-abs"
+    """The mean absolute logit (the paper's listing), linearised at the MAP's signs."""
+
+
+class Difference(str, enum.Enum):
+    """How the change of the prediction is measured."""
+
+    CENTRAL = "central"
+    """[g(θ₊λ) − g(θ₋λ)] / 2λ: cancels optimizer drift and the O(λ) bias."""
+    FORWARD = "forward"
+    """[g(θ₊λ) − g(θ₀)] / λ against a λ = 0 fit with the same optimizer, steps and data."""
+
+
+@dataclass
+class RegVarOptions:
+    lam: float = option(1e-2, "λ on the log-joint scale (the loss term is λ·g(x*)/n)", min=0.0)
+    output: Output = option(Output.TOP, "regularised read-out of the logits")
+    difference: Difference = option(Difference.CENTRAL, "finite-difference scheme")
+    optimizer: Optimizer = option(Optimizer.AUTO, "solver of the regularised fits")
+    precision: Precision = option(Precision.AUTO, "floating-point type of the fits")
+    steps: int = option(300, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
+    lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
+    batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
+    history: int = option(20, "L-BFGS history length", min=1)
+    rtol: float = option(1e-7, "L-BFGS stops a fit when ‖g‖∞ falls by this factor", min=0.0)
+    query_batch: int = option(32, "fits solved together in one vmapped stack", min=1)
+    max_queries: int = option(200, "most inputs per predict call (see eval_limit)", min=1)
+    val_queries: int = option(
+        100, "validation inputs for tuning the variance scale (0: s=1)", min=0
+    )
+    full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
+
+
+def output_weights(logits: torch.Tensor, output: Output) -> torch.Tensor:
+    """Read-out weights w (N, K, C) so that g_k = w_kᵀ f for the K fits per input."""
+    n, c = logits.shape
+    if output is Output.TOP:
+        return torch.nn.functional.one_hot(logits.argmax(1), c).to(logits.dtype)[:, None, :]
+    if output is Output.LOGITS:
+        return torch.eye(c, dtype=logits.dtype).expand(n, c, c).clone()
+    return (logits.sign() / c)[:, None, :]
+
+
+def regvar_variance(
+    fm: FlatModel,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    weight_decay: float,
+    queries: torch.Tensor,
+    weights: torch.Tensor,
+    lams: tuple[float, ...],
+    settings: SolverSettings,
+    difference: Difference = Difference.CENTRAL,
+    query_batch: int = 32,
+    checkpoints: tuple[int, ...] = (),
+) -> dict[int, torch.Tensor]:
+    """σ² for every query (N), read-out (K) and λ (L): {step: (N, K, L)} at each checkpoint
+    and at ``settings.steps`` (the final value). All fits start from ``fm.theta0``."""
+    if any(lam <= 0 for lam in lams):
+        raise BenchError("RegVar needs λ > 0 (option lam)")
+    n_q, k_out, _ = weights.shape
+    signs = (1.0, -1.0) if difference is Difference.CENTRAL else (1.0, 0.0)
+    # One copy per (query, read-out, λ, sign), flattened in that order.
+    qi, ki, li, si = torch.meshgrid(
+        torch.arange(n_q),
+        torch.arange(k_out),
+        torch.arange(len(lams)),
+        torch.arange(2),
+        indexing="ij",
+    )
+    qi, ki, li, si = qi.reshape(-1), ki.reshape(-1), li.reshape(-1), si.reshape(-1)
+    lam_t = torch.tensor(lams, dtype=fm.dtype, device=fm.device)
+    sign_t = torch.tensor(signs, dtype=fm.dtype, device=fm.device)
+    coef = lam_t[li] * sign_t[si]
+    x_q = queries.to(fm.device, fm.dtype)
+    w_all = weights.to(fm.device, fm.dtype)
+    steps = sorted({*checkpoints, settings.steps})
+    read: dict[int, torch.Tensor] = {s: torch.empty(len(qi), dtype=fm.dtype) for s in steps}
+    total = len(qi)
+    for start in range(0, total, query_batch):
+        sl = slice(start, min(start + query_batch, total))
+        xq, wq = x_q[qi[sl]], w_all[qi[sl], ki[sl]]
+        objective = StackedObjective(
+            fm, x_train, y_train, weight_decay, Regularizer(coef=coef[sl], queries=xq, weights=wq)
+        )
+        theta0 = fm.theta0.expand(xq.shape[0], -1).clone()
+
+        def record(
+            step: int,
+            thetas: torch.Tensor,
+            sl: slice = sl,
+            xq: torch.Tensor = xq,
+            wq: torch.Tensor = wq,
+        ) -> None:
+            if step in read:
+                read[step][sl] = (fm.stacked_logits(thetas, xq) * wq).sum(1).cpu()
+
+        solve(objective, theta0, settings, checkpoints, record)
+    out = {}
+    denom = (lam_t * (2.0 if difference is Difference.CENTRAL else 1.0)).cpu()
+    for step, g in read.items():
+        g = g.view(n_q, k_out, len(lams), 2)
+        out[step] = (g[..., 0] - g[..., 1]) / denom
+    return out
+
+
+@register_method("regvar")
+class RegVar(Method):
+    """Per-input RegVar: one regularised refit pair per input (and per logit with 'logits')."""
+
+    Options = RegVarOptions
+
+    def __init__(self, options: RegVarOptions | None = None) -> None:
+        super().__init__(options)
+        self.fm: FlatModel | None = None
+        self.info: dict[str, Any] = {}
+        self.scale = 1.0
+
+    @property
+    def eval_limit(self) -> int:
+        """Most inputs per evaluation set; the harness evaluates a seeded subset beyond it."""
+        return self.options.max_queries
+
+    def fit(self, ctx: FitContext) -> None:
+        if ctx.map_model is None:
+            raise BenchError("regvar needs the MAP network (uses_map); the harness gave none")
+        o = self.options
+        n_train = len(ctx.data.train)
+        dim = sum(p.numel() for p in ctx.map_model.parameters() if p.requires_grad)
+        opt, dtype = resolve(o.optimizer, o.precision, n_train, dim, o.full_batch_budget)
+        self.fm = FlatModel(ctx.map_model, dtype, ctx.device)
+        self.x_train, self.y_train = train_tensors(ctx.data.train, self.fm)
+        self.wd = ctx.recipe.weight_decay
+        self.settings = SolverSettings(
+            opt,
+            o.steps,
+            o.lr,
+            o.batch_size,
+            o.history,
+            o.rtol,
+            seed=derive_seed(ctx.seed, "regvar", "data-order"),
+        )
+        self.info = {
+            "objective": "mean CE + (wd/2)|θ|², eval mode",
+            "prior_precision": n_train * self.wd,
+            "n_train": n_train,
+            "n_params": dim,
+            "optimizer": opt.value,
+            "dtype": str(dtype).removeprefix("torch."),
+            "lam": o.lam,
+            "output": o.output.value,
+            "difference": o.difference.value,
+            "steps": o.steps,
+            "max_queries": o.max_queries,
+        }
+        ctx.log(
+            f"regvar: {dim} params, {opt.value}/{self.info['dtype']}, λ={o.lam}, "
+            f"output={o.output.value}"
+        )
+        self.scale = 1.0
+        if o.val_queries > 0:
+            xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
+            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "regvar", "val-subset"))
+            pick = torch.randperm(len(xv), generator=gen)[: o.val_queries]
+            t0 = time.perf_counter()
+            logits = self.fm.logits(self.fm.theta0, xv[pick]).cpu()
+            half = max(1, o.steps // 2)
+            var = self._variance(xv[pick], logits, checkpoints=(half,))
+            self.scale, val_nll = tune_scale(logits, self._probit_var(var[o.steps]), yv[pick])
+            self.info.update(
+                {
+                    "scale": self.scale,
+                    "val_nll": val_nll,
+                    "val_queries": len(pick),
+                    "seconds_per_query": (time.perf_counter() - t0) / len(pick),
+                    # Convergence: median |σ²(steps) − σ²(steps/2)| / σ²(steps) on validation.
+                    "rel_change_last_half": _median_rel(var[half], var[o.steps]),
+                }
+            )
+            ctx.log(
+                f"regvar: scale s={self.scale:.3g} (val NLL {val_nll:.4f}), "
+                f"{self.info['seconds_per_query']:.2f} s/query"
+            )
+        self.info["scale"] = self.scale
+
+    def _variance(
+        self, x: torch.Tensor, logits: torch.Tensor, checkpoints: tuple[int, ...] = ()
+    ) -> dict[int, torch.Tensor]:
+        assert self.fm is not None
+        o = self.options
+        w = output_weights(logits, o.output)
+        var = regvar_variance(
+            self.fm,
+            self.x_train,
+            self.y_train,
+            self.wd,
+            x,
+            w,
+            (o.lam,),
+            self.settings,
+            o.difference,
+            o.query_batch,
+            checkpoints,
+        )
+        return {k: v[..., 0] for k, v in var.items()}  # (N, K)
+
+    def _probit_var(self, var: torch.Tensor) -> torch.Tensor:
+        return var if self.options.output is Output.LOGITS else var[:, 0]
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        if self.fm is None:
+            raise BenchError("regvar: predict called before fit; call fit(ctx) first")
+        if len(x) > self.options.max_queries:
+            raise BenchError(
+                f"regvar refits the model for every input: {len(x)} inputs exceed "
+                f"max_queries={self.options.max_queries}; raise it (--set max_queries=N) or "
+                "evaluate a subset"
+            )
+        logits = self.fm.logits(self.fm.theta0, x).cpu()
+        var = self._variance(x, logits)[self.options.steps]
+        probs = probit_probs(logits, self._probit_var(var), self.scale)
+        return Prediction(probs.float(), {"variance": var.mean(1).float()})
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.info)
+
+
+def _median_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).median())

@@ -1,0 +1,185 @@
+"""Amortized RegVar: the training-step listing of McInerney & Kallus (AISTATS 2025).
+
+One extra fine-tune of the whole trainable model from the MAP, with the listing's loss
+``CE(f, y) − log p(θ)/n + λ·mean|f|/n`` over the *training* batches (mean over the batch and
+the logits), serves every test input; inference is two forward passes and
+``σ²_k(x) = |f_λ,k(x) − f_ref,k(x)| / λ`` per logit k. Objective, prior and λ scale: see
+``methods.regvar_common`` (the prior term is (wd/2)‖θ‖², precision n·wd on the log-joint).
+
+What it estimates (derivation in the project's regvar reference, not the paper's claim): by the
+implicit-function argument its λ → 0 limit is |J_k(x) P⁻¹ E_x'[Σ_j sign(f_j(x')) J_j(x')ᵀ]|/C,
+a signed, averaged posterior covariance between x and the training inputs, **not** the
+variance J_k(x) P⁻¹ J_k(x)ᵀ. The paper compensates with a variance rescaling tuned jointly
+with λ on validation NLL; we do the same (λ from ``lam_grid``, s from the scale grid) and
+record both. The fidelity check (``python -m bench fidelity``) reports how far it is from the
+Laplace variance; nothing here is tuned to make it look equal.
+
+Reference fit (option ``difference``): the listing compares with the MAP (``paper``). Because a
+MAP from AdamW is not a stationary point of the objective, any fine-tune drifts and that drift
+divided by λ dominates (see regvar.md); ``central`` (default) fine-tunes +λ and −λ with the same
+optimizer, steps and data order and uses |f₊ − f₋|/2λ, with the predictive mean (f₊ + f₋)/2
+(the MAP refined by the same fine-tune, to O(λ²)); ``forward`` uses a λ = 0 fine-tune as the
+reference and its logits as the mean. Either way inference is two forward passes.
+The ``variance`` score is σ² of the predicted class's logit (as per-input RegVar's default);
+the predictive uses every logit's own σ²_k in the probit.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench.errors import BenchError
+from bench.method_api import FitContext, Method, register_method
+from bench.options import option
+from bench.seeding import derive_seed
+from bench.types import Prediction
+from methods.regvar_common import (
+    FlatModel,
+    Optimizer,
+    Precision,
+    Regularizer,
+    SolverSettings,
+    StackedObjective,
+    probit_probs,
+    resolve,
+    solve,
+    train_tensors,
+    tune_scale,
+)
+
+
+class Reference(str, enum.Enum):
+    """What the λ fine-tune is compared with."""
+
+    CENTRAL = "central"
+    """+λ and −λ fine-tunes, same optimizer, steps and data order: |f₊ − f₋| / 2λ."""
+    FORWARD = "forward"
+    """A λ = 0 fine-tune with the same optimizer, steps and data order: |f_λ − f₀| / λ."""
+    PAPER = "paper"
+    """The MAP itself, as in the paper's listing: |f_λ − f_MAP| / λ (includes drift)."""
+
+
+@dataclass
+class AmortizedOptions:
+    lam_grid: tuple[float, ...] = option(
+        (1.0, 10.0, 100.0), "λ values tried (log-joint scale)", min=0.0
+    )
+    difference: Reference = option(Reference.CENTRAL, "reference of the finite difference")
+    optimizer: Optimizer = option(Optimizer.AUTO, "solver of the fine-tune")
+    precision: Precision = option(Precision.AUTO, "floating-point type of the fine-tune")
+    steps: int = option(500, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
+    lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
+    batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
+    history: int = option(20, "L-BFGS history length", min=1)
+    rtol: float = option(1e-7, "L-BFGS stops when ‖g‖∞ falls by this factor", min=0.0)
+    full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
+    eval_batch: int = option(512, "inputs per forward pass at predict time", min=1)
+
+
+@register_method("regvar-amortized")
+class RegVarAmortized(Method):
+    """One regularised fine-tune (pair) of the whole model; two forward passes per input."""
+
+    Options = AmortizedOptions
+
+    def __init__(self, options: AmortizedOptions | None = None) -> None:
+        super().__init__(options)
+        self.fm: FlatModel | None = None
+        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.lam = 0.0
+        self.scale = 1.0
+        self.info: dict[str, Any] = {}
+
+    def fit(self, ctx: FitContext) -> None:
+        if ctx.map_model is None:
+            raise BenchError("regvar-amortized needs the MAP network; the harness gave none")
+        o = self.options
+        if not o.lam_grid or any(lam <= 0 for lam in o.lam_grid):
+            raise BenchError("regvar-amortized: lam_grid needs values > 0, e.g. lam_grid=1|10|100")
+        n_train = len(ctx.data.train)
+        dim = sum(p.numel() for p in ctx.map_model.parameters() if p.requires_grad)
+        opt, dtype = resolve(o.optimizer, o.precision, n_train, dim, o.full_batch_budget)
+        fm = self.fm = FlatModel(ctx.map_model, dtype, ctx.device)
+        x_train, y_train = train_tensors(ctx.data.train, fm)
+        settings = SolverSettings(
+            opt,
+            o.steps,
+            o.lr,
+            o.batch_size,
+            o.history,
+            o.rtol,
+            seed=derive_seed(ctx.seed, "regvar-amortized", "data-order"),
+        )
+        lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device)
+        second = {Reference.CENTRAL: -1.0, Reference.FORWARD: 0.0, Reference.PAPER: None}[
+            o.difference
+        ]
+        # Copies: λ_j for every j, then the reference fits (−λ_j or 0) unless the MAP is it.
+        coefs = [lams] + ([lams * second] if second is not None else [])
+        coef = torch.cat(coefs)
+        ctx.log(
+            f"regvar-amortized: {len(coef)} fine-tune(s) of {dim} params, {opt.value}, "
+            f"{o.steps} steps, λ grid {list(o.lam_grid)}"
+        )
+        objective = StackedObjective(
+            fm, x_train, y_train, ctx.recipe.weight_decay, Regularizer(coef=coef)
+        )
+        thetas = solve(objective, fm.theta0.expand(len(coef), -1).clone(), settings)
+        k = len(o.lam_grid)
+        refs = thetas[k:] if second is not None else fm.theta0.expand(k, -1)
+        # Tune (λ, s) jointly on validation NLL over the whole validation set (2 passes each).
+        xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
+        best: tuple[float, int, float] | None = None
+        table = {}
+        for j in range(k):
+            logits, var = self._mean_var(thetas[j], refs[j], float(o.lam_grid[j]), xv)
+            s, val_nll = tune_scale(logits, var, yv)
+            table[str(o.lam_grid[j])] = {"scale": s, "val_nll": val_nll}
+            if best is None or val_nll < best[0]:
+                best = (val_nll, j, s)
+        assert best is not None
+        val_nll, j, self.scale = best
+        self.lam = float(o.lam_grid[j])
+        self.pair = (thetas[j].clone(), refs[j].clone())
+        self.info = {
+            "objective": "mean CE + (wd/2)|θ|² + λ·mean|f|/n, eval mode",
+            "prior_precision": n_train * ctx.recipe.weight_decay,
+            "optimizer": opt.value,
+            "dtype": str(dtype).removeprefix("torch."),
+            "steps": o.steps,
+            "difference": o.difference.value,
+            "lam": self.lam,
+            "scale": self.scale,
+            "val_nll": val_nll,
+            "grid": table,
+        }
+        ctx.log(
+            f"regvar-amortized: λ={self.lam:g}, scale s={self.scale:.3g} (val NLL {val_nll:.4f})"
+        )
+
+    @torch.no_grad()
+    def _mean_var(
+        self, theta: torch.Tensor, ref: torch.Tensor, lam: float, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictive mean logits and per-logit σ² from the two forward passes."""
+        assert self.fm is not None
+        f_lam = self.fm.logits(theta, x, self.options.eval_batch).double().cpu()
+        f_ref = self.fm.logits(ref, x, self.options.eval_batch).double().cpu()
+        if self.options.difference is Reference.CENTRAL:
+            return 0.5 * (f_lam + f_ref), (f_lam - f_ref).abs() / (2.0 * lam)
+        return f_ref, (f_lam - f_ref).abs() / lam
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        if self.pair is None:
+            raise BenchError("regvar-amortized: predict called before fit; call fit(ctx) first")
+        logits, var = self._mean_var(*self.pair, self.lam, x)
+        probs = probit_probs(logits, var, self.scale)
+        top = var.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+        return Prediction(probs.float(), {"variance": top.float()})
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.info)

@@ -1,0 +1,405 @@
+"""Shared pieces of RegVar (McInerney & Kallus, AISTATS 2025): the objective, the batched
+regularised fits, the probit predictive and the tuning of the variance scale.
+
+The objective (it must be the one the MAP minimised, else the MAP is not its optimum):
+``bench.training.train`` minimises mean cross-entropy with weight decay ``wd``. We read that as
+
+    P(θ) = 1/n Σ_i CE(f(x_i; θ), y_i) + (wd/2)·‖θ‖²          (mean scale)
+
+i.e. ``n·P = −log p(y|X, θ) − log p(θ)`` with a Gaussian prior N(0, 1/(n·wd)·I): **prior
+precision n·wd** on the sum (log-joint) scale, over every trainable parameter, biases included
+(torch's weight decay applies to them too). With SGD the correspondence is exact; with AdamW's
+decoupled decay it is the usual nominal one, and the AdamW MAP is then not an exact stationary
+point of P (which is one reason the estimators below difference two fits that share their
+optimizer and data order instead of comparing against the MAP).
+The network is evaluated in eval mode (dropout off, batch-norm statistics frozen), as Laplace
+approximations do: the Laplace posterior is that of the deterministic network.
+
+Scale of λ: the paper regularises the log-joint, ``L(θ) + λ·f(x*)``; on our mean scale that is
+the term ``−(λ/n)·f(x*)`` in the minimised loss (the paper's listing writes ``λ·mean|f|/n`` for
+the same reason). The finite difference ``Δf/λ`` is then the variance under the posterior of
+the log-joint, ``f'ᵀ(n·∇²P)⁻¹f'``, directly comparable to laplace-torch with prior precision n·wd.
+
+Many fits at once: Q copies of the flat parameter vector are stacked into one (Q, D) tensor and
+evaluated with ``torch.func.functional_call`` + ``vmap``. Every copy sees the same data in the
+same order, so drift common to all copies cancels in their differences.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from bench.errors import BenchError
+
+PI_OVER_8 = math.pi / 8
+# Variance scales s tried on validation NLL: 10^-4 … 10^4 (s = 1 is the untuned Bayesian value).
+SCALE_GRID: tuple[float, ...] = tuple(10.0 ** (k / 4) for k in range(-16, 17))
+
+
+class Optimizer(str, enum.Enum):
+    """How the regularised fits are solved (all start from the MAP weights)."""
+
+    AUTO = "auto"
+    """lbfgs when one full pass costs little (n·D ≤ full_batch_budget), else adam."""
+    LBFGS = "lbfgs"
+    """Full-batch L-BFGS, one history per copy, gradient-only line search: converges."""
+    ADAM = "adam"
+    """Minibatch Adam for ``steps`` steps (fixed budget; may not converge, see summary)."""
+    SGD = "sgd"
+    """Minibatch SGD with momentum 0.9 for ``steps`` steps."""
+
+
+class Precision(str, enum.Enum):
+    """Floating-point type of the fits (the finite difference is a small difference)."""
+
+    AUTO = "auto"
+    """float64 with lbfgs (exact small problems), float32 otherwise."""
+    FLOAT32 = "float32"
+    """Single precision: fast; needs a larger λ."""
+    FLOAT64 = "float64"
+    """Double precision: slower (no fast CPU convolutions), allows a small λ."""
+
+
+def probit_probs(logits: torch.Tensor, variance: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(f / sqrt(1 + π/8 · s · σ²)) per logit; ``variance`` is (N,) or (N, C)."""
+    var = variance.double().clamp_min(0.0)
+    if var.ndim == 1:
+        var = var[:, None]
+    return (logits.double() / torch.sqrt(1.0 + PI_OVER_8 * scale * var)).softmax(dim=-1)
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats); used only to tune the scale on validation data."""
+    picked = probs.double().gather(1, labels.long()[:, None]).squeeze(1)
+    return float(-picked.clamp_min(1e-300).log().mean())
+
+
+def tune_scale(
+    logits: torch.Tensor,
+    variance: torch.Tensor,
+    labels: torch.Tensor,
+    grid: Sequence[float] = SCALE_GRID,
+) -> tuple[float, float]:
+    """The variance scale s from ``grid`` with the lowest validation NLL, and that NLL."""
+    if not grid:
+        raise BenchError("the variance-scale grid is empty; give at least one value")
+    scores = [nll(probit_probs(logits, variance, s), labels) for s in grid]
+    best = min(range(len(grid)), key=lambda i: (scores[i], i))
+    return float(grid[best]), scores[best]
+
+
+class FlatModel:
+    """A copy of a module seen as a function of one flat vector θ of its trainable parameters.
+
+    The copy is in eval mode and in ``dtype``; frozen parameters and buffers are constants.
+    The caller's module is never modified.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        self.module = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        named = [(k, p) for k, p in self.module.named_parameters() if p.requires_grad]
+        if not named:
+            raise BenchError("the model has no trainable parameters; RegVar needs some")
+        self.names = [k for k, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
+        self.const = {
+            k: p.detach() for k, p in self.module.named_parameters() if not p.requires_grad
+        }
+        self.const.update({k: b for k, b in self.module.named_buffers()})
+        self.dtype, self.device = dtype, device
+
+    @property
+    def dim(self) -> int:
+        return self.theta0.numel()
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = theta.split(self.sizes)
+        return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, {**self.const, **self.unflatten(theta)}, (x,))
+
+    @torch.no_grad()
+    def logits(self, theta: torch.Tensor, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """f(x; θ) for one θ, batched over inputs."""
+        outs = [
+            self(theta, x[i : i + batch_size].to(self.device, self.dtype))
+            for i in range(0, len(x), batch_size)
+        ]
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def stacked_logits(self, thetas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """f(x_q; θ_q) for stacked copies: thetas (Q, D), x (Q, ...) → (Q, C)."""
+        return vmap(lambda t, xi: self(t, xi[None])[0])(thetas, x.to(self.device, self.dtype))
+
+
+@dataclass
+class Regularizer:
+    """The extra term of each copy's loss, ``coef`` = ±λ (or 0 for a reference fit).
+
+    Per input (paper's eq.): ``−(coef/n) · wᵀ f(x_q; θ)`` with a fixed logit weighting w, i.e.
+    the copy maximises log-joint + coef·wᵀf(x_q). Amortized (paper's listing):
+    ``+(coef/n) · mean|f(x_b; θ)|`` over the training batch x_b, which shrinks the outputs.
+    """
+
+    coef: torch.Tensor  # (Q,)
+    queries: torch.Tensor | None = None  # (Q, *input shape); None for the amortized term
+    weights: torch.Tensor | None = None  # (Q, C)
+
+
+@dataclass
+class SolverSettings:
+    """Resolved optimizer settings (no 'auto' left)."""
+
+    optimizer: Optimizer
+    steps: int
+    lr: float
+    batch_size: int  # minibatch size for adam/sgd; data chunk size for lbfgs
+    history: int = 20
+    rtol: float = 1e-7
+    seed: int = 0
+
+
+class StackedObjective:
+    """P(θ_q) + regulariser_q for Q stacked copies; gradients via vmap over copies."""
+
+    def __init__(
+        self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, reg: Regularizer
+    ) -> None:
+        self.fm, self.x, self.y, self.wd, self.reg = fm, x, y, weight_decay, reg
+        self.n = len(x)
+        amortized = reg.queries is None
+
+        def data_term(
+            theta: torch.Tensor, coef: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
+        ) -> torch.Tensor:
+            out = fm(theta, xb)
+            loss = F.cross_entropy(out, yb)
+            if amortized:  # the paper's listing: + λ·mean|f|/n on the training batch
+                loss = loss + coef / self.n * out.abs().mean()
+            return loss
+
+        def extra_term(
+            theta: torch.Tensor, coef: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor
+        ) -> torch.Tensor:
+            prior = 0.5 * self.wd * (theta * theta).sum()
+            if amortized:
+                return prior
+            return prior - coef / self.n * (wq * fm(theta, xq[None])[0]).sum()
+
+        self._data_grad = vmap(grad(data_term), in_dims=(0, 0, None, None))
+        self._extra_grad = vmap(grad(extra_term), in_dims=(0, 0, 0, 0))
+
+    def _extra(self, thetas: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        coef = self.reg.coef if idx is None else self.reg.coef[idx]
+        if self.reg.queries is None:
+            dummy = torch.zeros(len(thetas), 1, dtype=thetas.dtype, device=thetas.device)
+            return self._extra_grad(thetas, coef, dummy, dummy)
+        q, w = self.reg.queries, self.reg.weights
+        if idx is not None:
+            q, w = q[idx], w[idx]
+        return self._extra_grad(thetas, coef, q, w)
+
+    def minibatch_grad(
+        self, thetas: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        coef = self.reg.coef if idx is None else self.reg.coef[idx]
+        g = self._data_grad(thetas, coef, self.x[rows], self.y[rows])
+        return g + self._extra(thetas, idx)
+
+    def full_grad(
+        self, thetas: torch.Tensor, chunk: int, idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Exact gradient of the full-batch objective, accumulated over data chunks."""
+        coef = self.reg.coef if idx is None else self.reg.coef[idx]
+        g = self._extra(thetas, idx)
+        for i in range(0, self.n, chunk):
+            xb, yb = self.x[i : i + chunk], self.y[i : i + chunk]
+            g = g + (len(xb) / self.n) * self._data_grad(thetas, coef, xb, yb)
+        return g
+
+
+Callback = Callable[[int, torch.Tensor], None]
+
+
+def solve(
+    objective: StackedObjective,
+    theta0: torch.Tensor,
+    settings: SolverSettings,
+    checkpoints: Sequence[int] = (),
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Run the regularised fits of all copies from ``theta0`` (Q, D); returns the final (Q, D).
+
+    ``callback(step, thetas)`` is called at each step listed in ``checkpoints`` (and at the end),
+    e.g. to record predictions for a convergence study.
+    """
+    if settings.optimizer is Optimizer.LBFGS:
+        return batched_lbfgs(objective, theta0, settings, checkpoints, callback)
+    return first_order(objective, theta0, settings, checkpoints, callback)
+
+
+def first_order(
+    objective: StackedObjective,
+    theta0: torch.Tensor,
+    settings: SolverSettings,
+    checkpoints: Sequence[int] = (),
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Minibatch Adam or SGD. Both update elementwise, so one torch optimizer over the (Q, D)
+    tensor is exactly Q independent optimizers; all copies share the minibatch sequence."""
+    thetas = theta0.clone().requires_grad_(True)
+    if settings.optimizer is Optimizer.ADAM:
+        opt: torch.optim.Optimizer = torch.optim.Adam([thetas], lr=settings.lr)
+    else:
+        opt = torch.optim.SGD([thetas], lr=settings.lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(settings.seed)
+    n, b = objective.n, min(settings.batch_size, objective.n)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    for step in range(1, settings.steps + 1):
+        if pos + b > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        rows = order[pos : pos + b].to(objective.x.device)
+        pos += b
+        thetas.grad = objective.minibatch_grad(thetas.detach(), rows)
+        opt.step()
+        if callback is not None and (step in checkpoints or step == settings.steps):
+            callback(step, thetas.detach())
+    return thetas.detach()
+
+
+def batched_lbfgs(
+    objective: StackedObjective,
+    theta0: torch.Tensor,
+    settings: SolverSettings,
+    checkpoints: Sequence[int] = (),
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Full-batch L-BFGS run independently for every copy, vectorised over copies.
+
+    Hand-written because ``torch.optim.LBFGS`` optimises one vector: on the stacked (Q, D)
+    tensor it would share one history and one step length between unrelated fits. Each copy
+    keeps its own curvature pairs (a pair with sᵀy ≤ 0 gets ρ = 0 and is inert).
+
+    The line search uses gradients only (the loss changes by O(λ²), below float32 resolution of
+    the loss value): the step t = 1 along the quasi-Newton direction is kept when the strong
+    Wolfe curvature condition |φ'(t)| ≤ 0.9·|φ'(0)| holds, else t moves to the secant root of
+    φ' (exact on quadratics), at most 4 trials. A copy stops when ‖g‖∞ ≤ rtol·‖g₀‖∞ (scaled by
+    its initial gradient) or after ``steps`` iterations.
+    """
+    x = theta0.clone()
+    q_count, dim = x.shape
+    chunk = max(1, settings.batch_size)
+    g = objective.full_grad(x, chunk)
+    gtol = settings.rtol * g.abs().amax(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+    m = settings.history
+    s_hist = x.new_zeros(m, q_count, dim)
+    y_hist = x.new_zeros(m, q_count, dim)
+    rho = x.new_zeros(m, q_count)
+    gamma = x.new_ones(q_count)
+    stored = 0
+    active = g.abs().amax(dim=1) > gtol
+    reported: set[int] = set()
+    for it in range(1, settings.steps + 1):
+        if not bool(active.any()):
+            break
+        # Two-loop recursion, per copy (dot products along dim 1).
+        d = -g
+        k = min(stored, m)
+        slots = [(stored - 1 - j) % m for j in range(k)]
+        alphas = []
+        for i in slots:
+            a = rho[i] * (s_hist[i] * d).sum(1)
+            d = d - a[:, None] * y_hist[i]
+            alphas.append(a)
+        d = d * gamma[:, None]
+        for i, a in zip(reversed(slots), reversed(alphas), strict=True):
+            b = rho[i] * (y_hist[i] * d).sum(1)
+            d = d + (a - b)[:, None] * s_hist[i]
+        d = d * active[:, None]
+        dphi0 = (g * d).sum(1)
+        bad = dphi0 >= 0  # not a descent direction: restart from steepest descent
+        if bool(bad.any()):
+            d[bad] = -g[bad] * active[bad, None]
+            dphi0 = (g * d).sum(1)
+        t = torch.ones(q_count, dtype=x.dtype, device=x.device)
+        best_t, best_g = t.clone(), None
+        best_abs = torch.full_like(t, float("inf"))
+        for _trial in range(4):
+            g_new = objective.full_grad(x + t[:, None] * d, chunk)
+            dphi = (g_new * d).sum(1)
+            better = dphi.abs() < best_abs
+            best_abs = torch.where(better, dphi.abs(), best_abs)
+            best_t = torch.where(better, t, best_t)
+            best_g = g_new if best_g is None else torch.where(better[:, None], g_new, best_g)
+            ok = dphi.abs() <= 0.9 * dphi0.abs()
+            if bool((ok | ~active).all()):
+                break
+            denom = dphi0 - dphi  # positive when the curvature along d is positive
+            secant = torch.where(
+                denom > 0, t * dphi0 / denom.where(denom > 0, torch.ones_like(denom)), 4.0 * t
+            )
+            t = torch.where(ok, t, secant.clamp(0.01 * t, 100.0 * t))
+        assert best_g is not None
+        step = best_t[:, None] * d
+        y_vec = best_g - g
+        sy = (step * y_vec).sum(1)
+        yy = (y_vec * y_vec).sum(1)
+        slot = stored % m
+        good = (sy > 0) & active
+        s_hist[slot], y_hist[slot] = step, y_vec
+        rho[slot] = torch.where(
+            good, 1.0 / sy.where(good, torch.ones_like(sy)), torch.zeros_like(sy)
+        )
+        gamma = torch.where(good, sy / yy.where(good, torch.ones_like(yy)), gamma)
+        stored += 1
+        x = x + step * active[:, None]
+        g = torch.where(active[:, None], best_g, g)
+        active = active & (g.abs().amax(dim=1) > gtol)
+        if callback is not None and it in checkpoints:
+            callback(it, x)
+            reported.add(it)
+    if callback is not None:  # converged copies stay put: later checkpoints see the final x
+        for step in sorted({*checkpoints, settings.steps} - reported):
+            callback(step, x)
+    return x
+
+
+def resolve(
+    optimizer: Optimizer, precision: Precision, n: int, dim: int, full_batch_budget: float
+) -> tuple[Optimizer, torch.dtype]:
+    """Turn 'auto' into a concrete optimizer and dtype (see the enums' docstrings)."""
+    small = n * dim <= full_batch_budget
+    opt = (
+        optimizer
+        if optimizer is not Optimizer.AUTO
+        else (Optimizer.LBFGS if small else Optimizer.ADAM)
+    )
+    if precision is Precision.AUTO:
+        dtype = torch.float64 if opt is Optimizer.LBFGS else torch.float32
+    else:
+        dtype = torch.float64 if precision is Precision.FLOAT64 else torch.float32
+    return opt, dtype
+
+
+def train_tensors(
+    data: torch.utils.data.TensorDataset, fm: FlatModel
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training inputs (in the fits' dtype and device) and labels of the MAP objective."""
+    x, y = data.tensors[0], data.tensors[1]
+    if y.dtype.is_floating_point or y.ndim != 1:
+        raise BenchError("RegVar needs class labels (a 1-D integer tensor) in the training set")
+    return x.to(fm.device, fm.dtype), y.to(fm.device).long()
