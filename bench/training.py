@@ -11,13 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.cache import cache_root
 from bench.errors import BenchError
 from bench.tasks.base import TrainRecipe
-
-
-def cache_root() -> Path:
-    """Where checkpoints and features are cached (``BENCH_CACHE_DIR``, default ~/.cache/bench)."""
-    return Path(os.environ.get("BENCH_CACHE_DIR", Path.home() / ".cache" / "bench"))
 
 
 def train(

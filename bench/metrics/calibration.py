@@ -9,12 +9,12 @@ N_BINS = 15
 
 
 def _guard_confidence_one(probs: torch.Tensor) -> torch.Tensor:
-    """Work around torchmetrics' binning of a confidence of exactly 1.0.
+    """Guard against torchmetrics binning a confidence of exactly 1.0 into a phantom bin.
 
     torchmetrics buckets with ``bucketize(conf, linspace(0, 1, n+1), right=True) - 1``, which
-    sends conf == 1.0 to a phantom bin n (dropped or misplaced). Every equal-width ECE puts
-    1.0 in the last bin; nudging it to the next float below 1.0 does exactly that and changes
-    no other value.
+    sends conf == 1.0 to a phantom bin n in the releases with the open bug (1.9.0 handles it;
+    tests/test_metrics.py checks the value either way). Every equal-width ECE puts 1.0 in the
+    last bin; nudging it to the next float below 1.0 does exactly that and changes nothing else.
     """
     one = torch.ones((), dtype=probs.dtype)
     below = torch.nextafter(one, torch.zeros((), dtype=probs.dtype))

@@ -1,0 +1,106 @@
+"""``bench sweep``: a grid of runs that resumes, survives failures and lists them at the end."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from dataclasses import replace
+
+from bench import options as opts
+from bench.errors import BenchError
+from bench.method_api import METHODS
+from bench.progress import Reporter
+from bench.registry import parse_assignment
+from bench.results import SCHEMA_VERSION, atomic_write_bytes, read_json
+from bench.runner import RunConfig, resolve, result_paths, run
+from bench.tasks import TASKS
+
+
+def _names(text: str, registry, kind: str) -> list[str]:
+    if text == "all":
+        return registry.names()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        registry.get(name.split("(")[0])  # unknown names fail before anything runs
+    if not names:
+        raise BenchError(f"--{kind}s is empty; give names separated by commas, or 'all'")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise BenchError(f"bad --seeds {text!r}; write integers separated by commas, e.g. 0,1,2") from None
+
+
+def is_done(config: RunConfig) -> bool:
+    """A result exists, succeeded, and was made with the same options and smoke flag."""
+    json_path, npz_path = result_paths(config)
+    if not (json_path.exists() and npz_path.exists()):
+        return False
+    record = read_json(json_path)
+    r = resolve(config)
+    cfg = record.get("config", {})
+    return (
+        record.get("status") == "ok"
+        and cfg.get("method_options") == opts.as_dict(r.method_options)
+        and cfg.get("task_options") == opts.as_dict(r.task_options)
+        and cfg.get("smoke") == config.smoke
+    )
+
+
+def record_failure(config: RunConfig, exc: BaseException) -> None:
+    json_path, _ = result_paths(config)
+    r = resolve(config)
+    record = {
+        "schema": SCHEMA_VERSION, "task": r.task_label, "method": r.method_label, "seed": config.seed,
+        "status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+        "traceback": traceback.format_exc()[-4000:],
+    }
+    import json
+
+    atomic_write_bytes(json_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    reporter = Reporter(args.quiet)
+    settings: dict[str, str] = {}
+    for item in args.settings:
+        settings.update(parse_assignment(item))
+    methods = _names(args.methods, METHODS, "method")
+    tasks = _names(args.tasks, TASKS, "task")
+    seeds = _seeds(args.seeds)
+    base = RunConfig(method="", task="", device=args.device, out=args.out, smoke=args.smoke,
+                     data_dir=args.data_dir, settings=settings, quiet=True)
+    grid = [replace(base, method=m, task=t, seed=s) for t in tasks for m in methods for s in seeds]
+    todo = [c for c in grid if args.force or not is_done(c)]
+    reporter.log(f"sweep: {len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run")
+    failures: list[tuple[RunConfig, str]] = []
+    started = time.perf_counter()
+    bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
+    for i, config in enumerate(todo):
+        label = f"{config.method} on {config.task} seed {config.seed}"
+        try:
+            run(replace(config, quiet=args.quiet))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+            record_failure(config, exc)
+            failures.append((config, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+            reporter.log(f"FAILED {label}: {failures[-1][1]}")
+        elapsed = time.perf_counter() - started
+        eta = elapsed / (i + 1) * (len(todo) - i - 1)
+        reporter.log(f"[{i + 1}/{len(todo)}] {label} done; elapsed {elapsed:.0f} s, about {eta:.0f} s left")
+        if hasattr(bar, "update"):
+            bar.update(1)
+    if hasattr(bar, "close"):
+        bar.close()
+    if failures:
+        print(f"{len(failures)} run(s) failed:")
+        for config, message in failures:
+            print(f"  {config.method} / {config.task} / seed {config.seed}: {message}")
+        return 1
+    print(f"sweep finished: {len(todo)} run(s) done, {len(grid) - len(todo)} skipped as already done")
+    return 0

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian-like machine: the Fashion-MNIST data package, then a
+# virtual environment (.venv) with bench and its test tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1; then
+    echo "setup: could not install dataset-fashion-mnist; the fashion-mnist task will download instead" >&2
+  fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch is left unpinned on purpose: a plain resolution gives a torch/torchvision pair that
+# import together (pinning the CPU-only torch 2.13.0 wheel breaks torchvision, see README).
+.venv/bin/pip install -q -e ".[test]"

@@ -1,0 +1,94 @@
+"""Registry, options, device selection, seeding and measurement."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from bench.device import select_device
+from bench.errors import BenchError
+from bench.options import as_dict, build, option
+from bench.profiling import measure
+from bench.registry import Registry, parse_spec
+from bench.seeding import derive_seed, seed_everything
+
+
+class Link(str, enum.Enum):
+    PROBIT = "probit"  # closed form
+    MC = "mc"  # sampling
+
+
+@dataclass
+class Opts:
+    n: int = option(3, "count", min=1)
+    lam: float = option(1e-3, "strength", min=0.0)
+    link: Link = option(Link.PROBIT, "link")
+    grid: tuple[float, ...] = option((0.1, 1.0), "grid")
+    flag: bool = option(False, "flag")
+
+
+def test_options_parse_every_kind() -> None:
+    o = build(Opts, {"n": "5", "lam": "1e-6", "link": "mc", "grid": "1|2|3", "flag": "yes"}, "method x")
+    assert (o.n, o.lam, o.link, o.grid, o.flag) == (5, 1e-6, Link.MC, (1.0, 2.0, 3.0), True)
+    assert as_dict(o) == {"n": 5, "lam": 1e-6, "link": "mc", "grid": [1.0, 2.0, 3.0], "flag": True}
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"n": "0"}, "must be ≥ 1"), ({"n": "2.5"}, "expected int"), ({"link": "bridge"}, "one of probit, mc"),
+    ({"lam": "nan"}, "expected float"), ({"zzz": "1"}, "unknown option 'zzz'"),
+])
+def test_bad_options_name_the_problem(raw: dict[str, str], message: str) -> None:
+    with pytest.raises(BenchError, match=message):
+        build(Opts, raw, "method x")
+
+
+def test_registry_refuses_duplicates_and_suggests() -> None:
+    reg: Registry[type] = Registry("widget")
+
+    @reg.register("alpha")
+    class A:
+        pass
+
+    with pytest.raises(BenchError, match="already registered"):
+        reg.register("alpha")(type("B", (), {}))
+    with pytest.raises(BenchError, match="Did you mean 'alpha'"):
+        reg.get("alpah")
+    assert reg.get("alpha") is A and reg.names() == ["alpha"]
+
+
+def test_spec_strings() -> None:
+    assert parse_spec("laplace") == ("laplace", {})
+    assert parse_spec("laplace(link=mc, n_samples=100)") == ("laplace", {"link": "mc", "n_samples": "100"})
+    with pytest.raises(BenchError):
+        parse_spec("bad name(")
+
+
+def test_device_selection_on_this_machine() -> None:
+    assert select_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert select_device("auto").type == expected
+    with pytest.raises(BenchError):
+        select_device("tpu:banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(BenchError, match="no CUDA GPU"):
+            select_device("cuda")
+
+
+def test_seeding_is_reproducible_and_derived_seeds_differ() -> None:
+    seed_everything(7)
+    a = torch.randn(3)
+    seed_everything(7)
+    assert torch.equal(a, torch.randn(3))
+    assert derive_seed(0, "member", 1) != derive_seed(0, "member", 2) == derive_seed(0, "member", 2)
+
+
+def test_measure_sees_time_and_memory_growth() -> None:
+    with measure(torch.device("cpu")) as m:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+    assert m.seconds > 0 and m.kind == "cpu_rss_growth"
+    assert m.peak_bytes > 32 * 2**20
+    del block
