@@ -1,0 +1,150 @@
+"""``bench plot``: reliability diagrams, OOD score histograms and the RegVar NLL contour.
+
+Everything is drawn from the run files (JSON + npz) alone, like the leaderboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.errors import BenchError  # noqa: E402
+from bench.metrics.calibration import N_BINS  # noqa: E402
+from bench.metrics.scores import predictive_entropy  # noqa: E402
+from bench.results import iter_runs, read_json, read_npz  # noqa: E402
+
+REGVAR_GRID_KEY = "validation_nll_grid"  # {"lambdas": [...], "scales": [...], "nll": [[...]]}
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS):
+    conf, correct = probs.max(1), (probs.argmax(1) == labels)
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins)
+    acc = np.bincount(idx, weights=correct, minlength=n_bins) / np.maximum(counts, 1)
+    mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / np.maximum(counts, 1)
+    return counts, acc, mean_conf
+
+
+def _first_seed_runs(root: Path) -> dict[str, dict[str, Path]]:
+    """task → method → path of the lowest-seed successful run."""
+    runs: dict[str, dict[str, Path]] = defaultdict(dict)
+    for path in iter_runs(root):
+        record = read_json(path)
+        if record.get("status") != "ok":
+            continue
+        current = runs[record["task"]].get(record["method"])
+        if current is None or read_json(current)["seed"] > record["seed"]:
+            runs[record["task"]][record["method"]] = path
+    return runs
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 4)
+    return (n + cols - 1) // cols, cols
+
+
+def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
+    rows, cols = _grid(len(methods))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    edges = np.linspace(0, 1, N_BINS + 1)
+    for ax, (method, path) in zip(axes.flat, sorted(methods.items())):
+        data = read_npz(path.with_suffix(".npz"))
+        counts, acc, conf = reliability_bins(data["test/probs"].astype(np.float64), data["test/labels"])
+        filled = counts > 0
+        ax.bar(edges[:-1][filled], acc[filled], width=1 / N_BINS, align="edge", color="#4C72B0",
+               edgecolor="white", label="accuracy")
+        ax.bar(edges[:-1][filled], conf[filled] - acc[filled], bottom=acc[filled], width=1 / N_BINS,
+               align="edge", color="#DD8452", alpha=0.5, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ece = float(np.sum(counts * np.abs(acc - conf)) / counts.sum())
+        ax.set_title(f"{method}\nECE {ece:.3f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Reliability on {task} test set ({N_BINS} equal-width bins)")
+    fig.tight_layout()
+    path = out / f"reliability_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[Path]:
+    paths = []
+    first = read_npz(next(iter(methods.values())).with_suffix(".npz"))
+    ood_sets = sorted({k.split("/")[1] for k in first if k.startswith("ood/")})
+    for ood in ood_sets:
+        rows, cols = _grid(len(methods))
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+        for ax, (method, path) in zip(axes.flat, sorted(methods.items())):
+            data = read_npz(path.with_suffix(".npz"))
+            import torch
+
+            h_in = predictive_entropy(torch.from_numpy(data["test/probs"])).numpy()
+            h_out = predictive_entropy(torch.from_numpy(data[f"ood/{ood}/probs"])).numpy()
+            bins = np.linspace(0, max(h_in.max(), h_out.max(), 1e-6), 40)
+            ax.hist(h_in, bins=bins, alpha=0.6, density=True, label="in-distribution test")
+            ax.hist(h_out, bins=bins, alpha=0.6, density=True, label=f"OOD: {ood}")
+            ax.set_title(method, fontsize=9)
+            ax.set_xlabel("predictive entropy (nats)")
+        for ax in list(axes.flat)[len(methods):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{task}: predictive entropy, test vs {ood}")
+        fig.tight_layout()
+        path = out / f"ood_hist_{task}_{ood}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_regvar_contour(task: str, path: Path, out: Path) -> Path | None:
+    grid = read_json(path).get("method_summary", {}).get(REGVAR_GRID_KEY)
+    if not grid:
+        return None
+    lambdas, scales, nll = np.asarray(grid["lambdas"]), np.asarray(grid["scales"]), np.asarray(grid["nll"])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    cs = ax.contourf(np.log10(scales), np.log10(lambdas), nll, levels=20, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label="validation NLL (nats)")
+    i, j = np.unravel_index(np.nanargmin(nll), nll.shape)
+    ax.plot(np.log10(scales[j]), np.log10(lambdas[i]), "r*", ms=12, label="chosen")
+    ax.set_xlabel("log10 variance scale s")
+    ax.set_ylabel("log10 λ")
+    ax.set_title(f"{read_json(path)['method']} on {task}: validation NLL")
+    ax.legend()
+    fig.tight_layout()
+    target = out / f"regvar_contour_{task}_{read_json(path)['method']}.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    root: Path = args.results
+    runs = _first_seed_runs(root)
+    if not runs:
+        raise BenchError(f"no successful runs under {root}/runs; run `python -m bench sweep` first")
+    out = root / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for task, methods in sorted(runs.items()):
+        written.append(plot_reliability(task, methods, out))
+        written += plot_ood_histograms(task, methods, out)
+        for method, path in methods.items():
+            if method.startswith("regvar") and (p := plot_regvar_contour(task, path, out)):
+                written.append(p)
+    for p in written:
+        print(p)
+    return 0
