@@ -54,7 +54,7 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
     rows, cols = _grid(len(methods))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     edges = np.linspace(0, 1, N_BINS + 1)
-    for ax, (method, path) in zip(axes.flat, sorted(methods.items())):
+    for ax, (method, path) in zip(axes.flat, sorted(methods.items()), strict=False):
         data = read_npz(path.with_suffix(".npz"))
         counts, acc, conf = reliability_bins(data["test/probs"].astype(np.float64), data["test/labels"])
         filled = counts > 0
@@ -87,7 +87,7 @@ def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[
     for ood in ood_sets:
         rows, cols = _grid(len(methods))
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-        for ax, (method, path) in zip(axes.flat, sorted(methods.items())):
+        for ax, (method, path) in zip(axes.flat, sorted(methods.items()), strict=False):
             data = read_npz(path.with_suffix(".npz"))
             import torch
 

@@ -26,7 +26,7 @@ def numpy_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15, norm: str
     correct = (pred == labels).astype(float)
     edges = np.linspace(0, 1, n_bins + 1)
     gaps, weights = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
         if in_bin.any():
             gaps.append(abs(correct[in_bin].mean() - conf[in_bin].mean()))

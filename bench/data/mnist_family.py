@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.cache import cache_root
 from bench.data.download import fetch, sha256_bytes
 from bench.data.idx import parse_idx, read_idx_bytes
 from bench.errors import BenchError
-from bench.cache import cache_root
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
