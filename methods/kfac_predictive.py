@@ -197,9 +197,14 @@ class FastGLMPredictive:
         post = self.la.posterior_precision  # KronDecomposed with H factor and prior (deltas)
         by_module = {id(m): f for m, f in zip(self.modules, factors, strict=True)}
         f_var = None
-        blocks = zip(self.owners, post.eigenvectors, post.eigenvalues, post.deltas, strict=True)
-        for (module, kind), Qs, ls, delta in blocks:
+        blocks = zip(self.owners, self.params, post.eigenvectors, post.eigenvalues, post.deltas,
+                     strict=True)
+        for (module, kind), p, Qs, ls, delta in blocks:
             f = by_module[id(module)]
+            # laplace-torch pairs Kronecker blocks with parameters by position; check the pairing
+            if math.prod(len(v) for v in ls) != p.numel() or len(ls[0]) != p.shape[0]:
+                raise RuntimeError(f"KFAC block shapes {[len(v) for v in ls]} do not match "
+                                   f"parameter {tuple(p.shape)} of {type(module).__name__}")
             if len(ls) == 2:
                 Q1, Q2 = Qs
                 l1, l2 = ls
