@@ -36,12 +36,16 @@ evaluation set for methods that set ``eval_limit`` (this one sets it to ``max_qu
 
 from __future__ import annotations
 
+import copy
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from bench.errors import BenchError
 from bench.method_api import FitContext, Method, register_method
@@ -74,6 +78,16 @@ class Output(str, enum.Enum):
     """The mean absolute logit (the paper's listing), linearised at the MAP's signs."""
 
 
+class Weights(str, enum.Enum):
+    """Which parameters the regularised fits may move."""
+
+    ALL = "all"
+    """Every trainable parameter, as in the paper."""
+    LAST_LAYER = "last-layer"
+    """Only the final ``nn.Linear`` (features fixed): the RegVar counterpart of last-layer
+    Laplace; its full-batch fits are cheap and converge on large tasks."""
+
+
 class Difference(str, enum.Enum):
     """How the change of the prediction is measured."""
 
@@ -87,9 +101,10 @@ class Difference(str, enum.Enum):
 class RegVarOptions:
     lam: float = option(1e-2, "λ on the log-joint scale (the loss term is λ·g(x*)/n)", min=0.0)
     output: Output = option(Output.TOP, "regularised read-out of the logits")
+    weights: Weights = option(Weights.ALL, "parameters refitted: all (the paper) or last-layer")
     difference: Difference = option(Difference.CENTRAL, "finite-difference scheme")
     optimizer: Optimizer = option(Optimizer.AUTO, "solver of the regularised fits")
-    precision: Precision = option(Precision.AUTO, "floating-point type of the fits")
+    precision: Precision = option(Precision.FLOAT32, "floating-point type of the fits")
     steps: int = option(300, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
     lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
     batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
@@ -97,9 +112,7 @@ class RegVarOptions:
     rtol: float = option(1e-7, "L-BFGS stops a fit when ‖g‖∞ falls by this factor", min=0.0)
     query_batch: int = option(32, "fits solved together in one vmapped stack", min=1)
     max_queries: int = option(200, "most inputs per predict call (see eval_limit)", min=1)
-    val_queries: int = option(
-        100, "validation inputs for tuning the variance scale (0: s=1)", min=0
-    )
+    val_queries: int = option(100, "validation inputs for tuning the variance scale (0: s=1)", min=0)
     full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
 
 
@@ -198,10 +211,15 @@ class RegVar(Method):
             raise BenchError("regvar needs the MAP network (uses_map); the harness gave none")
         o = self.options
         n_train = len(ctx.data.train)
-        dim = sum(p.numel() for p in ctx.map_model.parameters() if p.requires_grad)
+        net = ctx.map_model
+        self.featurize = None
+        if o.weights is Weights.LAST_LAYER:
+            net, self.featurize = split_last_linear(ctx.map_model, ctx.device)
+        dim = sum(p.numel() for p in net.parameters() if p.requires_grad)
         opt, dtype = resolve(o.optimizer, o.precision, n_train, dim, o.full_batch_budget)
-        self.fm = FlatModel(ctx.map_model, dtype, ctx.device)
-        self.x_train, self.y_train = train_tensors(ctx.data.train, self.fm)
+        self.fm = FlatModel(net, dtype, ctx.device)
+        x_tr, y_tr = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
+        self.x_train, self.y_train = train_tensors(TensorDataset(self._inputs(x_tr), y_tr), self.fm)
         self.wd = ctx.recipe.weight_decay
         self.settings = SolverSettings(
             opt,
@@ -221,23 +239,22 @@ class RegVar(Method):
             "dtype": str(dtype).removeprefix("torch."),
             "lam": o.lam,
             "output": o.output.value,
+            "weights": o.weights.value,
             "difference": o.difference.value,
             "steps": o.steps,
             "max_queries": o.max_queries,
         }
-        ctx.log(
-            f"regvar: {dim} params, {opt.value}/{self.info['dtype']}, λ={o.lam}, "
-            f"output={o.output.value}"
-        )
+        ctx.log(f"regvar: {dim} params, {opt.value}/{self.info['dtype']}, λ={o.lam}, output={o.output.value}")
         self.scale = 1.0
         if o.val_queries > 0:
             xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
             gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "regvar", "val-subset"))
             pick = torch.randperm(len(xv), generator=gen)[: o.val_queries]
             t0 = time.perf_counter()
-            logits = self.fm.logits(self.fm.theta0, xv[pick]).cpu()
+            inputs = self._inputs(xv[pick])
+            logits = self.fm.logits(self.fm.theta0, inputs).cpu()
             half = max(1, o.steps // 2)
-            var = self._variance(xv[pick], logits, checkpoints=(half,))
+            var = self._variance(inputs, logits, checkpoints=(half,))
             self.scale, val_nll = tune_scale(logits, self._probit_var(var[o.steps]), yv[pick])
             self.info.update(
                 {
@@ -276,6 +293,10 @@ class RegVar(Method):
         )
         return {k: v[..., 0] for k, v in var.items()}  # (N, K)
 
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the fitted network takes: the inputs, or their last-layer features."""
+        return x if self.featurize is None else self.featurize(x)
+
     def _probit_var(self, var: torch.Tensor) -> torch.Tensor:
         return var if self.options.output is Output.LOGITS else var[:, 0]
 
@@ -288,13 +309,56 @@ class RegVar(Method):
                 f"max_queries={self.options.max_queries}; raise it (--set max_queries=N) or "
                 "evaluate a subset"
             )
-        logits = self.fm.logits(self.fm.theta0, x).cpu()
-        var = self._variance(x, logits)[self.options.steps]
+        inputs = self._inputs(x)
+        logits = self.fm.logits(self.fm.theta0, inputs).cpu()
+        var = self._variance(inputs, logits)[self.options.steps]
         probs = probit_probs(logits, self._probit_var(var), self.scale)
         return Prediction(probs.float(), {"variance": var.mean(1).float()})
 
     def summary(self) -> dict[str, Any]:
         return dict(self.info)
+
+
+def split_last_linear(
+    model: nn.Module, device: torch.device, batch_size: int = 1024
+) -> tuple[nn.Linear, Callable[[torch.Tensor], torch.Tensor]]:
+    """The model's last ``nn.Linear`` (a copy) and a function x → its input features, checked
+    to reproduce the model's output (the head must be the last operation)."""
+    body = copy.deepcopy(model).to(device).eval()
+    linears = [m for m in body.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise BenchError("regvar weights=last-layer needs an nn.Linear output layer; use weights=all")
+    head = linears[-1]
+
+    @torch.no_grad()
+    def featurize(x: torch.Tensor) -> torch.Tensor:
+        feats: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
+        try:
+            for i in range(0, len(x), batch_size):
+                body(x[i : i + batch_size].to(device))
+        finally:
+            hook.remove()
+        return torch.cat(feats).cpu()
+
+    return copy.deepcopy(head), _checked(body, head, featurize)
+
+
+def _checked(body: nn.Module, head: nn.Linear, featurize: Callable) -> Callable:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        feats = featurize(x)
+        with torch.no_grad():
+            sample = x[:8].to(next(body.parameters()).device)
+            full = body(sample).float().cpu()
+            part = head(feats[:8].to(sample.device)).float().cpu()
+        if not torch.allclose(full, part, rtol=1e-4, atol=1e-4):
+            raise BenchError(
+                "regvar weights=last-layer: the model's output is not its last "
+                "nn.Linear applied to that layer's input; use weights=all"
+            )
+        return feats
+
+    return run
 
 
 def _median_rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -38,6 +38,7 @@ from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
 from methods.regvar_common import (
+    SCALE_GRID,
     FlatModel,
     Optimizer,
     Precision,
@@ -46,9 +47,9 @@ from methods.regvar_common import (
     StackedObjective,
     probit_probs,
     resolve,
+    scale_nlls,
     solve,
     train_tensors,
-    tune_scale,
 )
 
 
@@ -65,12 +66,10 @@ class Reference(str, enum.Enum):
 
 @dataclass
 class AmortizedOptions:
-    lam_grid: tuple[float, ...] = option(
-        (1.0, 10.0, 100.0), "λ values tried (log-joint scale)", min=0.0
-    )
+    lam_grid: tuple[float, ...] = option((1.0, 10.0, 100.0), "λ values tried (log-joint scale)", min=0.0)
     difference: Reference = option(Reference.CENTRAL, "reference of the finite difference")
     optimizer: Optimizer = option(Optimizer.AUTO, "solver of the fine-tune")
-    precision: Precision = option(Precision.AUTO, "floating-point type of the fine-tune")
+    precision: Precision = option(Precision.FLOAT32, "floating-point type of the fine-tune")
     steps: int = option(500, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
     lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
     batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
@@ -115,9 +114,7 @@ class RegVarAmortized(Method):
             seed=derive_seed(ctx.seed, "regvar-amortized", "data-order"),
         )
         lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device)
-        second = {Reference.CENTRAL: -1.0, Reference.FORWARD: 0.0, Reference.PAPER: None}[
-            o.difference
-        ]
+        second = {Reference.CENTRAL: -1.0, Reference.FORWARD: 0.0, Reference.PAPER: None}[o.difference]
         # Copies: λ_j for every j, then the reference fits (−λ_j or 0) unless the MAP is it.
         coefs = [lams] + ([lams * second] if second is not None else [])
         coef = torch.cat(coefs)
@@ -125,24 +122,22 @@ class RegVarAmortized(Method):
             f"regvar-amortized: {len(coef)} fine-tune(s) of {dim} params, {opt.value}, "
             f"{o.steps} steps, λ grid {list(o.lam_grid)}"
         )
-        objective = StackedObjective(
-            fm, x_train, y_train, ctx.recipe.weight_decay, Regularizer(coef=coef)
-        )
+        objective = StackedObjective(fm, x_train, y_train, ctx.recipe.weight_decay, Regularizer(coef=coef))
         thetas = solve(objective, fm.theta0.expand(len(coef), -1).clone(), settings)
         k = len(o.lam_grid)
         refs = thetas[k:] if second is not None else fm.theta0.expand(k, -1)
         # Tune (λ, s) jointly on validation NLL over the whole validation set (2 passes each).
         xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
-        best: tuple[float, int, float] | None = None
-        table = {}
+        nll_grid = []  # nll_grid[j][i]: λ_j, scale s_i
         for j in range(k):
             logits, var = self._mean_var(thetas[j], refs[j], float(o.lam_grid[j]), xv)
-            s, val_nll = tune_scale(logits, var, yv)
-            table[str(o.lam_grid[j])] = {"scale": s, "val_nll": val_nll}
-            if best is None or val_nll < best[0]:
-                best = (val_nll, j, s)
-        assert best is not None
-        val_nll, j, self.scale = best
+            nll_grid.append(scale_nlls(logits, var, yv, SCALE_GRID))
+        val_nll, j, i = min((v, j, i) for j, row in enumerate(nll_grid) for i, v in enumerate(row))
+        self.scale = float(SCALE_GRID[i])
+        table = {
+            str(lam): {"scale": float(SCALE_GRID[min(range(len(row)), key=row.__getitem__)]), "val_nll": min(row)}
+            for lam, row in zip(o.lam_grid, nll_grid, strict=True)
+        }
         self.lam = float(o.lam_grid[j])
         self.pair = (thetas[j].clone(), refs[j].clone())
         self.info = {
@@ -156,10 +151,10 @@ class RegVarAmortized(Method):
             "scale": self.scale,
             "val_nll": val_nll,
             "grid": table,
+            # for `bench plot`'s contour: nll[j][i] at lambdas[j], scales[i]
+            "validation_nll_grid": {"lambdas": list(o.lam_grid), "scales": list(SCALE_GRID), "nll": nll_grid},
         }
-        ctx.log(
-            f"regvar-amortized: λ={self.lam:g}, scale s={self.scale:.3g} (val NLL {val_nll:.4f})"
-        )
+        ctx.log(f"regvar-amortized: λ={self.lam:g}, scale s={self.scale:.3g} (val NLL {val_nll:.4f})")
 
     @torch.no_grad()
     def _mean_var(

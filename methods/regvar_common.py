@@ -61,12 +61,12 @@ class Optimizer(str, enum.Enum):
 class Precision(str, enum.Enum):
     """Floating-point type of the fits (the finite difference is a small difference)."""
 
-    AUTO = "auto"
-    """float64 with lbfgs (exact small problems), float32 otherwise."""
     FLOAT32 = "float32"
-    """Single precision: fast; needs a larger λ."""
+    """Single precision: fast. On the fidelity problem as accurate as float64 for
+    λ = 1e-3 … 1e-2 (``python -m bench fidelity``); needs λ/n·‖g'‖ well above float32
+    round-off of the training gradient."""
     FLOAT64 = "float64"
-    """Double precision: slower (no fast CPU convolutions), allows a small λ."""
+    """Double precision: 2-6× slower on CPU (no fast float64 convolutions), allows tiny λ."""
 
 
 def probit_probs(logits: torch.Tensor, variance: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,6 +83,18 @@ def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-picked.clamp_min(1e-300).log().mean())
 
 
+def scale_nlls(
+    logits: torch.Tensor,
+    variance: torch.Tensor,
+    labels: torch.Tensor,
+    grid: Sequence[float] = SCALE_GRID,
+) -> list[float]:
+    """Validation NLL of the probit predictive for every variance scale s in ``grid``."""
+    if not grid:
+        raise BenchError("the variance-scale grid is empty; give at least one value")
+    return [nll(probit_probs(logits, variance, s), labels) for s in grid]
+
+
 def tune_scale(
     logits: torch.Tensor,
     variance: torch.Tensor,
@@ -90,9 +102,7 @@ def tune_scale(
     grid: Sequence[float] = SCALE_GRID,
 ) -> tuple[float, float]:
     """The variance scale s from ``grid`` with the lowest validation NLL, and that NLL."""
-    if not grid:
-        raise BenchError("the variance-scale grid is empty; give at least one value")
-    scores = [nll(probit_probs(logits, variance, s), labels) for s in grid]
+    scores = scale_nlls(logits, variance, labels, grid)
     best = min(range(len(grid)), key=lambda i: (scores[i], i))
     return float(grid[best]), scores[best]
 
@@ -113,9 +123,7 @@ class FlatModel:
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
         self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
-        self.const = {
-            k: p.detach() for k, p in self.module.named_parameters() if not p.requires_grad
-        }
+        self.const = {k: p.detach() for k, p in self.module.named_parameters() if not p.requires_grad}
         self.const.update({k: b for k, b in self.module.named_buffers()})
         self.dtype, self.device = dtype, device
 
@@ -133,10 +141,7 @@ class FlatModel:
     @torch.no_grad()
     def logits(self, theta: torch.Tensor, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """f(x; θ) for one θ, batched over inputs."""
-        outs = [
-            self(theta, x[i : i + batch_size].to(self.device, self.dtype))
-            for i in range(0, len(x), batch_size)
-        ]
+        outs = [self(theta, x[i : i + batch_size].to(self.device, self.dtype)) for i in range(0, len(x), batch_size)]
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -175,25 +180,19 @@ class SolverSettings:
 class StackedObjective:
     """P(θ_q) + regulariser_q for Q stacked copies; gradients via vmap over copies."""
 
-    def __init__(
-        self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, reg: Regularizer
-    ) -> None:
+    def __init__(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, reg: Regularizer) -> None:
         self.fm, self.x, self.y, self.wd, self.reg = fm, x, y, weight_decay, reg
         self.n = len(x)
         amortized = reg.queries is None
 
-        def data_term(
-            theta: torch.Tensor, coef: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
-        ) -> torch.Tensor:
+        def data_term(theta: torch.Tensor, coef: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             out = fm(theta, xb)
             loss = F.cross_entropy(out, yb)
             if amortized:  # the paper's listing: + λ·mean|f|/n on the training batch
                 loss = loss + coef / self.n * out.abs().mean()
             return loss
 
-        def extra_term(
-            theta: torch.Tensor, coef: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor
-        ) -> torch.Tensor:
+        def extra_term(theta: torch.Tensor, coef: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
             prior = 0.5 * self.wd * (theta * theta).sum()
             if amortized:
                 return prior
@@ -212,16 +211,12 @@ class StackedObjective:
             q, w = q[idx], w[idx]
         return self._extra_grad(thetas, coef, q, w)
 
-    def minibatch_grad(
-        self, thetas: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def minibatch_grad(self, thetas: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         coef = self.reg.coef if idx is None else self.reg.coef[idx]
         g = self._data_grad(thetas, coef, self.x[rows], self.y[rows])
         return g + self._extra(thetas, idx)
 
-    def full_grad(
-        self, thetas: torch.Tensor, chunk: int, idx: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def full_grad(self, thetas: torch.Tensor, chunk: int, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Exact gradient of the full-batch objective, accumulated over data chunks."""
         coef = self.reg.coef if idx is None else self.reg.coef[idx]
         g = self._extra(thetas, idx)
@@ -349,9 +344,7 @@ def batched_lbfgs(
             if bool((ok | ~active).all()):
                 break
             denom = dphi0 - dphi  # positive when the curvature along d is positive
-            secant = torch.where(
-                denom > 0, t * dphi0 / denom.where(denom > 0, torch.ones_like(denom)), 4.0 * t
-            )
+            secant = torch.where(denom > 0, t * dphi0 / denom.where(denom > 0, torch.ones_like(denom)), 4.0 * t)
             t = torch.where(ok, t, secant.clamp(0.01 * t, 100.0 * t))
         assert best_g is not None
         step = best_t[:, None] * d
@@ -361,9 +354,7 @@ def batched_lbfgs(
         slot = stored % m
         good = (sy > 0) & active
         s_hist[slot], y_hist[slot] = step, y_vec
-        rho[slot] = torch.where(
-            good, 1.0 / sy.where(good, torch.ones_like(sy)), torch.zeros_like(sy)
-        )
+        rho[slot] = torch.where(good, 1.0 / sy.where(good, torch.ones_like(sy)), torch.zeros_like(sy))
         gamma = torch.where(good, sy / yy.where(good, torch.ones_like(yy)), gamma)
         stored += 1
         x = x + step * active[:, None]
@@ -381,23 +372,13 @@ def batched_lbfgs(
 def resolve(
     optimizer: Optimizer, precision: Precision, n: int, dim: int, full_batch_budget: float
 ) -> tuple[Optimizer, torch.dtype]:
-    """Turn 'auto' into a concrete optimizer and dtype (see the enums' docstrings)."""
+    """The concrete optimizer ('auto' resolved, see ``Optimizer``) and dtype of the fits."""
     small = n * dim <= full_batch_budget
-    opt = (
-        optimizer
-        if optimizer is not Optimizer.AUTO
-        else (Optimizer.LBFGS if small else Optimizer.ADAM)
-    )
-    if precision is Precision.AUTO:
-        dtype = torch.float64 if opt is Optimizer.LBFGS else torch.float32
-    else:
-        dtype = torch.float64 if precision is Precision.FLOAT64 else torch.float32
-    return opt, dtype
+    opt = optimizer if optimizer is not Optimizer.AUTO else (Optimizer.LBFGS if small else Optimizer.ADAM)
+    return opt, torch.float64 if precision is Precision.FLOAT64 else torch.float32
 
 
-def train_tensors(
-    data: torch.utils.data.TensorDataset, fm: FlatModel
-) -> tuple[torch.Tensor, torch.Tensor]:
+def train_tensors(data: torch.utils.data.TensorDataset, fm: FlatModel) -> tuple[torch.Tensor, torch.Tensor]:
     """The training inputs (in the fits' dtype and device) and labels of the MAP objective."""
     x, y = data.tensors[0], data.tensors[1]
     if y.dtype.is_floating_point or y.ndim != 1:

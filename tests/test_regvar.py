@@ -234,3 +234,57 @@ def test_method_is_deterministic_and_refuses_too_many_inputs():
     a.options.max_queries = 3
     with pytest.raises(BenchError, match="max_queries"):
         a.predict(tiny_data().test.tensors[0])
+
+
+def test_last_layer_matches_exact_last_layer_laplace():
+    data, model = tiny_data(), tiny_model()
+    method, pred = fit_predict(weights="last-layer", val_queries="0", precision="float64")
+    assert method.summary()["n_params"] == 8 * C + C
+    body = nn.Sequential(*list(model)[:-1]).eval()
+    with torch.no_grad():
+        feats = body(data.train.tensors[0]).double()
+        q_feats = body(data.test.tensors[0]).double()
+    fm = FlatModel(model[-1], torch.float64, CPU)
+    w = output_weights(fm.logits(fm.theta0, q_feats), Output.TOP)  # the MAP's predicted class
+    y = data.train.tensors[1]
+
+    def objective(t: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(fm(t, feats), y)
+        return ce + 0.5 * RECIPE.weight_decay * t.pow(2).sum()
+
+    # The MAP's head is not a stationary point (1 epoch of AdamW); the converged fits measure
+    # the curvature at the head's optimum, so the exact target is taken there too.
+    theta = fm.theta0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-13, tolerance_change=0,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective(theta)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    fm.theta0 = theta.detach()
+    h = hessian(objective)(fm.theta0) * len(y)
+    torch.testing.assert_close(pred.scores["variance"].double(), exact(fm, h, q_feats, w)[:, 0],
+                               rtol=1e-3, atol=0)
+
+
+def test_last_layer_refuses_a_model_whose_output_is_not_its_last_linear():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * self.net(x)
+
+    data = tiny_data()
+    cls = METHODS.get("regvar")
+    method = cls(build(cls.Options, {"weights": "last-layer", "val_queries": "0"}, "regvar"))
+    ctx = FitContext(data=data, make_model=Scaled, recipe=RECIPE, device=CPU, seed=0,
+                     map_model=Scaled(), train_model=lambda m: None, progress=lambda it, **_: it,
+                     log=lambda _m: None)
+    with pytest.raises(BenchError, match="last-layer"):
+        method.fit(ctx)

@@ -67,8 +67,8 @@ def test_flat_model_copies_and_round_trips() -> None:
 @pytest.mark.parametrize(
     ("optimizer", "precision", "dtype"),
     [
-        (Optimizer.AUTO, Precision.AUTO, torch.float64),
-        (Optimizer.ADAM, Precision.AUTO, torch.float32),
+        (Optimizer.AUTO, Precision.FLOAT64, torch.float64),
+        (Optimizer.ADAM, Precision.FLOAT32, torch.float32),
         (Optimizer.LBFGS, Precision.FLOAT32, torch.float32),
     ],
 )
@@ -76,7 +76,7 @@ def test_resolve(optimizer: Optimizer, precision: Precision, dtype: torch.dtype)
     opt, got = resolve(optimizer, precision, n=100, dim=100, full_batch_budget=1e6)
     assert got == dtype
     assert opt is (Optimizer.LBFGS if optimizer is Optimizer.AUTO else optimizer)
-    assert resolve(Optimizer.AUTO, Precision.AUTO, 10**4, 10**4, 1e6) == (
+    assert resolve(Optimizer.AUTO, Precision.FLOAT32, 10**4, 10**4, 1e6) == (
         Optimizer.ADAM,
         torch.float32,
     )

@@ -1,0 +1,196 @@
+"""``python -m bench perf regvar``: what RegVar costs at prediction time, in one run.
+
+1. Amortized RegVar vs MAP prediction on the same inputs: the MAP's time is one batched forward
+   pass + softmax (as the ``map`` method does); amortized RegVar's is its ``predict`` (two
+   forward passes + probit). Its fine-tune runs first, shortened to ``--fit-steps`` (prediction
+   cost does not depend on how long it was fine-tuned). Target ratio ≤ 2.5.
+2. Per-input RegVar, seconds per query: ``--queries`` queries solved as one vmapped stack vs one
+   query at a time (a loop calling the same estimator with one query), same optimizer, steps,
+   λ and data order. Target: batched ≥ 10× faster per query.
+
+The network is the task's model (``--model task``) on its random initial weights, or its small
+fidelity model (``--model small``); timings do not depend on the weights. Optimizer, precision
+and steps follow the method's defaults resolved for that model and training-set size unless
+``--steps`` / ``--optimizer`` say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from bench.device import select_device
+from bench.method_api import FitContext, batched_logits
+from bench.perf import register_perf
+from bench.profiling import measure
+from bench.tasks.base import TaskData
+from methods.regvar import RegVarOptions, output_weights, regvar_variance
+from methods.regvar_amortized import AmortizedOptions, RegVarAmortized
+from methods.regvar_common import FlatModel, Optimizer, SolverSettings, resolve, train_tensors
+
+
+def _setup(
+    task_name: str, smoke: bool, model_kind: str, seed: int, device: torch.device
+) -> tuple[Any, TaskData, torch.nn.Module]:
+    from bench.tasks import TASKS
+
+    task = TASKS.get(task_name)(smoke=smoke)
+    data = task.load()
+    torch.manual_seed(seed)
+    if model_kind == "small":
+        model = task.make_small_model(data.num_classes)
+    else:
+        model = task.make_model(data.num_classes)
+    return task, data, model.to(device).eval()
+
+
+def amortized_vs_map(
+    task: Any,
+    data: TaskData,
+    model: torch.nn.Module,
+    device: torch.device,
+    n_inputs: int,
+    fit_steps: int,
+    repeats: int,
+) -> dict[str, float]:
+    ctx = FitContext(
+        data=data,
+        make_model=lambda: model,
+        recipe=task.recipe(),
+        device=device,
+        seed=0,
+        map_model=model,
+        train_model=lambda m: model,
+        progress=lambda it, **_: it,
+        log=lambda m: None,
+    )
+    method = RegVarAmortized(AmortizedOptions(steps=fit_steps, lam_grid=(10.0,)))
+    method.fit(ctx)
+    x = data.test.tensors[0][:n_inputs]
+    method.predict(x[:2])
+    torch.softmax(batched_logits(model, x[:2], device).double(), 1)
+    t_map, t_am = [], []
+    for _ in range(repeats):  # interleaved, best of `repeats`: the CPU is shared
+        with measure(device) as m:
+            torch.softmax(batched_logits(model, x, device).double(), 1)
+        t_map.append(m.seconds)
+        with measure(device) as a:
+            method.predict(x)
+        t_am.append(a.seconds)
+    return {
+        "inputs": len(x),
+        "map_s": min(t_map),
+        "amortized_s": min(t_am),
+        "ratio": min(t_am) / min(t_map),
+        "fit_steps": fit_steps,
+        "optimizer": method.info["optimizer"],
+    }
+
+
+def batched_vs_loop(
+    data: TaskData,
+    model: torch.nn.Module,
+    device: torch.device,
+    wd: float,
+    n_queries: int,
+    steps: int | None,
+    optimizer: str | None,
+) -> dict[str, Any]:
+    o = RegVarOptions()
+    n_train = len(data.train)
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = Optimizer(optimizer) if optimizer else o.optimizer
+    opt, dtype = resolve(opt, o.precision, n_train, dim, o.full_batch_budget)
+    fm = FlatModel(model, dtype, device)
+    x_train, y_train = train_tensors(data.train, fm)
+    settings = SolverSettings(opt, steps or o.steps, o.lr, o.batch_size, o.history, o.rtol, seed=0)
+    queries = data.test.tensors[0][:n_queries]
+    w = output_weights(fm.logits(fm.theta0, queries).cpu(), o.output)
+
+    def estimate(q: slice, batch: int) -> torch.Tensor:
+        return regvar_variance(
+            fm, x_train, y_train, wd, queries[q], w[q], (o.lam,), settings, o.difference, batch
+        )[settings.steps]
+
+    estimate(slice(0, 1), 1)  # warm-up
+    with measure(device) as b:
+        batched = estimate(slice(0, n_queries), max(o.query_batch, 2 * n_queries))
+    with measure(device) as s:
+        single = torch.cat([estimate(slice(i, i + 1), 1) for i in range(n_queries)])
+    agree = float(((batched - single).abs() / batched.abs().clamp_min(1e-12)).max())
+    return {
+        "queries": n_queries,
+        "optimizer": opt.value,
+        "dtype": str(dtype).removeprefix("torch."),
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "n_train": n_train,
+        "n_params": dim,
+        "batched_s_per_query": b.seconds / n_queries,
+        "loop_s_per_query": s.seconds / n_queries,
+        "speedup": s.seconds / b.seconds,
+        "max_rel_diff_batched_vs_loop": agree,
+    }
+
+
+@register_perf("regvar")
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench perf regvar", description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="fashion-mnist")
+    p.add_argument(
+        "--smoke", action="store_true", help="the task's smoke data (2k training images)"
+    )
+    p.add_argument("--model", choices=("task", "small"), default="task")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--inputs", type=int, default=2000, help="inputs for the prediction timing")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--fit-steps", type=int, default=5, help="amortized fine-tune steps (timing only)"
+    )
+    p.add_argument("--queries", type=int, default=16, help="queries for the batched-vs-loop timing")
+    p.add_argument(
+        "--steps", type=int, default=None, help="fit steps per query (default: method's)"
+    )
+    p.add_argument("--train-size", type=int, default=None, help="use the first N training points")
+    p.add_argument("--optimizer", choices=[o.value for o in Optimizer], default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    device = select_device(args.device)
+    task, data, model = _setup(args.task, args.smoke, args.model, 0, device)
+    if args.train_size:
+        x, y = data.train.tensors
+        data = replace(data, train=TensorDataset(x[: args.train_size], y[: args.train_size]))
+    out: dict[str, Any] = {
+        "task": args.task,
+        "smoke": args.smoke,
+        "model": args.model,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    out["amortized_vs_map"] = amortized_vs_map(
+        task, data, model, device, args.inputs, args.fit_steps, args.repeats
+    )
+    out["per_input_batched_vs_loop"] = batched_vs_loop(
+        data, model, device, task.recipe().weight_decay, args.queries, args.steps, args.optimizer
+    )
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        a, b = out["amortized_vs_map"], out["per_input_batched_vs_loop"]
+        print(
+            f"amortized predict {a['amortized_s']:.3f} s vs MAP {a['map_s']:.3f} s on "
+            f"{a['inputs']} inputs: ratio {a['ratio']:.2f} (target ≤ 2.5)"
+        )
+        print(
+            f"per-input RegVar ({b['optimizer']}, {b['dtype']}, {b['steps']} steps): batched "
+            f"{b['batched_s_per_query']:.3f} s/query, loop {b['loop_s_per_query']:.3f} s/query, "
+            f"speedup {b['speedup']:.2f}× (target ≥ 10)"
+        )
+    return 0
