@@ -228,8 +228,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             "fit_s": fit_s + member_train_s,
             "fit_posthoc_s": fit_s,
             "member_train_s": member_train_s,
-            "members_cached": sorted(m for m in cache.loaded if m),
-            "members_trained": sorted(m for m in cache.trained if m),
+            "models_cached": sorted(cache.loaded),  # 0 is the MAP network, k > 0 ensemble members
+            "models_trained": sorted(cache.trained),
             "predict_test_s": pred_time.seconds,
             "predict_per_1k_s": pred_time.seconds / max(len(x_test), 1) * 1000.0,
             "predict_other_s": rest_time.seconds,
