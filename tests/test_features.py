@@ -155,3 +155,39 @@ def test_bundled_minilm_loads_offline(tmp_path, monkeypatch):
     texts = ["a great film", "an awful film"]
     feats, info = F.embed_texts(texts, F.EncoderSpec(), tmp_path, progress=False)
     assert feats.shape == (2, 384) and info["features"] == "computed"
+
+
+def test_tail_truncation_keeps_the_last_tokens(tiny_backbone, tmp_path):
+    long_text = " ".join(["great"] * 40 + ["awful"] * 6)
+    head = F.Encoder(_spec(tiny_backbone, max_length=8), torch.device("cpu"))
+    tail_spec = F.EncoderSpec(tiny_backbone, 8, F.Pooling.MEAN, 3, F.Truncation.TAIL)
+    tail = F.Encoder(tail_spec, torch.device("cpu"))
+    ids = tail.tokenizer(long_text, truncation=True, max_length=8)["input_ids"]
+    assert tail.tokenizer.convert_ids_to_tokens(ids)[-3:] == ["awful", "awful", "[SEP]"]
+    assert not torch.allclose(head([long_text]), tail([long_text]), atol=1e-4)
+    assert torch.allclose(head(["good film"]), tail(["good film"]), atol=1e-5)
+    # the head store keeps its key; the tail store gets its own
+    assert "truncation" not in F.FeatureStore(_spec(tiny_backbone), tmp_path).identity
+    assert F.FeatureStore(tail_spec, tmp_path).identity["truncation"] == "tail"
+
+
+def test_short_texts_reuse_head_features_for_the_tail(tiny_backbone, tmp_path, monkeypatch):
+    long_text = " ".join(["great"] * 40 + ["awful"] * 6)
+    short = ["good film", "bad plot"]
+    head_spec = _spec(tiny_backbone, max_length=8)
+    tail_spec = F.EncoderSpec(tiny_backbone, 8, F.Pooling.MEAN, 3, F.Truncation.TAIL)
+    head_feats, _ = F.embed_texts(short, head_spec, tmp_path, progress=False)
+    seen = []
+    original = F.Encoder.__call__
+
+    def spy(self, texts):
+        seen.extend(texts)
+        return original(self, texts)
+
+    monkeypatch.setattr(F.Encoder, "__call__", spy)
+    feats, info = F.embed_texts([*short, long_text], tail_spec, tmp_path, progress=False)
+    assert seen == [long_text]  # the short ones came from the head store
+    assert (info["embedded"], info["cached"]) == (1, 2)
+    assert torch.equal(feats[:2], head_feats)
+    again, info = F.embed_texts([long_text, *short], tail_spec, tmp_path, progress=False)
+    assert info["features"] == "cache" and torch.equal(again[0], feats[2])

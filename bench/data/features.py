@@ -41,6 +41,15 @@ class Pooling(str, enum.Enum):
     """The hidden state of the first ([CLS]) token."""
 
 
+class Truncation(str, enum.Enum):
+    """Which ``max_length`` tokens of a longer text the encoder sees."""
+
+    HEAD = "head"
+    """The first tokens (the tokenizer's default)."""
+    TAIL = "tail"
+    """The last tokens: reviews tend to end with their verdict."""
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """Which features: backbone (alias, hub id or local directory), truncation and pooling."""
@@ -49,6 +58,7 @@ class EncoderSpec:
     max_length: int = 128
     pooling: Pooling = Pooling.MEAN
     batch_size: int = 32
+    truncation: Truncation = Truncation.HEAD
 
 
 def bundled_minilm_dir() -> Path:
@@ -125,6 +135,8 @@ class Encoder:
                 "connection give a local model directory (--set backbone=/path) or use the default"
             ) from None
         self.model.to(device).eval()
+        if Truncation(spec.truncation) == Truncation.TAIL:
+            self.tokenizer.truncation_side = "left"
         self.spec, self.device = spec, device
 
     @torch.inference_mode()
@@ -160,6 +172,8 @@ class FeatureStore:
             "max_length": spec.max_length,
             "pooling": Pooling(spec.pooling).value,
         }
+        if Truncation(spec.truncation) != Truncation.HEAD:  # head stores keep their old keys
+            self.identity["truncation"] = Truncation(spec.truncation).value
         key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = root / "features" / key
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +235,8 @@ def embed_texts(
     """Features for ``texts`` (N×D float32), computing only those not yet in the store.
 
     Returns the features and info: ``features`` ("cache", "computed" or "partly cached"),
-    ``backbone_seconds`` (0.0 when nothing ran), counts of embedded and cached texts.
+    ``backbone_seconds`` (0.0 when the backbone did not run), ``embedded`` (texts the backbone
+    ran on in this call) and ``cached`` (the other distinct texts).
     """
     store = FeatureStore(spec, root)
     hashes = [text_hash(t) for t in texts]
@@ -230,7 +245,9 @@ def embed_texts(
     for h, text in zip(hashes, texts, strict=True):
         if h not in index and h not in missing:
             missing[h] = text
-    seconds = 0.0
+    seconds, embedded, wrote = 0.0, 0, False
+    if missing and Truncation(spec.truncation) == Truncation.TAIL:
+        seconds, embedded, wrote = _tail_from_head(missing, spec, root, store, index, progress, desc)
     if missing:
         from tqdm.auto import tqdm
 
@@ -249,24 +266,61 @@ def embed_texts(
             index.update({h: row for (h, _), row in zip(chunk, feats, strict=True)})
             bar.update(len(chunk))
         bar.close()
-        seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
+        embedded += len(todo)
+        wrote = True
+    if wrote:
         store.pack()
-        log.info("features: embedded %d texts in %.1f s", len(missing), seconds)
-    else:
-        log.info("features: loaded from cache (no backbone time)")
-    if not texts:
-        return torch.empty(0, 0), {"features": "cache", "backbone_seconds": 0.0}
-    out = torch.stack([index[h] for h in hashes])
+    log.info("features: %d texts embedded in %.1f s, the rest cached", embedded, seconds)
     n_unique = len(set(hashes))
-    state = "computed" if len(missing) == n_unique else "partly cached"
-    state = "cache" if not missing else state
-    return out, {
-        "features": state,
+    state = "computed" if embedded == n_unique else "partly cached"
+    info = {
+        "features": "cache" if not embedded else state,
         "backbone_seconds": round(seconds, 3),
-        "embedded": len(missing),
-        "cached": n_unique - len(missing),
+        "embedded": embedded,
+        "cached": n_unique - embedded,
         "store": str(store.dir),
     }
+    if not texts:
+        return torch.empty(0, 0), info
+    return torch.stack([index[h] for h in hashes]), info
+
+
+def _tail_from_head(
+    missing: dict[str, str],
+    spec: EncoderSpec,
+    root: Path,
+    store: FeatureStore,
+    index: dict[str, torch.Tensor],
+    progress: bool,
+    desc: str,
+) -> tuple[float, int, bool]:
+    """Texts that fit in ``max_length`` tokens have the same head and tail features: take them
+    from (or compute them into) the head store and drop them from ``missing``.
+
+    Returns (backbone seconds, texts embedded, whether a shard was written).
+    """
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    source, local_only, _ = resolve_backbone(spec.backbone)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError):
+        return 0.0, 0, False  # the encoder reports the problem
+    hashes = list(missing)
+    lengths = [len(ids) for ids in tokenizer([missing[h] for h in hashes])["input_ids"]]
+    short = [h for h, n in zip(hashes, lengths, strict=True) if n <= spec.max_length]
+    if not short:
+        return 0.0, 0, False
+    head = replace(spec, truncation=Truncation.HEAD)
+    feats, info = embed_texts([missing[h] for h in short], head, root, progress=progress, desc=desc)
+    store.write_shard(short, feats)
+    index.update(zip(short, feats, strict=True))
+    for h in short:
+        del missing[h]
+    return info["backbone_seconds"], info["embedded"], True
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

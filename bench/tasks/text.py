@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bench.data import text_sources as ts
-from bench.data.features import DEFAULT_BACKBONE, EncoderSpec, Pooling, embed_texts
+from bench.data.features import DEFAULT_BACKBONE, EncoderSpec, Pooling, Truncation, embed_texts
 from bench.errors import BenchError
 from bench.options import option
 from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
@@ -29,6 +29,17 @@ from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
 SPLIT_SEED = 20240613  # train/val/test splits are fixed, independent of the run seed
 SUBSAMPLE_SEED = SPLIT_SEED + 1  # which OOD / shift texts are kept
 SMOKE = {"train": 200, "val": 100, "test": 100, "other": 100}
+
+
+class TextTruncation(str, enum.Enum):
+    """Which part of a text longer than ``max_length`` tokens is embedded."""
+
+    HEAD = "head"
+    """The first tokens."""
+    TAIL = "tail"
+    """The last tokens (reviews tend to end with their verdict)."""
+    HEAD_TAIL = "head+tail"
+    """The mean of the head and tail embeddings (head+tail truncation, Sun et al. 2019)."""
 
 
 class ImdbSource(str, enum.Enum):
@@ -51,6 +62,9 @@ class TextOptions:
         "encoder: the bundled default, a hub id (needs the hub) or a local model directory",
     )
     max_length: int = option(128, "tokens kept per text (the rest is cut)", min=8, max=512)
+    truncation: TextTruncation = option(
+        TextTruncation.TAIL, "which tokens of a longer text are embedded"
+    )
     pooling: Pooling = option(Pooling.MEAN, "how token states become one vector per text")
     normalize: bool = option(
         True, "L2-normalise pooled embeddings (all-MiniLM-L6-v2's own pipeline does)"
@@ -183,9 +197,15 @@ class TextTask(Task):
         """(train/val/test, shift sets with labels, OOD sets, info); implemented per task."""
         raise NotImplementedError
 
-    def encoder_spec(self) -> EncoderSpec:
+    def encoder_specs(self) -> list[EncoderSpec]:
         o = self.options
-        return EncoderSpec(o.backbone, o.max_length, Pooling(o.pooling), o.embed_batch_size)
+        sides = {
+            TextTruncation.HEAD: [Truncation.HEAD],
+            TextTruncation.TAIL: [Truncation.TAIL],
+            TextTruncation.HEAD_TAIL: [Truncation.HEAD, Truncation.TAIL],
+        }[TextTruncation(o.truncation)]
+        pooling = Pooling(o.pooling)
+        return [EncoderSpec(o.backbone, o.max_length, pooling, o.embed_batch_size, t) for t in sides]
 
     def load(self) -> TaskData:
         from bench.training import cache_root  # lazy: bench.training imports bench.tasks
@@ -202,8 +222,21 @@ class TextTask(Task):
         named += [(f"shift/{k}", v) for k, v in shift.items()]
         named += [(f"ood/{k}", v) for k, v in ood.items()]
         texts = [t for _, s in named for t in s.texts]
-        spec = self.encoder_spec()
-        feats, feat_info = embed_texts(texts, spec, cache_root(), desc=f"{self.name}: embed")
+        specs = self.encoder_specs()
+        parts, infos = [], []
+        for spec in specs:
+            desc = f"{self.name}: embed ({Truncation(spec.truncation).value})"
+            f, i = embed_texts(texts, spec, cache_root(), desc=desc)
+            parts.append(f)
+            infos.append(i)
+        feats = torch.stack(parts).mean(0)
+        embedded, cached = sum(i["embedded"] for i in infos), sum(i["cached"] for i in infos)
+        feat_info = {
+            "features": "cache" if not embedded else ("partly cached" if cached else "computed"),
+            "backbone_seconds": round(sum(i["backbone_seconds"] for i in infos), 3),
+            "embedded": embedded,
+            "cached": cached,
+        }
         if feat_info["features"] == "cache":
             _say("features: loaded from cache (no backbone time)")
         else:
@@ -239,6 +272,7 @@ class TextTask(Task):
                 "backbone": spec.backbone,
                 "max_length": spec.max_length,
                 "pooling": Pooling(spec.pooling).value,
+                "truncation": TextTruncation(self.options.truncation).value,
                 "normalize": self.options.normalize,
                 "feature_dim": int(feats.shape[1]),
                 "features": feat_info["features"],
