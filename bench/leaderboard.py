@@ -51,6 +51,7 @@ def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], l
         mem = record["memory"]
         flat["memory/peak_mib"] = max(mem["fit_peak_bytes"], mem["predict_peak_bytes"]) / 2**20
         flat["seed"] = record["seed"]
+        flat["subset"] = record.get("data", {}).get("evaluated_subsets", {}).get("test", 0)
         table[record["task"]][record["method"]].append(flat)
     return table, failed
 
@@ -118,6 +119,9 @@ def render(table: dict[str, dict[str, list[dict[str, float]]]], failed: list[dic
             rows.append(row)
         md += [f"## {task}", "", tabulate(rows, headers=["method", "n", *[c[0] for c in cols]],
                                           tablefmt="github", disable_numparse=True), ""]
+        capped = sorted({(m, int(r["subset"])) for m, rs in runs.items() for r in rs if r.get("subset")})
+        md += [f"- {m}: evaluated on a fixed seeded subset of {k} inputs per evaluation set (its cost cap)."
+               for m, k in capped] + ([""] if capped else [])
     if failed:
         md += ["## Failed runs", ""]
         md += [f"- {r['task']} / {r['method']} / seed {r['seed']}: {r.get('error', '?')}" for r in failed]

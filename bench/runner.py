@@ -191,12 +191,27 @@ def run(config: RunConfig) -> dict[str, Any]:
     member_train_s = cache.trained_seconds - map_train_s
 
     seed_everything(derive_seed(config.seed, "predict"))
-    x_test, y_test = data.test.tensors
+    limit = getattr(method, "eval_limit", None)
+    subsets: dict[str, int] = {}
+
+    def subset(name: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A fixed subset (same for every seed and method) when the method caps its inputs."""
+        if limit is None or len(tensors[0]) <= limit:
+            return tensors
+        pick = torch.randperm(len(tensors[0]), generator=torch.Generator().manual_seed(derive_seed(0, name)))
+        pick = pick[:limit].sort().values
+        subsets[name] = int(limit)
+        return tuple(t[pick] for t in tensors)
+
+    x_test, y_test = subset("test", *data.test.tensors)
     with measure(device) as pred_time:
         test_pred = _predict(method, x_test)
     with measure(device) as rest_time:
-        ood_preds = {name: _predict(method, x) for name, x in data.ood.items()}
-        shift_preds = {name: (_predict(method, ds.tensors[0]), ds.tensors[1]) for name, ds in data.shift.items()}
+        ood_preds = {name: _predict(method, subset(f"ood/{name}", x)[0]) for name, x in data.ood.items()}
+        shift_preds = {}
+        for name, ds in data.shift.items():
+            xs, ys = subset(f"shift/{name}", *ds.tensors)
+            shift_preds[name] = (_predict(method, xs), ys)
 
     metrics = evaluate(
         test_pred.probs, y_test, test_pred.scores,
@@ -218,7 +233,7 @@ def run(config: RunConfig) -> dict[str, Any]:
             "recipe": dataclasses.asdict(cache.recipe),
             "device_requested": config.device,
         },
-        "data": {"sizes": data.sizes(), **data.info},
+        "data": {"sizes": data.sizes(), "evaluated_subsets": subsets, **data.info},
         "method_summary": method.summary(),
         "metrics": metrics,
         "timings": {

@@ -153,3 +153,28 @@ def test_spec_string_options_name_the_results_folder(tmp_path: Path) -> None:
     assert main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits(hidden=12)",
                  "--out", str(tmp_path), "--quiet"]) == 0
     assert (tmp_path / "runs" / "tiny-digits@hidden=12" / "map" / "seed0.json").exists()
+
+
+def test_capped_method_is_evaluated_on_a_fixed_recorded_subset(tmp_path: Path) -> None:
+    plugin = tmp_path / "capped.py"
+    plugin.write_text(textwrap.dedent('''
+        from bench.method_api import register_method
+        from methods.map import MAP
+
+        @register_method("capped-map")
+        class Capped(MAP):
+            """MAP that accepts at most 50 inputs per call, like per-input RegVar."""
+            eval_limit = 50
+            def predict(self, x):
+                assert len(x) <= 50
+                return super().predict(x)
+    '''))
+    for seed in ("0", "1"):
+        assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", "capped-map",
+                     "--task", "tiny-digits", "--out", str(tmp_path), "--quiet", "--seed", seed]) == 0
+    runs = tmp_path / "runs" / "tiny-digits" / "capped-map"
+    record = json.loads((runs / "seed0.json").read_text())
+    assert record["data"]["evaluated_subsets"] == {"test": 50, "ood/shuffled": 50, "shift/noisy": 50}
+    with np.load(runs / "seed0.npz") as a, np.load(runs / "seed1.npz") as b:
+        assert a["test/probs"].shape == (50, 10)
+        assert np.array_equal(a["test/labels"], b["test/labels"])  # same subset for every seed
