@@ -75,14 +75,48 @@ def test_hf_imdb_falls_back_quietly_when_offline(tmp_path, monkeypatch):
     assert ts.read_hf_imdb() is None
 
 
-def test_hf_imdb_failure_inside_datasets_falls_back(tmp_path, monkeypatch):
-    """A cache directory that ``datasets`` cannot use still ends in a quiet None."""
+@pytest.fixture
+def offline_hf(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    (tmp_path / "datasets" / "stanfordnlp___imdb").mkdir(parents=True)
+    for var in ("HF_DATASETS_CACHE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(ts, "hub_reachable", lambda timeout=2.0: False)
+    return tmp_path
+
+
+def test_unusable_hf_cache_falls_back_quietly(offline_hf):
+    (offline_hf / "datasets" / "stanfordnlp___imdb").mkdir(parents=True)
     assert ts.read_hf_imdb() is None
+
+
+SPLITS = {
+    "train": {"text": ["good one", "bad one"], "label": [1, 0]},
+    "test": {"text": ["fine film"], "label": [1]},
+}
+
+
+def test_hf_prepared_arrow_cache_is_read_offline(offline_hf, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    target = offline_hf / "datasets" / "stanfordnlp___imdb" / "plain_text" / "0.0.0" / "abc"
+    target.mkdir(parents=True)
+    for split, columns in SPLITS.items():
+        datasets.Dataset.from_dict(columns).save_to_disk(tmp_path / f"saved-{split}")
+        arrow = next((tmp_path / f"saved-{split}").glob("*.arrow"))
+        arrow.rename(target / f"imdb-{split}.arrow")
+    data = ts.read_hf_imdb()
+    assert data is not None and data.source == "huggingface:stanfordnlp/imdb"
+    assert data.texts == ["good one", "bad one", "fine film"] and data.labels == [1, 0, 1]
+
+
+def test_hf_hub_parquet_cache_is_read_offline(offline_hf):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("datasets")
+    snap = offline_hf / "hub" / "datasets--stanfordnlp--imdb" / "snapshots" / "rev" / "plain_text"
+    snap.mkdir(parents=True)
+    for split, columns in SPLITS.items():
+        pd.DataFrame(columns).to_parquet(snap / f"{split}-00000-of-00001.parquet")
+    data = ts.read_hf_imdb()
+    assert data is not None and data.labels == [1, 0, 1]
 
 
 @pytest.mark.parametrize("size", [3, 50])

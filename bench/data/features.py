@@ -310,7 +310,8 @@ def _tail_from_head(
     except (OSError, ValueError):
         return 0.0, 0, False  # the encoder reports the problem
     hashes = list(missing)
-    lengths = [len(ids) for ids in tokenizer([missing[h] for h in hashes])["input_ids"]]
+    ids = tokenizer([missing[h] for h in hashes], verbose=False)["input_ids"]  # lengths only
+    lengths = [len(i) for i in ids]
     short = [h for h, n in zip(hashes, lengths, strict=True) if n <= spec.max_length]
     if not short:
         return 0.0, 0, False

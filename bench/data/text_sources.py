@@ -128,27 +128,62 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     return True
 
 
-def _hf_cached(repo: str) -> bool:
-    """Whether the datasets or hub cache holds anything for dataset ``repo``."""
+def _hf_cache_dirs(repo: str) -> tuple[Path, Path]:
+    """Where ``datasets`` (prepared arrow files) and the hub (raw parquet) cache ``repo``."""
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
     hub_cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
     owner, name = repo.split("/")
-    return (datasets_cache / f"{owner}___{name}").is_dir() or (
-        hub_cache / f"datasets--{owner}--{name}"
-    ).is_dir()
+    return datasets_cache / f"{owner}___{name}", hub_cache / f"datasets--{owner}--{name}"
+
+
+def _hf_cached(repo: str) -> bool:
+    """Whether the datasets or hub cache holds anything for dataset ``repo``."""
+    return any(d.is_dir() for d in _hf_cache_dirs(repo))
+
+
+def _cached_split_files(split: str) -> tuple[str, list[Path]] | None:
+    """The newest cached files of one IMDB split: ("arrow" | "parquet", paths), or None."""
+    prepared, raw = _hf_cache_dirs(HF_IMDB)
+    arrow = sorted(prepared.glob(f"plain_text/*/*/imdb-{split}*.arrow"), key=os.path.getmtime)
+    if arrow:
+        newest = arrow[-1].parent
+        return "arrow", sorted(newest.glob(f"imdb-{split}*.arrow"))
+    parquet = sorted(raw.glob(f"snapshots/*/plain_text/{split}-*.parquet"), key=os.path.getmtime)
+    if parquet:
+        newest = parquet[-1].parent
+        return "parquet", sorted(newest.glob(f"{split}-*.parquet"))
+    return None
 
 
 def read_hf_imdb(timeout: float = 2.0) -> TextSet | None:
-    """IMDB train+test from the Hugging Face cache or hub; None (quietly) if neither works."""
-    if not (_hf_cached(HF_IMDB) or hub_reachable(timeout)):
+    """IMDB train+test from the Hugging Face hub or, offline, its local caches; None (quietly)
+    if neither works.
+
+    Offline, the cached files are read directly: ``load_dataset`` would first retry the hub
+    for ~20 s when ``huggingface_hub`` was imported before ``HF_HUB_OFFLINE`` could be set.
+    """
+    online = hub_reachable(timeout)
+    if not (online or _hf_cached(HF_IMDB)):
         return None
+    texts: list[str] = []
+    labels: list[int] = []
     try:
         import datasets  # Hugging Face datasets; optional
 
-        texts, labels = [], []
         for split in ("train", "test"):
-            ds = datasets.load_dataset(HF_IMDB, split=split)
+            if online:
+                ds = datasets.load_dataset(HF_IMDB, split=split)
+            else:
+                found = _cached_split_files(split)
+                if found is None:
+                    raise FileNotFoundError(f"no cached {split} split")
+                kind, files = found
+                if kind == "arrow":
+                    parts = [datasets.Dataset.from_file(str(f)) for f in files]
+                    ds = datasets.concatenate_datasets(parts)
+                else:
+                    ds = datasets.Dataset.from_parquet([str(f) for f in files])
             texts.extend(ds["text"])
             labels.extend(int(v) for v in ds["label"])
     except Exception as exc:  # noqa: BLE001 - any failure means "not available here"

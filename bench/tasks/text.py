@@ -29,6 +29,7 @@ from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
 SPLIT_SEED = 20240613  # train/val/test splits are fixed, independent of the run seed
 SUBSAMPLE_SEED = SPLIT_SEED + 1  # which OOD / shift texts are kept
 SMOKE = {"train": 200, "val": 100, "test": 100, "other": 100}
+SMOKE_MAX_LENGTH = 64  # smoke runs embed ~1,100 texts from scratch; shorter inputs halve that
 
 
 class TextTruncation(str, enum.Enum):
@@ -63,7 +64,7 @@ class TextOptions:
     )
     max_length: int = option(128, "tokens kept per text (the rest is cut)", min=8, max=512)
     truncation: TextTruncation = option(
-        TextTruncation.TAIL, "which tokens of a longer text are embedded"
+        TextTruncation.HEAD_TAIL, "which tokens of a longer text are embedded"
     )
     pooling: Pooling = option(Pooling.MEAN, "how token states become one vector per text")
     normalize: bool = option(
@@ -205,7 +206,8 @@ class TextTask(Task):
             TextTruncation.HEAD_TAIL: [Truncation.HEAD, Truncation.TAIL],
         }[TextTruncation(o.truncation)]
         pooling = Pooling(o.pooling)
-        return [EncoderSpec(o.backbone, o.max_length, pooling, o.embed_batch_size, t) for t in sides]
+        length = min(o.max_length, SMOKE_MAX_LENGTH) if self.smoke else o.max_length
+        return [EncoderSpec(o.backbone, length, pooling, o.embed_batch_size, t) for t in sides]
 
     def load(self) -> TaskData:
         from bench.training import cache_root  # lazy: bench.training imports bench.tasks
