@@ -138,9 +138,11 @@ def regvar_variance(
     difference: Difference = Difference.CENTRAL,
     query_batch: int = 32,
     checkpoints: tuple[int, ...] = (),
+    stats: dict[str, int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """σ² for every query (N), read-out (K) and λ (L): {step: (N, K, L)} at each checkpoint
-    and at ``settings.steps`` (the final value). All fits start from ``fm.theta0``."""
+    and at ``settings.steps`` (the final value). All fits start from ``fm.theta0``.
+    ``stats["stalled_fits"]`` accumulates L-BFGS fits that stopped without an acceptable step."""
     if any(lam <= 0 for lam in lams):
         raise BenchError("RegVar needs λ > 0 (option lam)")
     n_q, k_out, _ = weights.shape
@@ -181,6 +183,8 @@ def regvar_variance(
                 read[step][sl] = (fm.stacked_logits(thetas, xq) * wq).sum(1).cpu()
 
         solve(objective, theta0, settings, checkpoints, record)
+        if stats is not None:
+            stats["stalled_fits"] = stats.get("stalled_fits", 0) + objective.stats["stalled"]
     out = {}
     denom = (lam_t * (2.0 if difference is Difference.CENTRAL else 1.0)).cpu()
     for step, g in read.items():
@@ -199,6 +203,7 @@ class RegVar(Method):
         super().__init__(options)
         self.fm: FlatModel | None = None
         self.info: dict[str, Any] = {}
+        self.stats: dict[str, int] = {"stalled_fits": 0}
         self.scale = 1.0
 
     @property
@@ -290,6 +295,7 @@ class RegVar(Method):
             o.difference,
             o.query_batch,
             checkpoints,
+            self.stats,
         )
         return {k: v[..., 0] for k, v in var.items()}  # (N, K)
 
@@ -316,7 +322,7 @@ class RegVar(Method):
         return Prediction(probs.float(), {"variance": var.mean(1).float()})
 
     def summary(self) -> dict[str, Any]:
-        return dict(self.info)
+        return {**self.info, **self.stats}
 
 
 def split_last_linear(

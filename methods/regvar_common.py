@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from bench.errors import BenchError
 
@@ -183,6 +183,7 @@ class StackedObjective:
     def __init__(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, reg: Regularizer) -> None:
         self.fm, self.x, self.y, self.wd, self.reg = fm, x, y, weight_decay, reg
         self.n = len(x)
+        self.stats = {"stalled": 0}  # copies whose L-BFGS line search found no acceptable step
         amortized = reg.queries is None
 
         def data_term(theta: torch.Tensor, coef: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -198,32 +199,39 @@ class StackedObjective:
                 return prior
             return prior - coef / self.n * (wq * fm(theta, xq[None])[0]).sum()
 
-        self._data_grad = vmap(grad(data_term), in_dims=(0, 0, None, None))
-        self._extra_grad = vmap(grad(extra_term), in_dims=(0, 0, 0, 0))
+        self._data = vmap(grad_and_value(data_term), in_dims=(0, 0, None, None))
+        self._extra = vmap(grad_and_value(extra_term), in_dims=(0, 0, 0, 0))
 
-    def _extra(self, thetas: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        coef = self.reg.coef if idx is None else self.reg.coef[idx]
-        if self.reg.queries is None:
+    def _extra_term(self, thetas: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        coef = self.reg.coef if rows is None else self.reg.coef[rows]
+        if self.reg.queries is None or self.reg.weights is None:
             dummy = torch.zeros(len(thetas), 1, dtype=thetas.dtype, device=thetas.device)
-            return self._extra_grad(thetas, coef, dummy, dummy)
+            return self._extra(thetas, coef, dummy, dummy)
         q, w = self.reg.queries, self.reg.weights
-        if idx is not None:
-            q, w = q[idx], w[idx]
-        return self._extra_grad(thetas, coef, q, w)
+        if rows is not None:
+            q, w = q[rows], w[rows]
+        return self._extra(thetas, coef, q, w)
 
-    def minibatch_grad(self, thetas: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        coef = self.reg.coef if idx is None else self.reg.coef[idx]
-        g = self._data_grad(thetas, coef, self.x[rows], self.y[rows])
-        return g + self._extra(thetas, idx)
+    def minibatch_grad(self, thetas: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Gradient of every copy's loss on the training rows ``rows`` (Q, D)."""
+        g, _ = self._data(thetas, self.reg.coef, self.x[rows], self.y[rows])
+        return g + self._extra_term(thetas)[0]
 
-    def full_grad(self, thetas: torch.Tensor, chunk: int, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact gradient of the full-batch objective, accumulated over data chunks."""
-        coef = self.reg.coef if idx is None else self.reg.coef[idx]
-        g = self._extra(thetas, idx)
+    def full_grad_value(
+        self, thetas: torch.Tensor, chunk: int, copies: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact full-batch gradient (Q, D) and loss (Q,), accumulated over data chunks;
+        ``thetas`` holds the copies listed in ``copies`` (default: all of them)."""
+        coef = self.reg.coef if copies is None else self.reg.coef[copies]
+        g, v = self._extra_term(thetas, copies)
         for i in range(0, self.n, chunk):
             xb, yb = self.x[i : i + chunk], self.y[i : i + chunk]
-            g = g + (len(xb) / self.n) * self._data_grad(thetas, coef, xb, yb)
-        return g
+            gb, vb = self._data(thetas, coef, xb, yb)
+            g, v = g + (len(xb) / self.n) * gb, v + (len(xb) / self.n) * vb
+        return g, v
+
+    def full_grad(self, thetas: torch.Tensor, chunk: int) -> torch.Tensor:
+        return self.full_grad_value(thetas, chunk)[0]
 
 
 Callback = Callable[[int, torch.Tensor], None]
@@ -289,16 +297,19 @@ def batched_lbfgs(
     tensor it would share one history and one step length between unrelated fits. Each copy
     keeps its own curvature pairs (a pair with sᵀy ≤ 0 gets ρ = 0 and is inert).
 
-    The line search uses gradients only (the loss changes by O(λ²), below float32 resolution of
-    the loss value): the step t = 1 along the quasi-Newton direction is kept when the strong
-    Wolfe curvature condition |φ'(t)| ≤ 0.9·|φ'(0)| holds, else t moves to the secant root of
-    φ' (exact on quadratics), at most 4 trials. A copy stops when ‖g‖∞ ≤ rtol·‖g₀‖∞ (scaled by
-    its initial gradient) or after ``steps`` iterations.
+    Line search, per copy, from t = 1 along the quasi-Newton direction d: a trial is accepted
+    when it satisfies the strong Wolfe curvature condition |φ'(t)| ≤ 0.9·|φ'(0)| and the Armijo
+    condition φ(t) ≤ φ(0) + 1e-4·t·φ'(0) + ε (ε: 8 ulps of φ(0), because near a converged MAP
+    the loss changes by O(λ²), below float32 resolution, and only gradients are informative).
+    A failed Armijo test halves t; a failed curvature test moves t to the secant root of φ'
+    (exact on quadratics). After 8 trials the accepted trial with the smallest |φ'| is taken; a
+    copy with none stops where it is (counted in ``objective.stats``). A copy also stops when
+    ‖g‖∞ ≤ rtol·‖g₀‖∞ (relative to its initial gradient) or after ``steps`` iterations.
     """
     x = theta0.clone()
     q_count, dim = x.shape
     chunk = max(1, settings.batch_size)
-    g = objective.full_grad(x, chunk)
+    g, f = objective.full_grad_value(x, chunk)
     gtol = settings.rtol * g.abs().amax(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
     m = settings.history
     s_hist = x.new_zeros(m, q_count, dim)
@@ -331,22 +342,33 @@ def batched_lbfgs(
             d[bad] = -g[bad] * active[bad, None]
             dphi0 = (g * d).sum(1)
         t = torch.ones(q_count, dtype=x.dtype, device=x.device)
-        best_t, best_g = t.clone(), None
+        best_t, best_g, best_f = torch.zeros_like(t), g.clone(), f.clone()
         best_abs = torch.full_like(t, float("inf"))
-        for _trial in range(4):
-            g_new = objective.full_grad(x + t[:, None] * d, chunk)
+        slack = 8 * torch.finfo(x.dtype).eps * f.abs()
+        searching = active.clone()
+        for _trial in range(8):
+            # Only the copies still searching are evaluated (converged ones cost nothing).
+            rows = searching.nonzero().squeeze(1)
+            g_r, f_r = objective.full_grad_value(x[rows] + t[rows, None] * d[rows], chunk, rows)
+            g_new, f_new = g.clone(), f.clone()
+            g_new[rows], f_new[rows] = g_r, f_r
             dphi = (g_new * d).sum(1)
-            better = dphi.abs() < best_abs
+            armijo = searching & (f_new <= f + 1e-4 * t * dphi0 + slack)
+            better = armijo & (dphi.abs() < best_abs)
             best_abs = torch.where(better, dphi.abs(), best_abs)
             best_t = torch.where(better, t, best_t)
-            best_g = g_new if best_g is None else torch.where(better[:, None], g_new, best_g)
-            ok = dphi.abs() <= 0.9 * dphi0.abs()
-            if bool((ok | ~active).all()):
+            best_g = torch.where(better[:, None], g_new, best_g)
+            best_f = torch.where(better, f_new, best_f)
+            ok = armijo & (dphi.abs() <= 0.9 * dphi0.abs())
+            searching = searching & ~ok
+            if not bool(searching.any()):
                 break
             denom = dphi0 - dphi  # positive when the curvature along d is positive
             secant = torch.where(denom > 0, t * dphi0 / denom.where(denom > 0, torch.ones_like(denom)), 4.0 * t)
-            t = torch.where(ok, t, secant.clamp(0.01 * t, 100.0 * t))
-        assert best_g is not None
+            t = torch.where(searching, torch.where(armijo, secant.clamp(0.01 * t, 100.0 * t), 0.5 * t), t)
+        moved = best_t > 0
+        objective.stats["stalled"] += int((active & ~moved).sum())
+        active = active & moved
         step = best_t[:, None] * d
         y_vec = best_g - g
         sy = (step * y_vec).sum(1)
@@ -359,6 +381,7 @@ def batched_lbfgs(
         stored += 1
         x = x + step * active[:, None]
         g = torch.where(active[:, None], best_g, g)
+        f = torch.where(active, best_f, f)
         active = active & (g.abs().amax(dim=1) > gtol)
         if callback is not None and it in checkpoints:
             callback(it, x)

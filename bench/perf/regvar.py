@@ -8,10 +8,14 @@
    query at a time (a loop calling the same estimator with one query), same optimizer, steps,
    λ and data order. Target: batched ≥ 10× faster per query.
 
-The network is the task's model (``--model task``) on its random initial weights, or its small
-fidelity model (``--model small``); timings do not depend on the weights. Optimizer, precision
-and steps follow the method's defaults resolved for that model and training-set size unless
-``--steps`` / ``--optimizer`` say otherwise.
+The network is the task's model with the harness's cached MAP checkpoint (else its initial
+weights), or its small fidelity model (``--model small``) fitted by float64 L-BFGS on the first
+``--train-size`` training points. Optimizer and precision
+follow the method's defaults resolved for that model and training-set size (``--optimizer``
+overrides); the number of fit steps is ``--steps`` (default 20, the same in both arms: the time
+per step is what batching changes). ``max_rel_diff_batched_vs_loop`` checks that both arms
+compute the same estimates (identical in float64; in float32 the vmapped and single kernels
+round differently, which a fit far from its optimum can amplify).
 """
 
 from __future__ import annotations
@@ -36,18 +40,33 @@ from methods.regvar_common import FlatModel, Optimizer, SolverSettings, resolve,
 
 
 def _setup(
-    task_name: str, smoke: bool, model_kind: str, seed: int, device: torch.device
-) -> tuple[Any, TaskData, torch.nn.Module]:
+    task_name: str, smoke: bool, model_kind: str, seed: int, device: torch.device, train_size: int | None
+) -> tuple[Any, TaskData, torch.nn.Module, str]:
+    """Task, data (training set cut to ``train_size``) and a MAP network with its provenance:
+    the harness's cached checkpoint for the task's model (else its initial weights), or the
+    small model fitted by float64 L-BFGS on the training subset (as ``bench fidelity`` does)."""
+    from bench.fidelity import train_to_convergence
     from bench.tasks import TASKS
+    from bench.training import checkpoint_path, load_state
 
     task = TASKS.get(task_name)(smoke=smoke)
     data = task.load()
+    if train_size:
+        x, y = data.train.tensors
+        data = replace(data, train=TensorDataset(x[:train_size], y[:train_size]))
     torch.manual_seed(seed)
     if model_kind == "small":
         model = task.make_small_model(data.num_classes)
+        fm = FlatModel(model, torch.float64, torch.device("cpu"))
+        x, y = data.train.tensors
+        theta, _ = train_to_convergence(fm, x.double(), y, task.recipe().weight_decay, max_iter=300)
+        torch.nn.utils.vector_to_parameters(theta.float(), [p for p in model.parameters() if p.requires_grad])
+        weights = f"L-BFGS MAP (300 iterations) on {len(x)} training points"
     else:
         model = task.make_model(data.num_classes)
-    return task, data, model.to(device).eval()
+        path = checkpoint_path(task.cache_key(), task.recipe(), seed)
+        weights = f"cached MAP checkpoint {path}" if load_state(model, path) else "initial weights (no cached MAP)"
+    return task, data, model.to(device).eval(), weights
 
 
 def amortized_vs_map(
@@ -101,6 +120,7 @@ def batched_vs_loop(
     n_queries: int,
     steps: int | None,
     optimizer: str | None,
+    query_batch: int = 0,
 ) -> dict[str, Any]:
     o = RegVarOptions()
     n_train = len(data.train)
@@ -114,18 +134,19 @@ def batched_vs_loop(
     w = output_weights(fm.logits(fm.theta0, queries).cpu(), o.output)
 
     def estimate(q: slice, batch: int) -> torch.Tensor:
-        return regvar_variance(
-            fm, x_train, y_train, wd, queries[q], w[q], (o.lam,), settings, o.difference, batch
-        )[settings.steps]
+        return regvar_variance(fm, x_train, y_train, wd, queries[q], w[q], (o.lam,), settings, o.difference, batch)[
+            settings.steps
+        ]
 
     estimate(slice(0, 1), 1)  # warm-up
     with measure(device) as b:
-        batched = estimate(slice(0, n_queries), max(o.query_batch, 2 * n_queries))
+        batched = estimate(slice(0, n_queries), query_batch or 2 * n_queries)
     with measure(device) as s:
         single = torch.cat([estimate(slice(i, i + 1), 1) for i in range(n_queries)])
     agree = float(((batched - single).abs() / batched.abs().clamp_min(1e-12)).max())
     return {
         "queries": n_queries,
+        "query_batch": query_batch or 2 * n_queries,
         "optimizer": opt.value,
         "dtype": str(dtype).removeprefix("torch."),
         "steps": settings.steps,
@@ -143,29 +164,26 @@ def batched_vs_loop(
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench perf regvar", description=__doc__.split("\n")[0])
     p.add_argument("--task", default="fashion-mnist")
-    p.add_argument(
-        "--smoke", action="store_true", help="the task's smoke data (2k training images)"
-    )
+    p.add_argument("--smoke", action="store_true", help="the task's smoke data (2k training images)")
     p.add_argument("--model", choices=("task", "small"), default="task")
     p.add_argument("--device", default="cpu")
     p.add_argument("--inputs", type=int, default=2000, help="inputs for the prediction timing")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fit-steps", type=int, default=5, help="amortized fine-tune steps (timing only)")
+    p.add_argument("--queries", type=int, default=8, help="queries for the batched-vs-loop timing")
+    p.add_argument("--steps", type=int, default=20, help="fit steps per query (0: the method's)")
     p.add_argument(
-        "--fit-steps", type=int, default=5, help="amortized fine-tune steps (timing only)"
-    )
-    p.add_argument("--queries", type=int, default=16, help="queries for the batched-vs-loop timing")
-    p.add_argument(
-        "--steps", type=int, default=None, help="fit steps per query (default: method's)"
+        "--query-batch",
+        type=int,
+        default=0,
+        help="fits per vmapped stack in the batched arm (0: all queries in one stack)",
     )
     p.add_argument("--train-size", type=int, default=None, help="use the first N training points")
     p.add_argument("--optimizer", choices=[o.value for o in Optimizer], default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device = select_device(args.device)
-    task, data, model = _setup(args.task, args.smoke, args.model, 0, device)
-    if args.train_size:
-        x, y = data.train.tensors
-        data = replace(data, train=TensorDataset(x[: args.train_size], y[: args.train_size]))
+    task, data, model, weights = _setup(args.task, args.smoke, args.model, 0, device, args.train_size)
     out: dict[str, Any] = {
         "task": args.task,
         "smoke": args.smoke,
@@ -173,12 +191,18 @@ def main(argv: list[str]) -> int:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "weights": weights,
     }
-    out["amortized_vs_map"] = amortized_vs_map(
-        task, data, model, device, args.inputs, args.fit_steps, args.repeats
-    )
+    out["amortized_vs_map"] = amortized_vs_map(task, data, model, device, args.inputs, args.fit_steps, args.repeats)
     out["per_input_batched_vs_loop"] = batched_vs_loop(
-        data, model, device, task.recipe().weight_decay, args.queries, args.steps, args.optimizer
+        data,
+        model,
+        device,
+        task.recipe().weight_decay,
+        args.queries,
+        args.steps,
+        args.optimizer,
+        args.query_batch,
     )
     if args.json:
         print(json.dumps(out, indent=1))
