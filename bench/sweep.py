@@ -35,6 +35,23 @@ def _seeds(text: str) -> list[int]:
         raise BenchError(f"bad --seeds {text!r}; write integers separated by commas, e.g. 0,1,2") from None
 
 
+def _applicable(settings: dict[str, str], method: str, task: str) -> dict[str, str]:
+    """In a sweep, ``--set k=v`` applies to the methods and tasks that declare ``k``."""
+    import dataclasses
+
+    from bench.registry import parse_spec
+
+    m_fields = {f.name for f in dataclasses.fields(METHODS.get(parse_spec(method)[0]).Options)}
+    t_fields = {f.name for f in dataclasses.fields(TASKS.get(parse_spec(task)[0]).Options)}
+    out = {}
+    for key, value in settings.items():
+        scope, _, name = key.rpartition(".")
+        fields = m_fields if scope == "method" else t_fields if scope == "task" else m_fields | t_fields
+        if name in fields:
+            out[key] = value
+    return out
+
+
 def is_done(config: RunConfig) -> bool:
     """A result exists, succeeded, and was made with the same options and smoke flag."""
     json_path, npz_path = result_paths(config)
@@ -74,7 +91,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     base = RunConfig(method="", task="", device=args.device, out=args.out, smoke=args.smoke,
                      data_dir=args.data_dir, settings=settings, quiet=True)
-    grid = [replace(base, method=m, task=t, seed=s) for t in tasks for m in methods for s in seeds]
+    grid = [replace(base, method=m, task=t, seed=s, settings=_applicable(settings, m, t))
+            for t in tasks for m in methods for s in seeds]
+    used = set().union(*(c.settings for c in grid)) if grid else set()
+    if unused := sorted(set(settings) - used):
+        raise BenchError(f"--set {', '.join(unused)}: no method or task in this sweep has such an option")
     todo = [c for c in grid if args.force or not is_done(c)]
     reporter.log(f"sweep: {len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run")
     failures: list[tuple[RunConfig, str]] = []
