@@ -17,7 +17,8 @@ both targets, and the per-input estimator's error as a function of λ and of opt
 The per-input method's variance-scale tuning is off here (val_queries=0): it does not change
 the variance. Amortized RegVar tunes λ and its scale on validation NLL as usual; we report its
 raw variance and the tuned scale, and compare it with its own linear-response limit
-|J_k(x) Σ E_x'[Σ_j sign f_j(x') J_j(x')ᵀ]|/C too, both at the λ it chose and at λ = 0.01.
+|J_k(x) Σ E_x'[Σ_j sign f_j(x') J_j(x')ᵀ]|/C too, both at the λ it chose and at λ/n = 1e-5.
+λ values are per example (λ/n), as in the methods' options.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from methods.regvar_amortized import AmortizedOptions, RegVarAmortized
 from methods.regvar_common import FlatModel, SolverSettings, resolve
 
 DTYPE = torch.float64
-AMORTIZED_CHECK_LAM = 0.01
+AMORTIZED_CHECK_LAM = 1e-5
 
 
 class TinyCNN(nn.Sequential):
@@ -293,7 +294,7 @@ def run(
             wd,
             x_q[sub],
             w[sub],
-            sweep_lams,
+            tuple(lam * n for lam in sweep_lams),  # regvar_variance takes the log-joint λ
             settings,
             o.difference,
             o.query_batch,
@@ -325,6 +326,7 @@ def run(
         "regvar": {
             **compare(var_rv, target),
             **{k: per_input.summary()[k] for k in ("lam", "optimizer", "dtype", "steps", "difference")},
+            **{k: v for k, v in per_input.summary().items() if k.startswith("polish")},
         },
         "regvar-amortized": {
             **compare(var_am, target),
@@ -378,7 +380,7 @@ def main(argv: list[str]) -> int:
         default=1.0,
         help="n·wd on the log-joint scale (wd = this / n)",
     )
-    p.add_argument("--lams", default="1e-4|1e-3|1e-2|1e-1|1", help="λ values of the λ sweep")
+    p.add_argument("--lams", default="1e-7|1e-6|1e-5|1e-4|1e-3", help="λ/n values of the λ sweep")
     p.add_argument("--steps-grid", default=None, help="step counts of the steps sweep")
     p.add_argument("--sweep-queries", type=int, default=None, help="queries in the sweeps")
     args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)

@@ -4,8 +4,10 @@ For a query x*, refit the MAP with the prediction added to the log-joint,
 ``θ̂_λ = argmax L(θ) + λ·g(x*; θ)``, and read the variance as the change of the prediction per
 unit λ: ``σ²(x*) ≈ [g(x*; θ̂_λ) − g(x*; θ̂)] / λ``. As λ → 0 this is g'ᵀP⁻¹g', the linearized
 Laplace predictive variance with P the Hessian of the negative log-joint (the paper's
-Theorem 4.1). No Hessian is formed. The objective and the scale of λ are in
-``methods.regvar_common`` (mean cross-entropy + (wd/2)‖θ‖², prior precision n·wd).
+Theorem 4.1). No Hessian is formed. The objective is in ``methods.regvar_common`` (mean
+cross-entropy + (wd/2)‖θ‖², prior precision n·wd). Option ``lam`` is λ per example: the
+minimised mean loss gets the term −lam·g(x*), i.e. the paper's log-joint λ is lam·n; a given
+lam moves the parameters by the same amount whatever n (default 1e-5, see the fidelity sweep).
 
 Which output g is regularised (option ``output``) — for a C-class model the "prediction" is a
 vector of logits f, and we regularise one fixed linear read-out g = wᵀf per fit:
@@ -27,6 +29,14 @@ stationary point of the objective: refitting moves g even with λ = 0, and that 
 by a small λ swamps the variance. ``central`` (default) fits +λ and −λ with the same optimizer,
 steps and data order and takes [g(θ̂₊) − g(θ̂₋)]/(2λ): the drift cancels and so does the O(λ)
 bias. ``forward`` differences against a λ = 0 fit with the same optimizer, steps and data.
+With the full-batch L-BFGS solver the MAP is first continued to a stationary point θ₀ of the
+objective (option ``polish``: one λ = 0 fit shared by all queries; the summary records the
+gradient before and after and how far the logits moved): fits that start far from their optimum
+follow trajectories whose difference is not the λ effect. The variance is then the Laplace
+variance at θ₀, while the predictive mean stays the MAP network's logits. Minibatch solvers
+(adam, sgd) cannot polish; they rely on the ± pair sharing its data order, and with a fixed
+step budget they resolve only the directions of P that they converge in (see ``steps`` and the
+summary's ``rel_change_last_half``).
 
 Cost and the evaluated subset: each input costs one (``top``) or C pairs of fits. ``predict``
 computes the variance of every input it is given and refuses more than ``max_queries`` inputs
@@ -59,6 +69,7 @@ from methods.regvar_common import (
     Regularizer,
     SolverSettings,
     StackedObjective,
+    polish,
     probit_probs,
     resolve,
     solve,
@@ -99,7 +110,7 @@ class Difference(str, enum.Enum):
 
 @dataclass
 class RegVarOptions:
-    lam: float = option(1e-2, "λ on the log-joint scale (the loss term is λ·g(x*)/n)", min=0.0)
+    lam: float = option(1e-5, "λ/n: the loss term is −lam·g(x*) (the paper's λ is lam·n_train)", min=0.0)
     output: Output = option(Output.TOP, "regularised read-out of the logits")
     weights: Weights = option(Weights.ALL, "parameters refitted: all (the paper) or last-layer")
     difference: Difference = option(Difference.CENTRAL, "finite-difference scheme")
@@ -113,6 +124,7 @@ class RegVarOptions:
     query_batch: int = option(32, "fits solved together in one vmapped stack", min=1)
     max_queries: int = option(200, "most inputs per predict call (see eval_limit)", min=1)
     val_queries: int = option(100, "validation inputs for tuning the variance scale (0: s=1)", min=0)
+    polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
     full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
 
 
@@ -243,13 +255,18 @@ class RegVar(Method):
             "optimizer": opt.value,
             "dtype": str(dtype).removeprefix("torch."),
             "lam": o.lam,
+            "lam_joint": o.lam * n_train,
             "output": o.output.value,
             "weights": o.weights.value,
             "difference": o.difference.value,
             "steps": o.steps,
             "max_queries": o.max_queries,
         }
-        ctx.log(f"regvar: {dim} params, {opt.value}/{self.info['dtype']}, λ={o.lam}, output={o.output.value}")
+        ctx.log(f"regvar: {dim} params, {opt.value}/{self.info['dtype']}, λ/n={o.lam}, output={o.output.value}")
+        self.theta_map = self.fm.theta0.clone()
+        if opt is Optimizer.LBFGS and o.polish > 0:
+            self.fm.theta0, info = polish(self.fm, self.x_train, self.y_train, self.wd, self.settings, o.polish)
+            self.info.update(info)
         self.scale = 1.0
         if o.val_queries > 0:
             xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
@@ -257,7 +274,7 @@ class RegVar(Method):
             pick = torch.randperm(len(xv), generator=gen)[: o.val_queries]
             t0 = time.perf_counter()
             inputs = self._inputs(xv[pick])
-            logits = self.fm.logits(self.fm.theta0, inputs).cpu()
+            logits = self.fm.logits(self.theta_map, inputs).cpu()
             half = max(1, o.steps // 2)
             var = self._variance(inputs, logits, checkpoints=(half,))
             self.scale, val_nll = tune_scale(logits, self._probit_var(var[o.steps]), yv[pick])
@@ -290,7 +307,7 @@ class RegVar(Method):
             self.wd,
             x,
             w,
-            (o.lam,),
+            (o.lam * len(self.x_train),),
             self.settings,
             o.difference,
             o.query_batch,
@@ -316,7 +333,7 @@ class RegVar(Method):
                 "evaluate a subset"
             )
         inputs = self._inputs(x)
-        logits = self.fm.logits(self.fm.theta0, inputs).cpu()
+        logits = self.fm.logits(self.theta_map, inputs).cpu()
         var = self._variance(inputs, logits)[self.options.steps]
         probs = probit_probs(logits, self._probit_var(var), self.scale)
         return Prediction(probs.float(), {"variance": var.mean(1).float()})

@@ -19,7 +19,11 @@ MAP from AdamW is not a stationary point of the objective, any fine-tune drifts 
 divided by λ dominates (see regvar.md); ``central`` (default) fine-tunes +λ and −λ with the same
 optimizer, steps and data order and uses |f₊ − f₋|/2λ, with the predictive mean (f₊ + f₋)/2
 (the MAP refined by the same fine-tune, to O(λ²)); ``forward`` uses a λ = 0 fine-tune as the
-reference and its logits as the mean. Either way inference is two forward passes.
+reference and its logits as the mean. Either way inference is two forward passes. With the
+full-batch L-BFGS solver (small problems) the ``central``/``forward`` fine-tunes start from the
+MAP continued to a stationary point of the objective (option ``polish``, as in per-input RegVar).
+λ is per example (``lam_grid`` holds λ/n, the listing's coefficient of mean|f|; the paper's λ is
+λ/n·n, recorded as ``lam_joint``).
 The ``variance`` score is σ² of the predicted class's logit (as per-input RegVar's default);
 the predictive uses every logit's own σ²_k in the probit.
 """
@@ -45,6 +49,7 @@ from methods.regvar_common import (
     Regularizer,
     SolverSettings,
     StackedObjective,
+    polish,
     probit_probs,
     resolve,
     scale_nlls,
@@ -66,7 +71,9 @@ class Reference(str, enum.Enum):
 
 @dataclass
 class AmortizedOptions:
-    lam_grid: tuple[float, ...] = option((1.0, 10.0, 100.0), "λ values tried (log-joint scale)", min=0.0)
+    lam_grid: tuple[float, ...] = option(
+        (1e-5, 1e-4, 1e-3), "λ/n values tried (the listing's λ·mean|f|/n; paper's λ = this·n)", min=0.0
+    )
     difference: Reference = option(Reference.CENTRAL, "reference of the finite difference")
     optimizer: Optimizer = option(Optimizer.AUTO, "solver of the fine-tune")
     precision: Precision = option(Precision.FLOAT32, "floating-point type of the fine-tune")
@@ -75,6 +82,7 @@ class AmortizedOptions:
     batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
     history: int = option(20, "L-BFGS history length", min=1)
     rtol: float = option(1e-7, "L-BFGS stops when ‖g‖∞ falls by this factor", min=0.0)
+    polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
     full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
     eval_batch: int = option(512, "inputs per forward pass at predict time", min=1)
 
@@ -89,7 +97,7 @@ class RegVarAmortized(Method):
         super().__init__(options)
         self.fm: FlatModel | None = None
         self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.lam = 0.0
+        self.lam = self.lam_joint = 0.0
         self.scale = 1.0
         self.info: dict[str, Any] = {}
 
@@ -98,7 +106,7 @@ class RegVarAmortized(Method):
             raise BenchError("regvar-amortized needs the MAP network; the harness gave none")
         o = self.options
         if not o.lam_grid or any(lam <= 0 for lam in o.lam_grid):
-            raise BenchError("regvar-amortized: lam_grid needs values > 0, e.g. lam_grid=1|10|100")
+            raise BenchError("regvar-amortized: lam_grid needs values > 0, e.g. lam_grid=1e-5|1e-4|1e-3")
         n_train = len(ctx.data.train)
         dim = sum(p.numel() for p in ctx.map_model.parameters() if p.requires_grad)
         opt, dtype = resolve(o.optimizer, o.precision, n_train, dim, o.full_batch_budget)
@@ -113,7 +121,11 @@ class RegVarAmortized(Method):
             o.rtol,
             seed=derive_seed(ctx.seed, "regvar-amortized", "data-order"),
         )
-        lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device)
+        lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device) * n_train  # log-joint λ
+        self.info = {}
+        if opt is Optimizer.LBFGS and o.polish > 0 and o.difference is not Reference.PAPER:
+            fm.theta0, polished = polish(fm, x_train, y_train, ctx.recipe.weight_decay, settings, o.polish)
+            self.info.update(polished)
         second = {Reference.CENTRAL: -1.0, Reference.FORWARD: 0.0, Reference.PAPER: None}[o.difference]
         # Copies: λ_j for every j, then the reference fits (−λ_j or 0) unless the MAP is it.
         coefs = [lams] + ([lams * second] if second is not None else [])
@@ -130,7 +142,7 @@ class RegVarAmortized(Method):
         xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
         nll_grid = []  # nll_grid[j][i]: λ_j, scale s_i
         for j in range(k):
-            logits, var = self._mean_var(thetas[j], refs[j], float(o.lam_grid[j]), xv)
+            logits, var = self._mean_var(thetas[j], refs[j], float(lams[j]), xv)
             nll_grid.append(scale_nlls(logits, var, yv, SCALE_GRID))
         val_nll, j, i = min((v, j, i) for j, row in enumerate(nll_grid) for i, v in enumerate(row))
         self.scale = float(SCALE_GRID[i])
@@ -138,9 +150,9 @@ class RegVarAmortized(Method):
             str(lam): {"scale": float(SCALE_GRID[min(range(len(row)), key=row.__getitem__)]), "val_nll": min(row)}
             for lam, row in zip(o.lam_grid, nll_grid, strict=True)
         }
-        self.lam = float(o.lam_grid[j])
+        self.lam, self.lam_joint = float(o.lam_grid[j]), float(lams[j])
         self.pair = (thetas[j].clone(), refs[j].clone())
-        self.info = {
+        self.info |= {
             "objective": "mean CE + (wd/2)|θ|² + λ·mean|f|/n, eval mode",
             "prior_precision": n_train * ctx.recipe.weight_decay,
             "optimizer": opt.value,
@@ -148,6 +160,7 @@ class RegVarAmortized(Method):
             "steps": o.steps,
             "difference": o.difference.value,
             "lam": self.lam,
+            "lam_joint": self.lam_joint,
             "scale": self.scale,
             "val_nll": val_nll,
             "grid": table,
@@ -171,7 +184,7 @@ class RegVarAmortized(Method):
     def predict(self, x: torch.Tensor) -> Prediction:
         if self.pair is None:
             raise BenchError("regvar-amortized: predict called before fit; call fit(ctx) first")
-        logits, var = self._mean_var(*self.pair, self.lam, x)
+        logits, var = self._mean_var(*self.pair, self.lam_joint, x)
         probs = probit_probs(logits, var, self.scale)
         top = var.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
         return Prediction(probs.float(), {"variance": top.float()})

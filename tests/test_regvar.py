@@ -208,7 +208,7 @@ def fit_predict(seed: int = 0, **settings: str):
             "lr": "1e-3",
             "batch_size": "16",
             "val_queries": "8",
-            "lam": "1",
+            "lam": "1e-3",
         },
         {"output": "logits", "steps": "10", "val_queries": "4"},
         {"output": "mean-abs", "difference": "forward", "steps": "10", "val_queries": "0"},

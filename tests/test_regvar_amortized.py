@@ -114,7 +114,7 @@ def test_regulariser_sign_and_scale_follow_the_listing(logistic):
 def test_estimate_matches_its_own_limit_not_the_variance(logistic, difference):
     """λ → 0: |J_k(x) P⁻¹ E_x'[Σ_j sign f_j(x') J_j(x')ᵀ]|/C (regvar.md), not J_k P⁻¹ J_kᵀ."""
     data, model = logistic
-    method = fit(data, model, lam_grid="0.01", difference=difference, steps="100")
+    method = fit(data, model, lam_grid="1e-4", difference=difference, steps="100")
     xq = data.test.tensors[0]
     got = method.predict(xq).scores["variance"].double()
     x = data.train.tensors[0]
@@ -143,19 +143,19 @@ def test_method_predicts_tunes_and_records(logistic):
     data, model = logistic
     state = {k: v.clone() for k, v in model.state_dict().items()}
     method = fit(
-        data, model, lam_grid="0.1|1", optimizer="adam", steps="20", lr="1e-3", batch_size="32"
+        data, model, lam_grid="1e-4|1e-3", optimizer="adam", steps="20", lr="1e-3", batch_size="32"
     )
     pred = method.predict(data.test.tensors[0])
     assert pred.probs.shape == (8, C)
     torch.testing.assert_close(pred.probs.sum(1), torch.ones(8))
     assert pred.scores["variance"].shape == (8,)
     s = method.summary()
-    assert s["lam"] in (0.1, 1.0) and s["scale"] > 0 and set(s["grid"]) == {"0.1", "1.0"}
+    assert s["lam"] in (1e-4, 1e-3) and s["scale"] > 0 and set(s["grid"]) == {"0.0001", "0.001"}
     assert s["optimizer"] == "adam"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
     again = fit(
-        data, model, lam_grid="0.1|1", optimizer="adam", steps="20", lr="1e-3", batch_size="32"
+        data, model, lam_grid="1e-4|1e-3", optimizer="adam", steps="20", lr="1e-3", batch_size="32"
     ).predict(data.test.tensors[0])
     torch.testing.assert_close(again.probs, pred.probs, rtol=0, atol=0)
 
