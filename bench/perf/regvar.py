@@ -134,9 +134,9 @@ def batched_vs_loop(
     w = output_weights(fm.logits(fm.theta0, queries).cpu(), o.output)
 
     def estimate(q: slice, batch: int) -> torch.Tensor:
-        return regvar_variance(fm, x_train, y_train, wd, queries[q], w[q], (o.lam,), settings, o.difference, batch)[
-            settings.steps
-        ]
+        return regvar_variance(
+            fm, x_train, y_train, wd, queries[q], w[q], (o.lam * n_train,), settings, o.difference, batch
+        )[settings.steps]
 
     estimate(slice(0, 1), 1)  # warm-up
     with measure(device) as b:
