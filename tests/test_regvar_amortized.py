@@ -49,9 +49,7 @@ def logistic():
     )
 
     def objective() -> torch.Tensor:
-        return nn.functional.cross_entropy(model(x), y) + 0.5 * WD * sum(
-            p.pow(2).sum() for p in model.parameters()
-        )
+        return nn.functional.cross_entropy(model(x), y) + 0.5 * WD * sum(p.pow(2).sum() for p in model.parameters())
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -94,20 +92,10 @@ def test_regulariser_sign_and_scale_follow_the_listing(logistic):
     obj = StackedObjective(fm, x, y, WD, Regularizer(torch.tensor([lam], dtype=torch.float64)))
     theta = fm.theta0.clone().requires_grad_(True)
     out = fm(theta, x)
-    loss = (
-        nn.functional.cross_entropy(out, y)
-        + 0.5 * WD * theta.pow(2).sum()
-        + lam * out.abs().mean() / len(x)
-    )
-    torch.testing.assert_close(
-        obj.full_grad(fm.theta0[None], 1000)[0], torch.autograd.grad(loss, theta)[0]
-    )
-    fitted = solve(
-        obj, fm.theta0[None].clone(), SolverSettings(Optimizer.LBFGS, 100, 0.0, 1000, rtol=1e-12)
-    )
-    assert (
-        fm.stacked_logits(fitted.expand(len(x), -1), x).abs().mean() < fm(fm.theta0, x).abs().mean()
-    )
+    loss = nn.functional.cross_entropy(out, y) + 0.5 * WD * theta.pow(2).sum() + lam * out.abs().mean() / len(x)
+    torch.testing.assert_close(obj.full_grad(fm.theta0[None], 1000)[0], torch.autograd.grad(loss, theta)[0])
+    fitted = solve(obj, fm.theta0[None].clone(), SolverSettings(Optimizer.LBFGS, 100, 0.0, 1000, rtol=1e-12))
+    assert fm.stacked_logits(fitted.expand(len(x), -1), x).abs().mean() < fm(fm.theta0, x).abs().mean()
 
 
 @pytest.mark.parametrize("difference", ["central", "forward", "paper"])
@@ -122,9 +110,7 @@ def test_estimate_matches_its_own_limit_not_the_variance(logistic, difference):
     n = len(x)
 
     def objective(t: torch.Tensor) -> torch.Tensor:
-        return (
-            nn.functional.cross_entropy(fm(t, x), data.train.tensors[1]) + 0.5 * WD * t.pow(2).sum()
-        )
+        return nn.functional.cross_entropy(fm(t, x), data.train.tensors[1]) + 0.5 * WD * t.pow(2).sum()
 
     h = hessian(objective)(fm.theta0) * n
     jac = vmap(jacrev(lambda t, xi: fm(t, xi[None])[0]), in_dims=(None, 0))
@@ -142,9 +128,7 @@ def test_estimate_matches_its_own_limit_not_the_variance(logistic, difference):
 def test_method_predicts_tunes_and_records(logistic):
     data, model = logistic
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    method = fit(
-        data, model, lam_grid="1e-4|1e-3", optimizer="adam", steps="20", lr="1e-3", batch_size="32"
-    )
+    method = fit(data, model, lam_grid="1e-4|1e-3", optimizer="adam", steps="20", lr="1e-3", batch_size="32")
     pred = method.predict(data.test.tensors[0])
     assert pred.probs.shape == (8, C)
     torch.testing.assert_close(pred.probs.sum(1), torch.ones(8))
@@ -154,9 +138,9 @@ def test_method_predicts_tunes_and_records(logistic):
     assert s["optimizer"] == "adam"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
-    again = fit(
-        data, model, lam_grid="1e-4|1e-3", optimizer="adam", steps="20", lr="1e-3", batch_size="32"
-    ).predict(data.test.tensors[0])
+    again = fit(data, model, lam_grid="1e-4|1e-3", optimizer="adam", steps="20", lr="1e-3", batch_size="32").predict(
+        data.test.tensors[0]
+    )
     torch.testing.assert_close(again.probs, pred.probs, rtol=0, atol=0)
 
 
@@ -164,3 +148,16 @@ def test_bad_grid_is_refused(logistic):
     data, model = logistic
     with pytest.raises(BenchError, match="lam_grid"):
         fit(data, model, lam_grid="0")
+
+
+def test_map_mean_takes_the_mean_from_the_map_network(logistic):
+    data, model = logistic
+    method = fit(data, model, lam_grid="1e-4", optimizer="adam", steps="20", lr="1e-2", map_mean="true")
+    x = data.test.tensors[0]
+    mean, _ = method._mean_var(*method.pair, method.lam_joint, x)
+    with torch.no_grad():
+        torch.testing.assert_close(mean, model(x).double())
+    fits_mean, _ = fit(data, model, lam_grid="1e-4", optimizer="adam", steps="20", lr="1e-2")._mean_var(
+        *method.pair, method.lam_joint, x
+    )
+    assert not torch.allclose(fits_mean, mean)  # 20 steps at lr 1e-2 moved the fits' mean
