@@ -65,8 +65,8 @@ from bench.types import Prediction
 from methods.regvar_common import (
     FlatModel,
     Optimizer,
-    Precision,
     Regularizer,
+    SolverOptions,
     SolverSettings,
     StackedObjective,
     polish,
@@ -109,23 +109,14 @@ class Difference(str, enum.Enum):
 
 
 @dataclass
-class RegVarOptions:
+class RegVarOptions(SolverOptions):
     lam: float = option(1e-5, "λ/n: the loss term is −lam·g(x*) (the paper's λ is lam·n_train)", min=0.0)
     output: Output = option(Output.TOP, "regularised read-out of the logits")
     weights: Weights = option(Weights.ALL, "parameters refitted: all (the paper) or last-layer")
     difference: Difference = option(Difference.CENTRAL, "finite-difference scheme")
-    optimizer: Optimizer = option(Optimizer.AUTO, "solver of the regularised fits")
-    precision: Precision = option(Precision.FLOAT32, "floating-point type of the fits")
-    steps: int = option(300, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
-    lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
-    batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
-    history: int = option(20, "L-BFGS history length", min=1)
-    rtol: float = option(1e-7, "L-BFGS stops a fit when ‖g‖∞ falls by this factor", min=0.0)
     query_batch: int = option(32, "fits solved together in one vmapped stack", min=1)
     max_queries: int = option(200, "most inputs per predict call (see eval_limit)", min=1)
     val_queries: int = option(100, "validation inputs for tuning the variance scale (0: s=1)", min=0)
-    polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
-    full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
 
 
 def output_weights(logits: torch.Tensor, output: Output) -> torch.Tensor:

@@ -48,8 +48,8 @@ from methods.regvar_common import (
     SCALE_GRID,
     FlatModel,
     Optimizer,
-    Precision,
     Regularizer,
+    SolverOptions,
     SolverSettings,
     StackedObjective,
     polish,
@@ -73,20 +73,12 @@ class Reference(str, enum.Enum):
 
 
 @dataclass
-class AmortizedOptions:
+class AmortizedOptions(SolverOptions):
     lam_grid: tuple[float, ...] = option(
         (1e-5, 1e-4, 1e-3), "λ/n values tried (the listing's λ·mean|f|/n; paper's λ = this·n)", min=0.0
     )
     difference: Reference = option(Reference.CENTRAL, "reference of the finite difference")
-    optimizer: Optimizer = option(Optimizer.AUTO, "solver of the fine-tune")
-    precision: Precision = option(Precision.FLOAT32, "floating-point type of the fine-tune")
     steps: int = option(500, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
-    lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
-    batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
-    history: int = option(20, "L-BFGS history length", min=1)
-    rtol: float = option(1e-7, "L-BFGS stops when ‖g‖∞ falls by this factor", min=0.0)
-    polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
-    full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
     eval_batch: int = option(512, "inputs per forward pass at predict time", min=1)
     map_mean: bool = option(False, "predictive mean from the MAP network (a third forward pass) instead of the fits'")
 

@@ -41,6 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from bench.errors import BenchError
+from bench.options import option
 
 PI_OVER_8 = math.pi / 8
 # Variance scales s tried on validation NLL: 10^-4 … 10^4 (s = 1 is the untuned Bayesian value).
@@ -235,6 +236,21 @@ class StackedObjective:
 
     def full_grad(self, thetas: torch.Tensor, chunk: int) -> torch.Tensor:
         return self.full_grad_value(thetas, chunk)[0]
+
+
+@dataclass
+class SolverOptions:
+    """Solver options shared by both RegVar methods (each adds its own and sets ``steps``)."""
+
+    optimizer: Optimizer = option(Optimizer.AUTO, "solver of the regularised fits")
+    precision: Precision = option(Precision.FLOAT32, "floating-point type of the fits")
+    steps: int = option(300, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
+    lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
+    batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
+    history: int = option(20, "L-BFGS history length", min=1)
+    rtol: float = option(1e-7, "L-BFGS stops a fit when ‖g‖∞ falls by this factor", min=0.0)
+    polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
+    full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
 
 
 Callback = Callable[[int, torch.Tensor], None]
