@@ -117,9 +117,23 @@ def cmd_passthrough(args: argparse.Namespace) -> int:
     return fidelity_main(args.rest)
 
 
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Split off the arguments of ``perf``/``fidelity``, which parse their own options:
+    argparse's REMAINDER does not capture a tail that starts with an option (``--task``)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("--plugin"):
+        i += 1 if "=" in argv[i] else 2
+    if i < len(argv) and argv[i] in ("perf", "fidelity"):
+        return argv[: i + 1], argv[i + 1 :]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    head, rest = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(head)
+    if rest is not None:
+        args.rest = rest
     try:
         from bench.plugins import load_plugins
 

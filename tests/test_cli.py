@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY_TASK, run_cli
 
+from bench import cli
 from bench.cli import main
 
 
@@ -178,3 +179,22 @@ def test_capped_method_is_evaluated_on_a_fixed_recorded_subset(tmp_path: Path) -
     with np.load(runs / "seed0.npz") as a, np.load(runs / "seed1.npz") as b:
         assert a["test/probs"].shape == (50, 10)
         assert np.array_equal(a["test/labels"], b["test/labels"])  # same subset for every seed
+
+
+@pytest.mark.parametrize(
+    ("argv", "head", "rest"),
+    [
+        (["fidelity", "--task", "t", "--json"], ["fidelity"], ["--task", "t", "--json"]),
+        (["--plugin", "p.py", "perf", "laplace", "--n", "3"], ["--plugin", "p.py", "perf"], ["laplace", "--n", "3"]),
+        (["--plugin=p.py", "fidelity", "--smoke"], ["--plugin=p.py", "fidelity"], ["--smoke"]),
+        (["run", "--method", "map"], ["run", "--method", "map"], None),
+    ],
+)
+def test_perf_and_fidelity_get_their_options_verbatim(argv: list[str], head: list[str], rest: list[str] | None) -> None:
+    assert cli._split_passthrough(argv) == (head, rest)
+
+
+def test_fidelity_options_reach_its_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    # Used to die in argparse ("unrecognized arguments: --task") before reaching fidelity.
+    assert cli.main(["fidelity", "--task", "nope", "--json"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
