@@ -282,6 +282,7 @@ def run(
         o.history,
         o.rtol,
         seed=derive_seed(seed, "regvar", "data-order"),
+        xtol=o.xtol,
     )
     fm_fit = FlatModel(model, dtype, torch.device("cpu"))
     sweep, t_sweep = _timed(

@@ -38,6 +38,16 @@ variance at θ₀, while the predictive mean stays the MAP network's logits. Min
 step budget they resolve only the directions of P that they converge in (see ``steps`` and the
 summary's ``rel_change_last_half``).
 
+Which parameters (option ``weights``). The paper refits every weight. That is what ``auto``
+does when a full-batch L-BFGS fit of the whole network is affordable (the fidelity models,
+small heads); on the benchmark's full-size networks it refits the last ``nn.Linear`` on fixed
+features instead (the RegVar counterpart of last-layer Laplace), because minibatch Adam from
+the MAP does not converge in a CPU budget and an unconverged fit is not RegVar's estimate.
+The result records the choice (``weights``); ``weights=all optimizer=adam`` remains available.
+The L-BFGS fits are ill-conditioned (weak priors, near-separable classes), hence the long
+history (100 pairs); a fit stops when its step falls below ``xtol`` of the distance it has
+travelled (``max_iterations`` in the summary).
+
 Cost and the evaluated subset: each input costs one (``top``) or C pairs of fits. ``predict``
 computes the variance of every input it is given and refuses more than ``max_queries`` inputs
 per call rather than inventing scores: the harness evaluates a fixed seeded subset of each
@@ -92,6 +102,11 @@ class Output(str, enum.Enum):
 class Weights(str, enum.Enum):
     """Which parameters the regularised fits may move."""
 
+    AUTO = "auto"
+    """all when a full-batch L-BFGS fit of every parameter is affordable (n_train·n_params ≤
+    full_batch_budget), else last-layer: minibatch fits of a large network do not converge in
+    a CPU budget (Adam from the MAP drifts for hundreds of steps), and a fit that has not
+    converged gives a number that is not RegVar's. The choice is recorded as ``weights``."""
     ALL = "all"
     """Every trainable parameter, as in the paper."""
     LAST_LAYER = "last-layer"
@@ -112,11 +127,11 @@ class Difference(str, enum.Enum):
 class RegVarOptions(SolverOptions):
     lam: float = option(1e-5, "λ/n: the loss term is −lam·g(x*) (the paper's λ is lam·n_train)", min=0.0)
     output: Output = option(Output.TOP, "regularised read-out of the logits")
-    weights: Weights = option(Weights.ALL, "parameters refitted: all (the paper) or last-layer")
+    weights: Weights = option(Weights.AUTO, "parameters refitted: all (the paper), last-layer, or auto")
     difference: Difference = option(Difference.CENTRAL, "finite-difference scheme")
     query_batch: int = option(32, "fits solved together in one vmapped stack", min=1)
-    max_queries: int = option(200, "most inputs per predict call (see eval_limit)", min=1)
-    val_queries: int = option(100, "validation inputs for tuning the variance scale (0: s=1)", min=0)
+    max_queries: int = option(100, "most inputs per predict call (see eval_limit)", min=1)
+    val_queries: int = option(50, "validation inputs for tuning the variance scale (0: s=1)", min=0)
 
 
 def output_weights(logits: torch.Tensor, output: Output) -> torch.Tensor:
@@ -142,6 +157,7 @@ def regvar_variance(
     query_batch: int = 32,
     checkpoints: tuple[int, ...] = (),
     stats: dict[str, int] | None = None,
+    progress: Callable[..., Any] | None = None,
 ) -> dict[int, torch.Tensor]:
     """σ² for every query (N), read-out (K) and λ (L): {step: (N, K, L)} at each checkpoint
     and at ``settings.steps`` (the final value). All fits start from ``fm.theta0``.
@@ -167,7 +183,10 @@ def regvar_variance(
     steps = sorted({*checkpoints, settings.steps})
     read: dict[int, torch.Tensor] = {s: torch.empty(len(qi), dtype=fm.dtype) for s in steps}
     total = len(qi)
-    for start in range(0, total, query_batch):
+    starts = range(0, total, query_batch)
+    if progress is not None:
+        starts = progress(starts, desc=f"regvar fits ({n_q} inputs)", unit="stack")
+    for start in starts:
         sl = slice(start, min(start + query_batch, total))
         xq, wq = x_q[qi[sl]], w_all[qi[sl], ki[sl]]
         objective = StackedObjective(
@@ -188,6 +207,8 @@ def regvar_variance(
         solve(objective, theta0, settings, checkpoints, record)
         if stats is not None:
             stats["stalled_fits"] = stats.get("stalled_fits", 0) + objective.stats["stalled"]
+            used = objective.stats.get("iterations", settings.steps)
+            stats["max_iterations"] = max(stats.get("max_iterations", 0), used)
     out = {}
     denom = (lam_t * (2.0 if difference is Difference.CENTRAL else 1.0)).cpu()
     for step, g in read.items():
@@ -208,6 +229,7 @@ class RegVar(Method):
         self.info: dict[str, Any] = {}
         self.stats: dict[str, int] = {"stalled_fits": 0}
         self.scale = 1.0
+        self.progress: Callable[..., Any] | None = None
 
     @property
     def eval_limit(self) -> int:
@@ -221,7 +243,9 @@ class RegVar(Method):
         n_train = len(ctx.data.train)
         net = ctx.map_model
         self.featurize = None
-        if o.weights is Weights.LAST_LAYER:
+        self.progress = ctx.progress
+        weights = resolve_weights(o.weights, n_train, net, o.full_batch_budget)
+        if weights is Weights.LAST_LAYER:
             net, self.featurize = split_last_linear(ctx.map_model, ctx.device)
         dim = sum(p.numel() for p in net.parameters() if p.requires_grad)
         opt, dtype = resolve(o.optimizer, o.precision, n_train, dim, o.full_batch_budget)
@@ -237,6 +261,7 @@ class RegVar(Method):
             o.history,
             o.rtol,
             seed=derive_seed(ctx.seed, "regvar", "data-order"),
+            xtol=o.xtol,
         )
         self.info = {
             "objective": "mean CE + (wd/2)|θ|², eval mode",
@@ -248,12 +273,15 @@ class RegVar(Method):
             "lam": o.lam,
             "lam_joint": o.lam * n_train,
             "output": o.output.value,
-            "weights": o.weights.value,
+            "weights": weights.value,
             "difference": o.difference.value,
             "steps": o.steps,
             "max_queries": o.max_queries,
         }
-        ctx.log(f"regvar: {dim} params, {opt.value}/{self.info['dtype']}, λ/n={o.lam}, output={o.output.value}")
+        ctx.log(
+            f"regvar: {dim} params ({weights.value}), {opt.value}/{self.info['dtype']}, "
+            f"λ/n={o.lam}, output={o.output.value}"
+        )
         self.theta_map = self.fm.theta0.clone()
         if opt is Optimizer.LBFGS and o.polish > 0:
             self.fm.theta0, info = polish(self.fm, self.x_train, self.y_train, self.wd, self.settings, o.polish)
@@ -304,6 +332,7 @@ class RegVar(Method):
             o.query_batch,
             checkpoints,
             self.stats,
+            self.progress,
         )
         return {k: v[..., 0] for k, v in var.items()}  # (N, K)
 
@@ -331,6 +360,14 @@ class RegVar(Method):
 
     def summary(self) -> dict[str, Any]:
         return {**self.info, **self.stats}
+
+
+def resolve_weights(weights: Weights, n_train: int, model: nn.Module, full_batch_budget: float) -> Weights:
+    """The concrete parameter set ('auto' resolved, see ``Weights.AUTO``)."""
+    if weights is not Weights.AUTO:
+        return weights
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Weights.ALL if n_train * dim <= full_batch_budget else Weights.LAST_LAYER
 
 
 def split_last_linear(

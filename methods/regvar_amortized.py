@@ -117,6 +117,7 @@ class RegVarAmortized(Method):
             o.history,
             o.rtol,
             seed=derive_seed(ctx.seed, "regvar-amortized", "data-order"),
+            xtol=o.xtol,
         )
         lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device) * n_train  # log-joint λ
         self.info = {}

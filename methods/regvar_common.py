@@ -179,6 +179,7 @@ class SolverSettings:
     rtol: float = 1e-7
     seed: int = 0
     atol: float = 0.0  # lbfgs also stops a copy once ‖g‖∞ ≤ atol
+    xtol: float = 0.0  # lbfgs also stops a copy once its step is ≤ xtol·‖θ − θ_start‖∞
 
 
 class StackedObjective:
@@ -246,9 +247,12 @@ class SolverOptions:
     precision: Precision = option(Precision.FLOAT32, "floating-point type of the fits")
     steps: int = option(300, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
     lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
-    batch_size: int = option(128, "adam/sgd minibatch size; L-BFGS data chunk size", min=1)
-    history: int = option(20, "L-BFGS history length", min=1)
+    batch_size: int = option(128, "adam/sgd minibatch size; smallest L-BFGS data chunk", min=1)
+    history: int = option(100, "L-BFGS history length (long: the fits are ill-conditioned)", min=1)
     rtol: float = option(1e-7, "L-BFGS stops a fit when ‖g‖∞ falls by this factor", min=0.0)
+    xtol: float = option(
+        1e-4, "L-BFGS stops a fit when its step is below xtol × its distance travelled (0: off)", min=0.0
+    )
     polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
     full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
 
@@ -327,7 +331,8 @@ def batched_lbfgs(
     """
     x = theta0.clone()
     q_count, dim = x.shape
-    chunk = max(1, settings.batch_size)
+    start = x.clone()
+    chunk = data_chunk(settings.batch_size, q_count, objective.x)
     g, f = objective.full_grad_value(x, chunk)
     gtol = (settings.rtol * g.abs().amax(dim=1)).clamp_min(max(settings.atol, torch.finfo(x.dtype).tiny))
     m = settings.history
@@ -402,6 +407,10 @@ def batched_lbfgs(
         g = torch.where(active[:, None], best_g, g)
         f = torch.where(active, best_f, f)
         active = active & (g.abs().amax(dim=1) > gtol)
+        if settings.xtol > 0:  # the fit has stopped moving relative to how far it has come
+            moved_far = (x - start).abs().amax(dim=1)
+            active = active & (step.abs().amax(dim=1) > settings.xtol * moved_far)
+        objective.stats["iterations"] = max(objective.stats.get("iterations", 0), it)
         if callback is not None and it in checkpoints:
             callback(it, x)
             reported.add(it)
@@ -411,6 +420,17 @@ def batched_lbfgs(
     return x
 
 
+CHUNK_ELEMENTS = 2**23
+
+
+def data_chunk(batch_size: int, copies: int, x: torch.Tensor) -> int:
+    """Training rows per full-batch gradient chunk: at least ``batch_size``, more while the
+    stack's inputs stay under ``CHUNK_ELEMENTS`` values. Small chunks cost one vmapped call
+    each: a last-layer fit on 55k rows in chunks of 128 spent its time in Python overhead."""
+    per_row = max(1, x[0].numel() if len(x) else 1)
+    return max(1, batch_size, CHUNK_ELEMENTS // (max(1, copies) * per_row))
+
+
 def polish(
     fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, settings: SolverSettings, steps: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -418,10 +438,10 @@ def polish(
     λ = 0). A MAP from a few epochs of AdamW is not one, and fits from a non-stationary start
     travel far; their difference then measures the trajectories, not λ (see regvar.md)."""
     obj = StackedObjective(fm, x, y, weight_decay, Regularizer(coef=fm.theta0.new_zeros(1)))
-    chunk = max(1, settings.batch_size)
+    chunk = data_chunk(settings.batch_size, 1, x)
     before = float(obj.full_grad(fm.theta0[None], chunk).abs().max())
     atol = 16 * torch.finfo(fm.dtype).eps  # the round-off floor of a full-batch mean gradient
-    theta = batched_lbfgs(obj, fm.theta0[None].clone(), replace(settings, steps=steps, rtol=1e-9, atol=atol))[0]
+    theta = batched_lbfgs(obj, fm.theta0[None].clone(), replace(settings, steps=steps, rtol=1e-9, atol=atol, xtol=0.0))[0]
     after = float(obj.full_grad(theta[None], chunk).abs().max())
     moved = float((fm(theta, x[:512]) - fm(fm.theta0, x[:512])).abs().max())
     return theta, {"polish_grad_inf_before": before, "polish_grad_inf_after": after, "polish_max_logit_change": moved}

@@ -288,3 +288,12 @@ def test_last_layer_refuses_a_model_whose_output_is_not_its_last_linear():
                      log=lambda _m: None)
     with pytest.raises(BenchError, match="last-layer"):
         method.fit(ctx)
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(1e12, "all"), (1.0, "last-layer")])
+def test_auto_weights_refit_everything_only_when_full_batch_fits_are_affordable(budget, expected):
+    method, _ = fit_predict(full_batch_budget=str(budget), val_queries="0", steps="10")
+    summary = method.summary()
+    assert summary["weights"] == expected
+    dim_all = sum(p.numel() for p in tiny_model().parameters())
+    assert summary["n_params"] == (dim_all if expected == "all" else 8 * C + C)
