@@ -441,7 +441,8 @@ def polish(
     chunk = data_chunk(settings.batch_size, 1, x)
     before = float(obj.full_grad(fm.theta0[None], chunk).abs().max())
     atol = 16 * torch.finfo(fm.dtype).eps  # the round-off floor of a full-batch mean gradient
-    theta = batched_lbfgs(obj, fm.theta0[None].clone(), replace(settings, steps=steps, rtol=1e-9, atol=atol, xtol=0.0))[0]
+    to_floor = replace(settings, steps=steps, rtol=1e-9, atol=atol, xtol=0.0)  # no early stop
+    theta = batched_lbfgs(obj, fm.theta0[None].clone(), to_floor)[0]
     after = float(obj.full_grad(theta[None], chunk).abs().max())
     moved = float((fm(theta, x[:512]) - fm(fm.theta0, x[:512])).abs().max())
     return theta, {"polish_grad_inf_before": before, "polish_grad_inf_after": after, "polish_max_logit_change": moved}
