@@ -18,7 +18,15 @@ from typing import Any
 from tabulate import tabulate
 
 from bench.metrics import evaluate
-from bench.results import atomic_write_bytes, iter_runs, read_json, read_npz, unpack_predictions
+from bench.results import (
+    atomic_write_bytes,
+    iter_runs,
+    read_json,
+    read_npz,
+    restrict,
+    subset_indices,
+    unpack_predictions,
+)
 
 # (column title, key, direction): +1 higher is better, -1 lower is better, 0 not ranked.
 BASE_COLUMNS = [
@@ -33,18 +41,29 @@ COST_COLUMNS = [
     ("peak MiB", "memory/peak_mib", 0),
 ]
 OWN_SCORES = ("variance", "mutual_info")
+# A method evaluated on a subset (its cost cap) is shown beside this method's predictions cut to
+# the same inputs and seed, so that the comparison is paired: a 100-input subset can differ from
+# the full test set by more than the methods differ from each other.
+PAIRED_REFERENCE = "map"
 
 
 def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], list[dict[str, Any]]]:
     """task → method → list of per-seed flat dicts; plus the failed runs."""
     table: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     failed = []
+    references: dict[tuple[str, int], dict[str, Any]] = {}
+    capped: list[tuple[str, str, int, dict[str, Any]]] = []
     for path in iter_runs(root):
         record = read_json(path)
         if record.get("status") != "ok":
             failed.append(record)
             continue
-        metrics = evaluate(**unpack_predictions(read_npz(path.with_suffix(".npz"))))
+        arrays = read_npz(path.with_suffix(".npz"))
+        metrics = evaluate(**unpack_predictions(arrays))
+        if record["method"] == PAIRED_REFERENCE:
+            references[(record["task"], record["seed"])] = arrays
+        if indices := subset_indices(arrays):
+            capped.append((record["task"], record["method"], record["seed"], indices))
         flat = dict(metrics)
         flat["timings/fit_s"] = record["timings"]["fit_s"]
         flat["timings/predict_per_1k_s"] = record["timings"]["predict_per_1k_s"]
@@ -53,6 +72,14 @@ def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], l
         flat["seed"] = record["seed"]
         flat["subset"] = record.get("data", {}).get("evaluated_subsets", {}).get("test", 0)
         table[record["task"]][record["method"]].append(flat)
+    for task, method, seed, indices in capped:
+        reference = references.get((task, seed))
+        if reference is None:
+            continue
+        flat = dict(evaluate(**unpack_predictions(restrict(reference, indices))))
+        flat["seed"] = seed
+        flat["subset"] = len(indices.get("test", ()))
+        table[task][f"{PAIRED_REFERENCE} ⊂ {method}"].append(flat)
     return table, failed
 
 
@@ -100,8 +127,9 @@ def render(table: dict[str, dict[str, list[dict[str, float]]]], failed: list[dic
             for m, rs in runs.items()
         }
         best: dict[str, float] = {}
+        full_set = {m for m, rs in runs.items() if not any(r.get("subset") for r in rs)}
         for _, key, direction in cols:
-            means = [s[key][0] for s in stats.values() if key in s]
+            means = [s[key][0] for m, s in stats.items() if key in s and m in full_set]
             if direction and means:
                 best[key] = max(means) if direction > 0 else min(means)
         rows = []
@@ -119,8 +147,11 @@ def render(table: dict[str, dict[str, list[dict[str, float]]]], failed: list[dic
             rows.append(row)
         md += [f"## {task}", "", tabulate(rows, headers=["method", "n", *[c[0] for c in cols]],
                                           tablefmt="github", disable_numparse=True), ""]
-        capped = sorted({(m, int(r["subset"])) for m, rs in runs.items() for r in rs if r.get("subset")})
-        md += [f"- {m}: evaluated on a fixed seeded subset of {k} inputs per evaluation set (its cost cap)."
+        capped = sorted({(m, int(r["subset"])) for m, rs in runs.items() for r in rs if r.get("subset")
+                         and "⊂" not in m})
+        md += [f"- {m}: evaluated on a fixed seeded subset of {k} inputs per evaluation set (its cost cap); "
+               f"compare it with `{PAIRED_REFERENCE} ⊂ {m}`, the {PAIRED_REFERENCE} predictions on the same "
+               "inputs and seeds. Subset rows are not ranked (no bold)."
                for m, k in capped] + ([""] if capped else [])
     if failed:
         md += ["## Failed runs", ""]

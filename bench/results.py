@@ -89,6 +89,31 @@ def unpack_predictions(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
+def set_of(key: str) -> str:
+    """The evaluation set an array belongs to: ``test``, ``ood/<set>`` or ``shift/<set>``."""
+    parts = key.split("/")
+    return "test" if parts[0] == "test" else "/".join(parts[:2])
+
+
+def restrict(arrays: dict[str, np.ndarray], indices: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The prediction arrays of a full-set run cut to another run's evaluated subset
+    (``indices``: evaluation set → row indices, the ``index/<set>`` arrays of a capped run)."""
+    out = {}
+    for key, value in arrays.items():
+        if key.startswith("index/"):
+            continue
+        idx = indices.get(set_of(key))
+        if idx is not None and len(value) <= int(idx.max(initial=-1)):
+            raise BenchError(f"cannot restrict {key}: the subset indexes past its {len(value)} rows")
+        out[key] = value if idx is None else value[idx]
+    return out
+
+
+def subset_indices(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{set: indices}`` from a capped run's ``index/<set>`` arrays (empty for full-set runs)."""
+    return {k.removeprefix("index/"): v for k, v in arrays.items() if k.startswith("index/")}
+
+
 def write_run(json_path: Path, npz_path: Path, record: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)

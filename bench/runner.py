@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import methods  # noqa: F401 - registers the built-in methods
@@ -193,6 +194,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     seed_everything(derive_seed(config.seed, "predict"))
     limit = getattr(method, "eval_limit", None)
     subsets: dict[str, int] = {}
+    indices: dict[str, np.ndarray] = {}
 
     def subset(name: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A fixed subset (same for every seed and method) when the method caps its inputs."""
@@ -201,6 +203,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         pick = torch.randperm(len(tensors[0]), generator=torch.Generator().manual_seed(derive_seed(0, name)))
         pick = pick[:limit].sort().values
         subsets[name] = int(limit)
+        indices[name] = pick.numpy()
         return tuple(t[pick] for t in tensors)
 
     x_test, y_test = subset("test", *data.test.tensors)
@@ -257,6 +260,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "provenance": {"git": git_commit(), "versions": versions(), "machine": machine(device)},
     }
     arrays = pack_predictions(test_pred, y_test, ood_preds, shift_preds)
+    arrays.update({f"index/{name}": idx for name, idx in indices.items()})  # which inputs, for paired tables
     write_run(json_path, npz_path, record, arrays)
     reporter.log(f"wrote {json_path} and {npz_path.name}")
     return record
