@@ -34,7 +34,7 @@ from bench.method_api import FitContext, batched_logits
 from bench.perf import register_perf
 from bench.profiling import measure
 from bench.tasks.base import TaskData
-from methods.regvar import RegVarOptions, output_weights, regvar_variance
+from methods.regvar import RegVarOptions, Weights, output_weights, regvar_variance, resolve_weights, split_last_linear
 from methods.regvar_amortized import AmortizedOptions, RegVarAmortized
 from methods.regvar_common import FlatModel, Optimizer, SolverSettings, resolve, train_tensors
 
@@ -180,6 +180,12 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--train-size", type=int, default=None, help="use the first N training points")
     p.add_argument("--optimizer", choices=[o.value for o in Optimizer], default=None)
+    p.add_argument(
+        "--weights",
+        choices=[w.value for w in Weights],
+        default="auto",
+        help="parameters the per-input fits refit (default: the method's auto choice)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device = select_device(args.device)
@@ -194,9 +200,20 @@ def main(argv: list[str]) -> int:
         "weights": weights,
     }
     out["amortized_vs_map"] = amortized_vs_map(task, data, model, device, args.inputs, args.fit_steps, args.repeats)
+    # The per-input arm refits what the method refits by default (``weights=auto``).
+    weights_used = resolve_weights(Weights(args.weights), len(data.train), model, RegVarOptions().full_batch_budget)
+    fit_data, fit_model = data, model
+    if weights_used is Weights.LAST_LAYER:
+        fit_model, featurize = split_last_linear(model, device)
+        fit_data = replace(
+            data,
+            train=TensorDataset(featurize(data.train.tensors[0]), data.train.tensors[1]),
+            test=TensorDataset(featurize(data.test.tensors[0][: args.queries]), data.test.tensors[1][: args.queries]),
+        )
+    out["per_input_weights"] = weights_used.value
     out["per_input_batched_vs_loop"] = batched_vs_loop(
-        data,
-        model,
+        fit_data,
+        fit_model,
         device,
         task.recipe().weight_decay,
         args.queries,
@@ -213,7 +230,8 @@ def main(argv: list[str]) -> int:
             f"{a['inputs']} inputs: ratio {a['ratio']:.2f} (target ≤ 2.5)"
         )
         print(
-            f"per-input RegVar ({b['optimizer']}, {b['dtype']}, {b['steps']} steps): batched "
+            f"per-input RegVar ({out['per_input_weights']}, {b['optimizer']}, {b['dtype']}, "
+            f"{b['steps']} steps): batched "
             f"{b['batched_s_per_query']:.3f} s/query, loop {b['loop_s_per_query']:.3f} s/query, "
             f"speedup {b['speedup']:.2f}× (target ≥ 10)"
         )
