@@ -64,7 +64,7 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
                align="edge", color="#DD8452", alpha=0.5, label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ece = float(np.sum(counts * np.abs(acc - conf)) / counts.sum())
-        ax.set_title(f"{method}\nECE {ece:.3f}", fontsize=9)
+        ax.set_title(f"{method}\nECE {ece:.3f}, n = {int(counts.sum())}", fontsize=9)  # n: capped methods
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")
@@ -96,7 +96,7 @@ def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[
             bins = np.linspace(0, max(h_in.max(), h_out.max(), 1e-6), 40)
             ax.hist(h_in, bins=bins, alpha=0.6, density=True, label="in-distribution test")
             ax.hist(h_out, bins=bins, alpha=0.6, density=True, label=f"OOD: {ood}")
-            ax.set_title(method, fontsize=9)
+            ax.set_title(f"{method} (n = {len(h_in)} / {len(h_out)})", fontsize=9)
             ax.set_xlabel("predictive entropy (nats)")
         for ax in list(axes.flat)[len(methods):]:
             ax.axis("off")
