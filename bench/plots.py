@@ -119,7 +119,8 @@ def plot_regvar_contour(task: str, path: Path, out: Path) -> Path | None:
     cs = ax.contourf(np.log10(scales), np.log10(lambdas), nll, levels=20, cmap="viridis")
     fig.colorbar(cs, ax=ax, label="validation NLL (nats)")
     i, j = np.unravel_index(np.nanargmin(nll), nll.shape)
-    ax.plot(np.log10(scales[j]), np.log10(lambdas[i]), "r*", ms=12, label="chosen")
+    # Not clipped: the chosen point is often on the grid's edge (e.g. the smallest scale).
+    ax.plot(np.log10(scales[j]), np.log10(lambdas[i]), "r*", ms=12, label="chosen", clip_on=False, zorder=5)
     ax.set_xlabel("log10 variance scale s")
     ax.set_ylabel("log10 λ")
     ax.set_title(f"{read_json(path)['method']} on {task}: validation NLL")
