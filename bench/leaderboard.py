@@ -175,7 +175,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         if stale:
             print(f"bench: stale tables: {', '.join(map(str, stale))}; run `python -m bench table`")
             return 1
-        print(f"tables are up to date with {sum(len(v) for t in table.values() for v in t.values())} runs")
+        runs = sum(len(v) for t in table.values() for m, v in t.items() if "⊂" not in m)  # not paired rows
+        print(f"tables are up to date with {runs} runs")
         return 0
     atomic_write_bytes(md_path, md.encode())
     atomic_write_bytes(csv_path, csv_text.encode())
