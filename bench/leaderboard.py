@@ -45,6 +45,16 @@ OWN_SCORES = ("variance", "mutual_info")
 # the same inputs and seed, so that the comparison is paired: a 100-input subset can differ from
 # the full test set by more than the methods differ from each other.
 PAIRED_REFERENCE = "map"
+PAIRED_MARK = "⊂"
+
+
+def paired_label(method: str) -> str:
+    return f"{PAIRED_REFERENCE} {PAIRED_MARK} {method}"
+
+
+def is_paired(label: str) -> bool:
+    """A derived row (the reference cut to a capped method's subset), not a run file."""
+    return PAIRED_MARK in label
 
 
 def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], list[dict[str, Any]]]:
@@ -79,7 +89,7 @@ def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], l
         flat = dict(evaluate(**unpack_predictions(restrict(reference, indices))))
         flat["seed"] = seed
         flat["subset"] = len(indices.get("test", ()))
-        table[task][f"{PAIRED_REFERENCE} ⊂ {method}"].append(flat)
+        table[task][paired_label(method)].append(flat)
     return table, failed
 
 
@@ -148,9 +158,9 @@ def render(table: dict[str, dict[str, list[dict[str, float]]]], failed: list[dic
         md += [f"## {task}", "", tabulate(rows, headers=["method", "n", *[c[0] for c in cols]],
                                           tablefmt="github", disable_numparse=True), ""]
         capped = sorted({(m, int(r["subset"])) for m, rs in runs.items() for r in rs if r.get("subset")
-                         and "⊂" not in m})
+                         and not is_paired(m)})
         md += [f"- {m}: evaluated on a fixed seeded subset of {k} inputs per evaluation set (its cost cap); "
-               f"compare it with `{PAIRED_REFERENCE} ⊂ {m}`, the {PAIRED_REFERENCE} predictions on the same "
+               f"compare it with `{paired_label(m)}`, the {PAIRED_REFERENCE} predictions on the same "
                "inputs and seeds. Subset rows are not ranked (no bold)."
                for m, k in capped] + ([""] if capped else [])
     if failed:
@@ -175,7 +185,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         if stale:
             print(f"bench: stale tables: {', '.join(map(str, stale))}; run `python -m bench table`")
             return 1
-        runs = sum(len(v) for t in table.values() for m, v in t.items() if "⊂" not in m)  # not paired rows
+        runs = sum(len(v) for t in table.values() for m, v in t.items() if not is_paired(m))
         print(f"tables are up to date with {runs} runs")
         return 0
     atomic_write_bytes(md_path, md.encode())
