@@ -43,7 +43,7 @@ from bench.seeding import derive_seed, seed_everything
 from bench.tasks.base import TaskData, TrainRecipe
 from methods.regvar import RegVar, RegVarOptions, output_weights, regvar_variance
 from methods.regvar_amortized import AmortizedOptions, RegVarAmortized
-from methods.regvar_common import FlatModel, SolverSettings, resolve
+from methods.regvar_common import FlatModel, resolve
 
 DTYPE = torch.float64
 AMORTIZED_CHECK_LAM = 1e-5
@@ -274,16 +274,7 @@ def run(
     opt, dtype = resolve(o.optimizer, o.precision, n, fm.dim, o.full_batch_budget)
     sub = slice(0, min(sweep_queries, len(x_q)))
     sweep_lams = tuple(sorted({*lams, o.lam}))
-    settings = SolverSettings(
-        opt,
-        max(*steps_grid, o.steps),
-        o.lr,
-        o.batch_size,
-        o.history,
-        o.rtol,
-        seed=derive_seed(seed, "regvar", "data-order"),
-        xtol=o.xtol,
-    )
+    settings = o.settings(opt, seed=derive_seed(seed, "regvar", "data-order"), steps=max(*steps_grid, o.steps))
     fm_fit = FlatModel(model, dtype, torch.device("cpu"))
     sweep, t_sweep = _timed(
         log,

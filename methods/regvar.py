@@ -253,16 +253,7 @@ class RegVar(Method):
         x_tr, y_tr = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
         self.x_train, self.y_train = train_tensors(TensorDataset(self._inputs(x_tr), y_tr), self.fm)
         self.wd = ctx.recipe.weight_decay
-        self.settings = SolverSettings(
-            opt,
-            o.steps,
-            o.lr,
-            o.batch_size,
-            o.history,
-            o.rtol,
-            seed=derive_seed(ctx.seed, "regvar", "data-order"),
-            xtol=o.xtol,
-        )
+        self.settings = o.settings(opt, seed=derive_seed(ctx.seed, "regvar", "data-order"))
         self.info = {
             "objective": "mean CE + (wd/2)|θ|², eval mode",
             "prior_precision": n_train * self.wd,

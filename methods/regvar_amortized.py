@@ -50,7 +50,6 @@ from methods.regvar_common import (
     Optimizer,
     Regularizer,
     SolverOptions,
-    SolverSettings,
     StackedObjective,
     polish,
     probit_probs,
@@ -109,16 +108,7 @@ class RegVarAmortized(Method):
         fm = self.fm = FlatModel(ctx.map_model, dtype, ctx.device)
         self.theta_map = fm.theta0.clone()
         x_train, y_train = train_tensors(ctx.data.train, fm)
-        settings = SolverSettings(
-            opt,
-            o.steps,
-            o.lr,
-            o.batch_size,
-            o.history,
-            o.rtol,
-            seed=derive_seed(ctx.seed, "regvar-amortized", "data-order"),
-            xtol=o.xtol,
-        )
+        settings = o.settings(opt, seed=derive_seed(ctx.seed, "regvar-amortized", "data-order"))
         lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device) * n_train  # log-joint λ
         self.info = {}
         if opt is Optimizer.LBFGS and o.polish > 0 and o.difference is not Reference.PAPER:

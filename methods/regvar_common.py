@@ -257,6 +257,20 @@ class SolverOptions:
     full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
 
 
+    def settings(self, optimizer: Optimizer, seed: int, steps: int | None = None) -> SolverSettings:
+        """The resolved solver settings of these options (``optimizer`` with 'auto' resolved)."""
+        return SolverSettings(
+            optimizer,
+            self.steps if steps is None else steps,
+            self.lr,
+            self.batch_size,
+            self.history,
+            self.rtol,
+            seed=seed,
+            xtol=self.xtol,
+        )
+
+
 Callback = Callable[[int, torch.Tensor], None]
 
 
