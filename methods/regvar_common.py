@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -108,6 +107,19 @@ def tune_scale(
     scores = scale_nlls(logits, variance, labels, grid)
     best = min(range(len(grid)), key=lambda i: (scores[i], i))
     return float(grid[best]), scores[best]
+
+
+def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (as ``F.cross_entropy``), written out as a max-shifted log-sum-exp.
+
+    Hand-written for speed, not for a different value: under ``vmap`` over stacked copies,
+    torch's CPU log-softmax over a 10-wide class dimension took 2× longer per full-batch
+    gradient than these elementwise ops (0.46 vs 0.22 s for 32 last-layer copies on 55k
+    Fashion-MNIST rows, one thread); it agrees with ``F.cross_entropy`` to float round-off
+    (tests/test_regvar_common.py)."""
+    shift = logits.detach().amax(-1, keepdim=True)
+    z = logits - shift
+    return (z.exp().sum(-1).log() - z.gather(-1, labels[..., None]).squeeze(-1)).mean()
 
 
 class FlatModel:
@@ -193,7 +205,7 @@ class StackedObjective:
 
         def data_term(theta: torch.Tensor, coef: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             out = fm(theta, xb)
-            loss = F.cross_entropy(out, yb)
+            loss = mean_cross_entropy(out, yb)
             if amortized:  # the paper's listing: + λ·mean|f|/n on the training batch
                 loss = loss + coef / self.n * out.abs().mean()
             return loss

@@ -16,6 +16,7 @@ from methods.regvar_common import (
     Regularizer,
     SolverSettings,
     StackedObjective,
+    mean_cross_entropy,
     probit_probs,
     resolve,
     solve,
@@ -23,6 +24,20 @@ from methods.regvar_common import (
 )
 
 CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("spread", [1.0, 80.0])  # 80: exp would overflow without the shift
+def test_mean_cross_entropy_matches_torch_in_value_and_gradient_under_vmap(spread: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (spread * torch.randn(3, 50, 10, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    labels = torch.randint(0, 10, (50,), generator=gen)
+    ours = torch.vmap(mean_cross_entropy, in_dims=(0, None))(logits, labels)
+    ref = torch.stack([nn.functional.cross_entropy(z, labels) for z in logits])
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(g_ours, g_ref)
 
 
 def test_probit_is_softmax_without_variance_and_flattens_with_it() -> None:
