@@ -16,6 +16,7 @@ import torch
 
 import methods  # noqa: F401 - registers the built-in methods
 from bench import options as opts
+from bench.cache import cache_lock
 from bench.device import select_device
 from bench.errors import BenchError
 from bench.method_api import METHODS, FitContext, Method
@@ -130,17 +131,18 @@ class ModelCache:
         torch.manual_seed(seed)
         model = self.make_model()
         what = "MAP model" if member == 0 else f"ensemble member {member}"
-        if load_state(model, path):
-            self.loaded.append(member)
-            self.reporter.log(f"{what}: loaded cached checkpoint {path} (no training)")
-            return model.to(self.device).eval()
-        self.reporter.log(f"{what}: training {self.recipe.epochs} epoch(s) on {len(self.data.train)} examples")
-        generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
-        with measure(self.device) as m:
-            train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
-        self.trained_seconds += m.seconds
-        self.trained.append(member)
-        save_state(model, path)
+        with cache_lock(path):  # a parallel run training the same model: wait, then load
+            if load_state(model, path):
+                self.loaded.append(member)
+                self.reporter.log(f"{what}: loaded cached checkpoint {path} (no training)")
+                return model.to(self.device).eval()
+            self.reporter.log(f"{what}: training {self.recipe.epochs} epoch(s) on {len(self.data.train)} examples")
+            generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
+            with measure(self.device) as m:
+                train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
+            self.trained_seconds += m.seconds
+            self.trained.append(member)
+            save_state(model, path)
         return model.eval()
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 import traceback
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 from bench import options as opts
@@ -81,6 +85,72 @@ def record_failure(config: RunConfig, exc: BaseException) -> None:
     atomic_write_bytes(json_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
 
+def run_or_record(config: RunConfig) -> str | None:
+    """One run of the grid: None when it succeeded, else its one-line error (recorded on disk)."""
+    try:
+        run(config)
+    except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+        record_failure(config, exc)
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def _init_worker(plugins: list[str], threads: int) -> None:
+    """A sweep worker: the parent's plugins registered, and its share of the CPU threads."""
+    import torch
+
+    from bench.plugins import load_plugins
+
+    torch.set_num_threads(threads)
+    load_plugins(plugins)
+
+
+def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[RunConfig, str | None]]:
+    for config in todo:
+        yield config, run_or_record(replace(config, quiet=quiet))
+
+
+@contextmanager
+def _in_workers(
+    todo: list[RunConfig], jobs: int, plugins: list[str]
+) -> Iterator[Iterator[tuple[RunConfig, str | None]]]:
+    """Runs in ``jobs`` spawned processes, results as they finish. Each run is written
+    atomically by its worker, so stopping the sweep (Ctrl-C) loses only the unfinished runs."""
+    import multiprocessing
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(plugins, threads))
+    futures = {pool.submit(run_or_record, replace(c, quiet=True)): c for c in todo}
+
+    def finished() -> Iterator[tuple[RunConfig, str | None]]:
+        for future in as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except BrokenProcessPool:
+                raise BenchError(
+                    "a sweep worker process died (killed, or out of memory?); finished runs are kept: "
+                    "rerun the same command to resume, with fewer --jobs if memory is short"
+                ) from None
+
+    try:
+        yield finished()
+    except BaseException:
+        # Stop the running runs now rather than let them finish unseen after we exit
+        # (ProcessPoolExecutor has no public way to do this before Python 3.14).
+        terminate = getattr(pool, "terminate_workers", None)
+        if terminate is not None:
+            terminate()
+        else:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     reporter = Reporter(args.quiet)
     settings: dict[str, str] = {}
@@ -89,6 +159,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     methods = _names(args.methods, METHODS, "method")
     tasks = _names(args.tasks, TASKS, "task")
     seeds = _seeds(args.seeds)
+    if args.jobs < 1:
+        raise BenchError(f"bad --jobs {args.jobs}; give the number of runs to execute at once (1 or more)")
     base = RunConfig(method="", task="", device=args.device, out=args.out, smoke=args.smoke,
                      data_dir=args.data_dir, settings=settings, quiet=True)
     grid = [replace(base, method=m, task=t, seed=s, settings=_applicable(settings, m, t))
@@ -97,31 +169,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if unused := sorted(set(settings) - used):
         raise BenchError(f"--set {', '.join(unused)}: no method or task in this sweep has such an option")
     todo = [c for c in grid if args.force or not is_done(c)]
-    reporter.log(f"sweep: {len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run")
+    jobs = min(args.jobs, max(1, len(todo)))
+    reporter.log(f"sweep: {len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run"
+                 + (f", {jobs} at a time" if jobs > 1 else ""))
     failures: list[tuple[RunConfig, str]] = []
     started = time.perf_counter()
     bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
-    for i, config in enumerate(todo):
-        label = f"{config.method} on {config.task} seed {config.seed}"
-        try:
-            run(replace(config, quiet=args.quiet))
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
-            record_failure(config, exc)
-            failures.append((config, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-            reporter.log(f"FAILED {label}: {failures[-1][1]}")
-        elapsed = time.perf_counter() - started
-        eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        reporter.log(f"[{i + 1}/{len(todo)}] {label} done; elapsed {elapsed:.0f} s, about {eta:.0f} s left")
-        if hasattr(bar, "update"):
-            bar.update(1)
+    runner = _in_workers(todo, jobs, list(getattr(args, "plugin", []))) if jobs > 1 else nullcontext(
+        _in_process(todo, args.quiet))
+    with runner as results:
+        for i, (config, error) in enumerate(results):
+            label = f"{config.method} on {config.task} seed {config.seed}"
+            if error is not None:
+                failures.append((config, error))
+                reporter.log(f"FAILED {label}: {error}")
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (i + 1) * (len(todo) - i - 1)
+            reporter.log(f"[{i + 1}/{len(todo)}] {label} done; elapsed {elapsed:.0f} s, about {eta:.0f} s left")
+            if hasattr(bar, "update"):
+                bar.update(1)
     if hasattr(bar, "close"):
         bar.close()
+    wall = time.perf_counter() - started
     if failures:
         print(f"{len(failures)} run(s) failed:")
         for config, message in failures:
             print(f"  {config.method} / {config.task} / seed {config.seed}: {message}")
         return 1
-    print(f"sweep finished: {len(todo)} run(s) done, {len(grid) - len(todo)} skipped as already done")
+    print(f"sweep finished: {len(todo)} run(s) done in {wall:.0f} s, {len(grid) - len(todo)} skipped as already done")
     return 0

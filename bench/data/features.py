@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bench.cache import cache_lock
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,20 @@ def embed_texts(
     ran on in this call) and ``cached`` (the other distinct texts).
     """
     store = FeatureStore(spec, root)
+    with cache_lock(store.dir / "store"):  # parallel runs embed a text once, not once each
+        return _embed_locked(texts, store, spec, root, device, chunk_size, progress, desc)
+
+
+def _embed_locked(
+    texts: Sequence[str],
+    store: FeatureStore,
+    spec: EncoderSpec,
+    root: Path,
+    device: torch.device | None,
+    chunk_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     hashes = [text_hash(t) for t in texts]
     index = store.load_index()
     missing: dict[str, str] = {}
