@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from pathlib import Path
 
 from bench import options as opts
 from bench.errors import BenchError
@@ -18,6 +19,7 @@ from bench.progress import Reporter
 from bench.registry import parse_assignment
 from bench.results import SCHEMA_VERSION, atomic_write_bytes, read_json
 from bench.runner import RunConfig, resolve, result_paths, run
+from bench.schedule import DEFAULT_HISTORY, estimate_seconds, fill_unknown, longest_first, seconds_left
 from bench.tasks import TASKS
 
 
@@ -105,16 +107,17 @@ def _init_worker(plugins: list[str], threads: int) -> None:
     load_plugins(plugins)
 
 
-def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[RunConfig, str | None]]:
-    for config in todo:
-        yield config, run_or_record(replace(config, quiet=quiet))
+def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[int, str | None]]:
+    for i, config in enumerate(todo):
+        yield i, run_or_record(replace(config, quiet=quiet))
 
 
 @contextmanager
 def _in_workers(
     todo: list[RunConfig], jobs: int, plugins: list[str]
-) -> Iterator[Iterator[tuple[RunConfig, str | None]]]:
-    """Runs in ``jobs`` spawned processes, results as they finish. Each run is written
+) -> Iterator[Iterator[tuple[int, str | None]]]:
+    """Runs in ``jobs`` spawned processes, started in ``todo`` order; yields (index in
+    ``todo``, error) as they finish. Each run is written
     atomically by its worker, so stopping the sweep (Ctrl-C) loses only the unfinished runs."""
     import multiprocessing
 
@@ -123,9 +126,9 @@ def _in_workers(
     threads = max(1, torch.get_num_threads() // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(plugins, threads))
-    futures = {pool.submit(run_or_record, replace(c, quiet=True)): c for c in todo}
+    futures = {pool.submit(run_or_record, replace(c, quiet=True)): i for i, c in enumerate(todo)}
 
-    def finished() -> Iterator[tuple[RunConfig, str | None]]:
+    def finished() -> Iterator[tuple[int, str | None]]:
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
@@ -151,6 +154,16 @@ def _in_workers(
     pool.shutdown(wait=True)
 
 
+def _expected_seconds(todo: list[RunConfig], out: Path) -> list[float]:
+    """Each run's expected length from earlier results (see ``bench.schedule``)."""
+    roots = [out] if Path(out).resolve() == DEFAULT_HISTORY.resolve() else [out, DEFAULT_HISTORY]
+    estimates = []
+    for config in todo:
+        r = resolve(config)
+        estimates.append(estimate_seconds(r.task_label, r.method_label, config.smoke, roots))
+    return fill_unknown(estimates)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     reporter = Reporter(args.quiet)
     settings: dict[str, str] = {}
@@ -170,22 +183,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise BenchError(f"--set {', '.join(unused)}: no method or task in this sweep has such an option")
     todo = [c for c in grid if args.force or not is_done(c)]
     jobs = min(args.jobs, max(1, len(todo)))
+    weights = _expected_seconds(todo, args.out)
+    if jobs > 1:  # longest first, so no long run starts while the other workers run out of work
+        order = longest_first(weights)
+        todo, weights = [todo[i] for i in order], [weights[i] for i in order]
     reporter.log(f"sweep: {len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run"
-                 + (f", {jobs} at a time" if jobs > 1 else ""))
+                 + (f", {jobs} at a time, longest first" if jobs > 1 else ""))
     failures: list[tuple[RunConfig, str]] = []
     started = time.perf_counter()
     bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
     runner = _in_workers(todo, jobs, list(getattr(args, "plugin", []))) if jobs > 1 else nullcontext(
         _in_process(todo, args.quiet))
     with runner as results:
-        for i, (config, error) in enumerate(results):
+        done_weight, left_weight = 0.0, sum(weights)
+        for count, (i, error) in enumerate(results, start=1):
+            config = todo[i]
             label = f"{config.method} on {config.task} seed {config.seed}"
             if error is not None:
                 failures.append((config, error))
                 reporter.log(f"FAILED {label}: {error}")
             elapsed = time.perf_counter() - started
-            eta = elapsed / (i + 1) * (len(todo) - i - 1)
-            reporter.log(f"[{i + 1}/{len(todo)}] {label} done; elapsed {elapsed:.0f} s, about {eta:.0f} s left")
+            done_weight, left_weight = done_weight + weights[i], left_weight - weights[i]
+            eta = seconds_left(elapsed, done_weight, left_weight)
+            reporter.log(f"[{count}/{len(todo)}] {label} done; elapsed {elapsed:.0f} s, about {eta:.0f} s left")
             if hasattr(bar, "update"):
                 bar.update(1)
     if hasattr(bar, "close"):

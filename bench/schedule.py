@@ -1,0 +1,67 @@
+"""Order and time-left estimates for a sweep, from the times of earlier runs.
+
+A parallel sweep ends when its last worker does. In grid order the longest runs (RegVar on
+Fashion-MNIST: ~25 min each against seconds for most others) can start last and leave one core
+idle for their whole length, so the grid is scheduled longest-first (LPT, within 4/3 of the
+best makespan). Run lengths come from earlier results of the same method, task and smoke flag:
+in the sweep's own results root, then in the committed leaderboard's. The same estimates weight
+the time-left figure, which a plain runs-per-second rate gets badly wrong when runs differ 1000×.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.results import run_paths
+
+TIMED_PARTS = ("data_s", "map_train_s", "fit_s", "predict_test_s", "predict_other_s")
+DEFAULT_HISTORY = Path("results")
+
+
+def recorded_seconds(path: Path, smoke: bool) -> float | None:
+    """Wall seconds of one finished run with this smoke flag, from its result file; None when
+    there is no such run (missing, failed, corrupt or of the other flag)."""
+    try:
+        record = json.loads(path.read_text())
+        if bool(record["config"]["smoke"]) != smoke:
+            return None
+        timings = record["timings"]
+        return float(sum(float(timings.get(k, 0.0)) for k in TIMED_PARTS))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no usable history for this run: it is scheduled as an unknown
+
+
+def estimate_seconds(
+    task: str, method: str, smoke: bool, roots: Sequence[Path], seeds: Sequence[int] = range(10)
+) -> float | None:
+    """Mean recorded time of ``method`` on ``task`` (seeds 0-9, same smoke flag) in the first
+    root that has any; None when no root does."""
+    for root in roots:
+        recorded = (recorded_seconds(run_paths(root, task, method, seed)[0], smoke) for seed in seeds)
+        times = [t for t in recorded if t is not None]
+        if times:
+            return statistics.fmean(times)
+    return None
+
+
+def fill_unknown(estimates: Sequence[float | None]) -> list[float]:
+    """Unknown lengths are taken as the longest known one (so they start early: an unknown
+    long run started last is the costly mistake), or 1 when nothing is known."""
+    known = [e for e in estimates if e is not None]
+    default = max(known) if known else 1.0
+    return [default if e is None else max(e, 1e-3) for e in estimates]
+
+
+def longest_first(weights: Sequence[float]) -> list[int]:
+    """Indices of ``weights`` in decreasing order; ties keep their grid order."""
+    return sorted(range(len(weights)), key=lambda i: -weights[i])
+
+
+def seconds_left(elapsed: float, done_weight: float, left_weight: float) -> float:
+    """Time left if the remaining work runs at the rate the finished work ran."""
+    if done_weight <= 0:
+        return 0.0
+    return elapsed * left_weight / done_weight
