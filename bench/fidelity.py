@@ -291,6 +291,7 @@ def run(
             o.difference,
             o.query_batch,
             (*steps_grid, o.steps),
+            curvature=per_input.curvature,  # the solver the method used above
         ),
     )
     tgt = target[sub]

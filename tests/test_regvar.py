@@ -19,6 +19,7 @@ from methods.regvar_common import (
     Regularizer,
     SolverSettings,
     StackedObjective,
+    inverse_hessian,
     solve,
 )
 
@@ -67,16 +68,23 @@ def exact(fm: FlatModel, h: torch.Tensor, queries: torch.Tensor, w: torch.Tensor
     return torch.einsum("nkd,de,nke->nk", jg, torch.linalg.inv(h), jg)
 
 
+@pytest.mark.parametrize("hessian_start", [False, True])
 @pytest.mark.parametrize("difference", list(Difference))
 @pytest.mark.parametrize("output", list(Output))
 def test_finite_difference_matches_laplace_variance_on_logistic_regression(
-    logistic, output, difference
+    logistic, output, difference, hessian_start
 ):
-    """σ² = g'ᵀP⁻¹g' within 1% (the paper's Theorem 4.1) for a small λ, every read-out."""
+    """σ² = g'ᵀP⁻¹g' within 1% (the paper's Theorem 4.1) for a small λ, every read-out,
+    with the fits' L-BFGS started from γ·I or from the exact P⁻¹ at θ₀."""
     fm, x, y, h, queries = logistic
     w = output_weights(fm.logits(fm.theta0, queries), output)
     settings = SolverSettings(Optimizer.LBFGS, 100, 0.0, 64, rtol=1e-10)
-    got = regvar_variance(fm, x, y, WD, queries, w, (1e-3,), settings, difference)[100][..., 0]
+    curvature = None
+    if hessian_start:
+        curvature = inverse_hessian(StackedObjective(fm, x, y, WD, Regularizer(torch.zeros(1, dtype=x.dtype))),
+                                    fm.theta0)
+    got = regvar_variance(fm, x, y, WD, queries, w, (1e-3,), settings, difference,
+                          curvature=curvature)[100][..., 0]
     torch.testing.assert_close(got, exact(fm, h, queries, w), rtol=1e-2, atol=0)
 
 
