@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from bench.results import run_paths
@@ -60,8 +60,30 @@ def longest_first(weights: Sequence[float]) -> list[int]:
     return sorted(range(len(weights)), key=lambda i: -weights[i])
 
 
-def seconds_left(elapsed: float, done_weight: float, left_weight: float) -> float:
-    """Time left if the remaining work runs at the rate the finished work ran."""
-    if done_weight <= 0:
-        return 0.0
-    return elapsed * left_weight / done_weight
+class TimeLeft:
+    """Time left in a sweep: the unfinished runs' expected lengths over the workers.
+
+    A run's expected length is the mean measured length of the finished runs with the same key
+    (method and task) in this sweep; for a key not yet seen, its estimate from earlier results
+    times the median measured/estimated ratio so far (the code or the machine may have changed
+    since those results: the median keeps one rewritten method from skewing the rest).
+    """
+
+    def __init__(self, keys: Sequence[Hashable], estimates: Sequence[float], workers: int) -> None:
+        self.keys, self.estimates, self.workers = list(keys), list(estimates), max(1, workers)
+        self.left = set(range(len(self.keys)))
+        self.measured: dict[Hashable, list[float]] = {}
+        self.ratios: list[float] = []
+
+    def finished(self, i: int, seconds: float) -> None:
+        self.left.discard(i)
+        self.measured.setdefault(self.keys[i], []).append(seconds)
+        self.ratios.append(seconds / self.estimates[i])
+
+    def expected(self, i: int) -> float:
+        if seen := self.measured.get(self.keys[i]):
+            return statistics.fmean(seen)
+        return self.estimates[i] * (statistics.median(self.ratios) if self.ratios else 1.0)
+
+    def seconds(self) -> float:
+        return sum(self.expected(i) for i in self.left) / self.workers

@@ -19,7 +19,7 @@ from bench.progress import Reporter
 from bench.registry import parse_assignment
 from bench.results import SCHEMA_VERSION, atomic_write_bytes, read_json
 from bench.runner import RunConfig, resolve, result_paths, run
-from bench.schedule import DEFAULT_HISTORY, estimate_seconds, fill_unknown, longest_first, seconds_left
+from bench.schedule import DEFAULT_HISTORY, TimeLeft, estimate_seconds, fill_unknown, longest_first
 from bench.tasks import TASKS
 
 
@@ -99,25 +99,38 @@ def run_or_record(config: RunConfig) -> str | None:
 
 def _init_worker(plugins: list[str], threads: int) -> None:
     """A sweep worker: the parent's plugins registered, and its share of the CPU threads."""
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     from bench.plugins import load_plugins
 
     torch.set_num_threads(threads)
+    # tqdm's default lock holds a multiprocessing semaphore; a worker stopped by Ctrl-C would
+    # leave it behind (reported as leaked at exit). Workers print no bars: a thread lock does.
+    tqdm.set_lock(threading.RLock())
     load_plugins(plugins)
 
 
-def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[int, str | None]]:
+def timed_run(config: RunConfig) -> tuple[str | None, float]:
+    """``run_or_record`` and its wall seconds (for the sweep's time-left estimate)."""
+    started = time.perf_counter()
+    error = run_or_record(config)
+    return error, time.perf_counter() - started
+
+
+def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[int, tuple[str | None, float]]]:
     for i, config in enumerate(todo):
-        yield i, run_or_record(replace(config, quiet=quiet))
+        yield i, timed_run(replace(config, quiet=quiet))
 
 
 @contextmanager
 def _in_workers(
     todo: list[RunConfig], jobs: int, plugins: list[str]
-) -> Iterator[Iterator[tuple[int, str | None]]]:
+) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
     """Runs in ``jobs`` spawned processes, started in ``todo`` order; yields (index in
-    ``todo``, error) as they finish. Each run is written
+    ``todo``, (error, seconds)) as they finish. Each run is written
     atomically by its worker, so stopping the sweep (Ctrl-C) loses only the unfinished runs."""
     import multiprocessing
 
@@ -126,9 +139,9 @@ def _in_workers(
     threads = max(1, torch.get_num_threads() // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(plugins, threads))
-    futures = {pool.submit(run_or_record, replace(c, quiet=True)): i for i, c in enumerate(todo)}
+    futures = {pool.submit(timed_run, replace(c, quiet=True)): i for i, c in enumerate(todo)}
 
-    def finished() -> Iterator[tuple[int, str | None]]:
+    def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
@@ -195,17 +208,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     runner = _in_workers(todo, jobs, list(getattr(args, "plugin", []))) if jobs > 1 else nullcontext(
         _in_process(todo, args.quiet))
     with runner as results:
-        done_weight, left_weight = 0.0, sum(weights)
-        for count, (i, error) in enumerate(results, start=1):
+        time_left = TimeLeft([(c.method, c.task) for c in todo], weights, jobs)
+        for count, (i, (error, seconds)) in enumerate(results, start=1):
             config = todo[i]
             label = f"{config.method} on {config.task} seed {config.seed}"
             if error is not None:
                 failures.append((config, error))
                 reporter.log(f"FAILED {label}: {error}")
             elapsed = time.perf_counter() - started
-            done_weight, left_weight = done_weight + weights[i], left_weight - weights[i]
-            eta = seconds_left(elapsed, done_weight, left_weight)
-            reporter.log(f"[{count}/{len(todo)}] {label} done; elapsed {elapsed:.0f} s, about {eta:.0f} s left")
+            time_left.finished(i, seconds)
+            reporter.log(f"[{count}/{len(todo)}] {label} done in {seconds:.0f} s; elapsed {elapsed:.0f} s, "
+                         f"about {time_left.seconds():.0f} s left")
             if hasattr(bar, "update"):
                 bar.update(1)
     if hasattr(bar, "close"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.results import run_paths
-from bench.schedule import estimate_seconds, fill_unknown, longest_first, recorded_seconds, seconds_left
+from bench.schedule import TimeLeft, estimate_seconds, fill_unknown, longest_first, recorded_seconds
 
 
 def _write_run(root: Path, task: str, method: str, seed: int, seconds: dict, smoke: bool = False) -> Path:
@@ -71,6 +71,16 @@ def test_longest_first_shortens_the_sweep_measured_in_grid_order() -> None:
     assert _makespan(ordered, 2) <= sum(grid) / 2 + 20.0  # balanced to within one short run
 
 
-def test_seconds_left_scales_elapsed_by_work_left() -> None:
-    assert seconds_left(100.0, done_weight=25.0, left_weight=75.0) == pytest.approx(300.0)
-    assert seconds_left(100.0, done_weight=10.0, left_weight=0.0) == 0.0
+def test_time_left_uses_this_sweeps_measurements_over_stale_estimates() -> None:
+    keys = ["a", "a", "b", "b", "c"]
+    left = TimeLeft(keys, estimates=[100.0, 100.0, 10.0, 10.0, 40.0], workers=2)
+    assert left.seconds() == pytest.approx(260.0 / 2)  # nothing measured: the estimates
+    left.finished(0, 5.0)  # "a" now takes 5 s, 1/20 of its estimate
+    assert left.expected(1) == pytest.approx(5.0)  # same key: measured
+    assert left.expected(2) == pytest.approx(0.5)  # other keys: estimate × median ratio
+    left.finished(2, 10.0)  # "b" as estimated: median ratio of 0.05 and 1.0
+    assert left.expected(4) == pytest.approx(40.0 * 0.525)
+    assert left.seconds() == pytest.approx((5.0 + 10.0 + 21.0) / 2)
+    for i in (1, 3, 4):
+        left.finished(i, 1.0)
+    assert left.seconds() == 0.0

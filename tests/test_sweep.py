@@ -118,6 +118,7 @@ def test_interrupted_parallel_sweep_keeps_finished_runs_and_stops_its_workers(tm
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted; nothing partial was written" in stderr
+    assert "leaked semaphore" not in stderr and "Traceback" not in stderr, stderr
     assert json.loads(finished.read_text())["status"] == "ok"
     assert not (out / "runs" / "tiny-digits@smoke" / "slow").exists()
     assert not list(out.rglob("*.tmp"))
