@@ -1,11 +1,12 @@
 """Order and time-left estimates for a sweep, from the times of earlier runs.
 
-A parallel sweep ends when its last worker does. In grid order the longest runs (RegVar on
-Fashion-MNIST: ~25 min each against seconds for most others) can start last and leave one core
-idle for their whole length, so the grid is scheduled longest-first (LPT, within 4/3 of the
-best makespan). Run lengths come from earlier results of the same method, task and smoke flag:
-in the sweep's own results root, then in the committed leaderboard's. The same estimates weight
-the time-left figure, which a plain runs-per-second rate gets badly wrong when runs differ 1000×.
+A parallel sweep ends when its last worker does. In grid order a long run (Laplace on
+Fashion-MNIST: minutes, against seconds for most runs; per-input RegVar there once took 25 min)
+can start last and leave the other cores idle for its whole length, so the grid is scheduled
+longest-first (LPT, within 4/3 of the best makespan). Run lengths come from earlier results of
+the same method, task and smoke flag: in the sweep's own results root, then in the committed
+leaderboard's. The time left uses this sweep's measured lengths once it has them (``TimeLeft``):
+a plain runs-per-second rate gets it badly wrong when runs differ 1000×.
 """
 
 from __future__ import annotations
