@@ -41,9 +41,9 @@ from bench.errors import BenchError
 from bench.method_api import FitContext
 from bench.seeding import derive_seed, seed_everything
 from bench.tasks.base import TaskData, TrainRecipe
-from methods.regvar import RegVar, RegVarOptions, output_weights, regvar_variance
-from methods.regvar_amortized import AmortizedOptions, RegVarAmortized
-from methods.regvar_common import FlatModel, resolve
+from bench_methods.regvar import RegVar, RegVarOptions, output_weights, regvar_variance
+from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
+from bench_methods.regvar_common import FlatModel, resolve
 
 DTYPE = torch.float64
 AMORTIZED_CHECK_LAM = 1e-5

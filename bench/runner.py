@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import methods  # noqa: F401 - registers the built-in methods
+import bench_methods  # noqa: F401 - registers the built-in methods
 from bench import options as opts
 from bench.cache import cache_lock
 from bench.device import select_device

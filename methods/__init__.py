@@ -1,8 +1,7 @@
-"""Registered methods: one module each. Importing this package registers the built-in ones."""
+"""Registered methods: one module each. Importing this package registers the built-in ones.
 
-import methods.ensemble  # noqa: F401
-import methods.laplace  # noqa: F401
-import methods.mc_dropout  # noqa: F401
-import methods.regvar  # noqa: F401
-import methods.regvar_amortized  # noqa: F401
-from methods import map  # noqa: F401
+Installed as the package ``bench_methods`` (pyproject maps it onto this folder), so no ``methods``
+module in a user's working directory can shadow it; modules here import each other relatively.
+"""
+
+from . import ensemble, laplace, map, mc_dropout, regvar, regvar_amortized  # noqa: F401

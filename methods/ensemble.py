@@ -18,7 +18,8 @@ from bench.errors import BenchError
 from bench.method_api import FitContext, Method, register_method
 from bench.options import option
 from bench.types import Prediction
-from methods.sample_scores import batched_summary
+
+from .sample_scores import batched_summary
 
 
 @dataclass

@@ -31,8 +31,9 @@ from bench.method_api import FitContext, Method, register_method
 from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
-from methods.kfac_predictive import FastGLMPredictive, glm_link
-from methods.laplace_common import (
+
+from .kfac_predictive import FastGLMPredictive, glm_link
+from .laplace_common import (
     Link,
     PriorMethod,
     PriorStructure,

@@ -32,7 +32,8 @@ from bench.options import option
 from bench.seeding import derive_seed
 from bench.training import train
 from bench.types import Prediction
-from methods.sample_scores import batched_summary
+
+from .sample_scores import batched_summary
 
 # Every torch dropout flavour (all subclass the private _DropoutNd).
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (

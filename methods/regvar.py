@@ -78,7 +78,8 @@ from bench.method_api import FitContext, Method, register_method
 from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
-from methods.regvar_common import (
+
+from .regvar_common import (
     FlatModel,
     Optimizer,
     Regularizer,

@@ -44,7 +44,8 @@ from bench.method_api import FitContext, Method, register_method
 from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
-from methods.regvar_common import (
+
+from .regvar_common import (
     SCALE_GRID,
     FlatModel,
     Optimizer,

@@ -121,7 +121,7 @@ def test_plugin_method_from_outside_the_repo_runs(tmp_path: Path) -> None:
 def test_duplicate_registration_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plugin = tmp_path / "dup.py"
     plugin.write_text("from bench.method_api import register_method\n"
-                      "from methods.map import MAP\n"
+                      "from bench_methods.map import MAP\n"
                       "@register_method('map')\nclass Again(MAP):\n    pass\n")
     assert main(["--plugin", str(plugin), "list"]) == 2
     assert "method 'map' is already registered" in capsys.readouterr().err
@@ -132,7 +132,7 @@ def test_interrupted_run_writes_nothing_and_keeps_earlier_results(tmp_path: Path
     plugin = tmp_path / "interrupt.py"
     plugin.write_text(textwrap.dedent('''
         from bench.method_api import register_method
-        from methods.map import MAP
+        from bench_methods.map import MAP
 
         @register_method("interrupted")
         class Interrupted(MAP):
@@ -160,7 +160,7 @@ def test_capped_method_is_evaluated_on_a_fixed_recorded_subset(tmp_path: Path) -
     plugin = tmp_path / "capped.py"
     plugin.write_text(textwrap.dedent('''
         from bench.method_api import register_method
-        from methods.map import MAP
+        from bench_methods.map import MAP
 
         @register_method("capped-map")
         class Capped(MAP):

@@ -13,7 +13,7 @@ from bench.options import build
 from bench.seeding import derive_seed
 from bench.tasks.base import TaskData, TrainRecipe
 from bench.training import train
-from methods.ensemble import DeepEnsemble, EnsembleOptions
+from bench_methods.ensemble import DeepEnsemble, EnsembleOptions
 
 N_IN, N_CLASSES = 4, 3
 DEVICES = [

@@ -11,7 +11,7 @@ from torch.func import hessian
 
 from bench import fidelity
 from bench.errors import BenchError
-from methods.regvar_common import FlatModel
+from bench_methods.regvar_common import FlatModel
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
-from methods.kfac_predictive import FastGLMPredictive, glm_link, probit_probs
+from bench_methods.kfac_predictive import FastGLMPredictive, glm_link, probit_probs
 
 laplace = pytest.importorskip("laplace")
 from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN  # noqa: E402

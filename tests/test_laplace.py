@@ -16,7 +16,7 @@ from bench.tasks.base import TaskData, TrainRecipe
 from bench.training import train
 
 pytest.importorskip("laplace")
-import methods.laplace  # noqa: E402,F401  (registers the methods)
+import bench_methods.laplace  # noqa: E402,F401  (registers the methods)
 
 C = 3
 RECIPE = TrainRecipe(epochs=4, batch_size=32, lr=1e-2, weight_decay=1e-4)
@@ -189,7 +189,7 @@ def test_bad_option_value_names_the_choices():
 
 
 def test_auto_backend_for_diag_depends_on_the_container():
-    from methods.laplace import Backend, Structure, resolve_backend
+    from bench_methods.laplace import Backend, Structure, resolve_backend
 
     seq = nn.Sequential(nn.Linear(2, 2))
     assert resolve_backend(Backend.AUTO, Structure.DIAG, seq).__name__ == "BackPackGGN"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from methods.kfac_predictive import FastGLMPredictive, probit_probs
+from bench_methods.kfac_predictive import FastGLMPredictive, probit_probs
 
 laplace = pytest.importorskip("laplace")
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from bench.errors import BenchError
-from methods.laplace_common import (
+from bench_methods.laplace_common import (
     GuardedNLL,
     Link,
     PriorMethod,

@@ -14,7 +14,7 @@ from bench.cli import main
 
 CAPPED = '''
 from bench.method_api import register_method
-from methods.map import MAP
+from bench_methods.map import MAP
 
 @register_method("subset-map")
 class SubsetMap(MAP):

@@ -14,7 +14,7 @@ from bench.method_api import METHODS, FitContext, batched_logits
 from bench.options import build
 from bench.tasks.base import TaskData, TrainRecipe
 from bench.training import train
-from methods.mc_dropout import MCDropout, MCDropoutOptions, dropout_layers, seeded_rng
+from bench_methods.mc_dropout import MCDropout, MCDropoutOptions, dropout_layers, seeded_rng
 
 N_IN, N_CLASSES = 4, 3
 DEVICES = [

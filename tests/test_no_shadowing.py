@@ -1,7 +1,14 @@
-"""The repo's top-level ``datasets/`` folder must never shadow Hugging Face ``datasets``."""
+"""No folder or file in a working directory may shadow what bench imports.
+
+The repo's top-level ``datasets/`` folder must never shadow Hugging Face ``datasets``, and the built-in
+methods (the ``methods/`` folder, installed as ``bench_methods``) must not be replaced by a user's
+``methods.py``.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -9,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
 
-pytest.importorskip("datasets", reason="Hugging Face datasets is a test extra")
+REPO = Path(__file__).resolve().parent.parent
 
 PROBE = "import datasets; print(datasets.__file__); print(hasattr(datasets, 'load_dataset'))"
 
@@ -31,7 +41,7 @@ def test_repo_datasets_folder_is_not_a_package():
 
 
 def test_import_in_process_is_hugging_face():
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is a test extra")
 
     assert datasets.__file__ is not None and _is_installed(datasets.__file__), datasets.__file__
     assert hasattr(datasets, "load_dataset")
@@ -40,7 +50,7 @@ def test_import_in_process_is_hugging_face():
 @pytest.mark.parametrize("extra_env", [{}, {"PYTHONPATH": str(REPO)}])
 def test_import_from_repo_root_in_subprocess(extra_env):
     """``python -c`` from the repo root puts it (beside ``datasets/``) first on sys.path."""
-    import os
+    pytest.importorskip("datasets", reason="Hugging Face datasets is a test extra")
 
     out = subprocess.run(
         [sys.executable, "-c", PROBE],
@@ -54,3 +64,36 @@ def test_import_from_repo_root_in_subprocess(extra_env):
     module_file, has_loader = out.stdout.split("\n")[:2]
     assert _is_installed(module_file), module_file
     assert has_loader == "True"
+
+
+def _bench_list(cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bench", "list"], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+
+
+def test_methods_py_in_working_directory_changes_nothing(tmp_path: Path) -> None:
+    """A user's ``methods.py`` (or ``methods/``) is never imported in place of the built-in methods."""
+    (tmp_path / "methods.py").write_text("print('SHADOWED')\nraise SystemExit(7)\n")
+    here, home = _bench_list(tmp_path), _bench_list(REPO)
+    assert home.returncode == 0, home.stderr
+    assert here.returncode == 0, here.stderr
+    assert "SHADOWED" not in here.stdout + here.stderr
+    assert here.stdout == home.stdout
+    assert "method  map " in here.stdout and "method  laplace " in here.stdout
+
+
+def test_nothing_imports_the_bare_methods_name() -> None:
+    """Every importer uses ``bench_methods`` (or a relative import inside it); ``methods`` may be shadowed."""
+    bare = re.compile(r"^\s*(from\s+methods[\s.]|import\s+methods\b)", re.M)
+    offenders = [str(path.relative_to(REPO)) for folder in ("bench", "methods", "tests", "scripts")
+                 for path in (REPO / folder).rglob("*.py") if bare.search(path.read_text())]
+    assert offenders == []
+
+
+@pytest.mark.skipif(tomllib is None, reason="tomllib is Python 3.11+")
+def test_pyproject_lists_every_package_folder() -> None:
+    """``packages`` is an explicit list (it maps ``bench_methods``), so a new sub-package must be added to it."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "bench").rglob("__init__.py")}
+    assert set(config["packages"]) == folders | {"bench_methods"}
+    assert config["package-dir"] == {"bench_methods": "methods"}

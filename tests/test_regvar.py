@@ -12,8 +12,8 @@ from bench.errors import BenchError
 from bench.method_api import METHODS, FitContext
 from bench.options import build
 from bench.tasks.base import TaskData, TrainRecipe
-from methods.regvar import Difference, Output, output_weights, regvar_variance
-from methods.regvar_common import (
+from bench_methods.regvar import Difference, Output, output_weights, regvar_variance
+from bench_methods.regvar_common import (
     FlatModel,
     Optimizer,
     Regularizer,

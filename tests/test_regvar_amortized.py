@@ -12,7 +12,7 @@ from bench.errors import BenchError
 from bench.method_api import METHODS, FitContext
 from bench.options import build
 from bench.tasks.base import TaskData, TrainRecipe
-from methods.regvar_common import (
+from bench_methods.regvar_common import (
     FlatModel,
     Optimizer,
     Regularizer,

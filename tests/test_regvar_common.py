@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
-from methods.regvar_common import (
+from bench_methods.regvar_common import (
     FlatModel,
     Optimizer,
     Precision,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.sample_scores import (
+from bench_methods.sample_scores import (
     batched_summary,
     expected_entropy,
     mean_predictive,

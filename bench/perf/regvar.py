@@ -34,9 +34,16 @@ from bench.method_api import FitContext, batched_logits
 from bench.perf import register_perf
 from bench.profiling import measure
 from bench.tasks.base import TaskData
-from methods.regvar import RegVarOptions, Weights, output_weights, regvar_variance, resolve_weights, split_last_linear
-from methods.regvar_amortized import AmortizedOptions, RegVarAmortized
-from methods.regvar_common import FlatModel, Optimizer, SolverSettings, resolve, train_tensors
+from bench_methods.regvar import (
+    RegVarOptions,
+    Weights,
+    output_weights,
+    regvar_variance,
+    resolve_weights,
+    split_last_linear,
+)
+from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
+from bench_methods.regvar_common import FlatModel, Optimizer, SolverSettings, resolve, train_tensors
 
 
 def _setup(
