@@ -115,6 +115,53 @@ def test_auroc_with_ties_matches_sklearn() -> None:
     assert auroc(s_in, s_out) == pytest.approx(expected)
 
 
+def _mann_whitney_auroc(s_in: np.ndarray, s_out: np.ndarray) -> float:
+    """AUROC as P(score_out > score_in) + ½ P(tie), counted pair by pair (independent of sklearn)."""
+    diff = s_out[:, None] - s_in[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+SCALES = {
+    "in [0, 1]": lambda g: (torch.rand(300, generator=g, dtype=torch.float64) * 0.8,
+                            torch.rand(200, generator=g, dtype=torch.float64) * 0.8 + 0.2),
+    "large, overlapping": lambda g: (40 + 10 * torch.rand(300, generator=g, dtype=torch.float64),
+                                     45 + 15 * torch.rand(200, generator=g, dtype=torch.float64)),
+    "huge": lambda g: (1e19 * torch.rand(300, generator=g, dtype=torch.float64),
+                       1e19 * (0.3 + torch.rand(200, generator=g, dtype=torch.float64))),
+    "negative": lambda g: (-50 - torch.randn(300, generator=g, dtype=torch.float64),
+                           -49.5 - torch.randn(200, generator=g, dtype=torch.float64)),
+    "tied": lambda g: (torch.randint(0, 4, (300,), generator=g).double(),
+                       torch.randint(1, 5, (200,), generator=g).double()),
+}
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_auroc_is_rank_based_on_any_score_scale(scale: str) -> None:
+    """Scores outside [0, 1] are ranked as they are (torchmetrics' sigmoid got these wrong)."""
+    s_in, s_out = SCALES[scale](torch.Generator().manual_seed(4))
+    ours = auroc(s_in, s_out)
+    target = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
+    assert ours == pytest.approx(roc_auc_score(target, np.r_[s_in.numpy(), s_out.numpy()]), abs=1e-12)
+    assert ours == pytest.approx(_mann_whitney_auroc(s_in.numpy(), s_out.numpy()), abs=1e-12)
+    assert 0.5 < ours < 1.0
+
+
+def test_perfectly_separated_large_scores_give_auroc_one() -> None:
+    s_in = torch.linspace(40, 49, 100, dtype=torch.float64)
+    s_out = torch.linspace(51, 60, 80, dtype=torch.float64)
+    assert auroc(s_in, s_out) == 1.0
+    assert auroc(s_out, s_in) == 0.0
+    assert auroc(-s_out, -s_in) == 1.0  # negative scores too
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_auroc_refuses_non_finite_scores(bad: float) -> None:
+    """A NaN score must never turn into a chance-level 0.5."""
+    s_in = torch.tensor([0.1, 0.2, bad], dtype=torch.float64)
+    with pytest.raises(ValueError, match="finite"):
+        auroc(s_in, torch.tensor([0.5, 0.6], dtype=torch.float64))
+
+
 def test_entropy_matches_numpy() -> None:
     probs, _ = random_probs(50, 4, 5)
     p = probs.numpy()

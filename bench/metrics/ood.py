@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from torchmetrics.functional.classification import binary_auroc
+from sklearn.metrics import roc_auc_score
 
 
 def auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
-    """AUROC of separating OOD (positive) from in-distribution by a score (higher = OOD)."""
-    scores = torch.cat([score_in, score_out]).double()
-    target = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))]).long()
-    return float(binary_auroc(scores, target))
+    """AUROC of separating OOD (positive) from in-distribution by a score (higher = OOD).
+
+    Computed from ranks by sklearn's ``roc_auc_score``, which takes any real scores (ties count
+    one half). torchmetrics' ``binary_auroc`` is not used: it reads scores outside [0, 1] as
+    logits and squashes them with a sigmoid, which rounds every score above ≈ 37 to 1.0.
+    Non-finite scores are refused: they have no rank (the harness rejects them earlier).
+    """
+    scores = torch.cat([score_in, score_out]).detach().double().cpu().numpy()
+    if not np.isfinite(scores).all():
+        raise ValueError("AUROC needs finite scores; got NaN or inf")
+    target = np.concatenate([np.zeros(len(score_in)), np.ones(len(score_out))])
+    return float(roc_auc_score(target, scores))
