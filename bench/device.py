@@ -17,8 +17,11 @@ def select_device(spec: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(spec)
-    except RuntimeError:
-        raise BenchError(f"bad --device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    # torch also knows 'meta' (no data), 'xla', 'ipu'...: bench runs on real compute devices only.
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise BenchError(f"bad --device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BenchError(f"--device {spec} asked for CUDA but no CUDA GPU is visible; use --device cpu")

@@ -11,18 +11,23 @@ import argparse
 import csv
 import io
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
+from bench.errors import BenchError
 from bench.metrics import evaluate
 from bench.results import (
+    SCHEMA_VERSION,
     atomic_write_bytes,
+    ensure_writable,
+    iter_failures,
     iter_runs,
-    read_json,
-    read_npz,
+    read_predictions,
+    read_record,
     restrict,
     subset_indices,
     unpack_predictions,
@@ -57,19 +62,49 @@ def is_paired(label: str) -> bool:
     return PAIRED_MARK in label
 
 
-def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], list[dict[str, Any]]]:
-    """task → method → list of per-seed flat dicts; plus the failed runs."""
-    table: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
-    failed = []
+# The JSON's metrics must come back from the npz to within this (they are computed from the
+# same float64 arrays by the same code, so they normally agree exactly).
+RECOMPUTE_TOL = 1e-9
+
+
+def verify_metrics(path: Path, recorded: dict[str, float], recomputed: dict[str, float]) -> None:
+    """A run's JSON metrics equal those recomputed from its npz, else a one-line error."""
+    if recorded.keys() != recomputed.keys():
+        diff = sorted(recorded.keys() ^ recomputed.keys())
+        raise BenchError(f"result file {path}: its metrics and its predictions disagree on which metrics "
+                         f"exist ({diff[0]}); rerun that run")
+    for key, value in recorded.items():
+        if not abs(value - recomputed[key]) <= RECOMPUTE_TOL:
+            raise BenchError(f"result file {path}: {key} is {value!r} but its predictions give "
+                             f"{recomputed[key]!r}; rerun that run")
+
+
+class Collected:
+    """What the run files under a results root hold, ready to render."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+        self.failed: list[dict[str, Any]] = []
+        self.old_format: list[Path] = []  # schema < SCHEMA_VERSION: metrics not checkable
+
+
+def collect(root: Path) -> Collected:
+    """task → method → list of per-seed flat dicts; plus the failed runs and older-format files."""
+    out = Collected()
+    table = out.table
     references: dict[tuple[str, int], dict[str, Any]] = {}
     capped: list[tuple[str, str, int, dict[str, Any]]] = []
     for path in iter_runs(root):
-        record = read_json(path)
-        if record.get("status") != "ok":
-            failed.append(record)
+        record = read_record(path)
+        if record["status"] != "ok":
+            out.failed.append(record)
             continue
-        arrays = read_npz(path.with_suffix(".npz"))
+        arrays = read_predictions(path, record)
         metrics = evaluate(**unpack_predictions(arrays))
+        if record.get("schema", 1) >= SCHEMA_VERSION:
+            verify_metrics(path, record["metrics"], metrics)
+        else:
+            out.old_format.append(path)
         if record["method"] == PAIRED_REFERENCE:
             references[(record["task"], record["seed"])] = arrays
         if indices := subset_indices(arrays):
@@ -82,6 +117,10 @@ def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], l
         flat["seed"] = record["seed"]
         flat["subset"] = record.get("data", {}).get("evaluated_subsets", {}).get("test", 0)
         table[record["task"]][record["method"]].append(flat)
+    for path in iter_failures(root):
+        record = read_record(path)
+        kept = path.with_name(path.name.replace(".failed.json", ".json")).exists()
+        out.failed.append({**record, "error": record["error"] + (" (the earlier result is kept)" if kept else "")})
     for task, method, seed, indices in capped:
         reference = references.get((task, seed))
         if reference is None:
@@ -90,7 +129,7 @@ def collect(root: Path) -> tuple[dict[str, dict[str, list[dict[str, float]]]], l
         flat["seed"] = seed
         flat["subset"] = len(indices.get("test", ()))
         table[task][paired_label(method)].append(flat)
-    return table, failed
+    return out
 
 
 def columns_for(runs: dict[str, list[dict[str, float]]]) -> list[tuple[str, str, int]]:
@@ -171,23 +210,32 @@ def render(table: dict[str, dict[str, list[dict[str, float]]]], failed: list[dic
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from bench.errors import BenchError
-
     root: Path = args.results
     if not (root / "runs").is_dir():
         raise BenchError(f"no runs under {root}/runs; run `python -m bench run ...` or `bench sweep` first")
-    table, failed = collect(root)
-    md, csv_text = render(table, failed)
+    if not args.check:
+        ensure_writable(root)  # before reading every run, not after
+    found = collect(root)
+    md, csv_text = render(found.table, found.failed)
     md_path, csv_path = root / "leaderboard.md", root / "leaderboard.csv"
+    old = (f"{len(found.old_format)} run file(s) (e.g. {found.old_format[0]}) were written by an older bench "
+           f"(schema < {SCHEMA_VERSION}: float32 probabilities, no checksum), so their JSON metrics cannot be "
+           "checked against their predictions; regenerate them (`python -m bench sweep --force`)"
+           if found.old_format else "")
     if args.check:
+        if old:  # checked first: it also explains tables that differ (metrics recomputed differently)
+            print(f"bench: {old}")
+            return 1
         stale = [p for p, text in ((md_path, md), (csv_path, csv_text))
                  if not p.exists() or p.read_text() != text]
         if stale:
             print(f"bench: stale tables: {', '.join(map(str, stale))}; run `python -m bench table`")
             return 1
-        runs = sum(len(v) for t in table.values() for m, v in t.items() if not is_paired(m))
-        print(f"tables are up to date with {runs} runs")
+        runs = sum(len(v) for t in found.table.values() for m, v in t.items() if not is_paired(m))
+        print(f"tables are up to date with {runs} runs, each run's JSON metrics recomputed from its npz")
         return 0
+    if old:
+        print(f"bench: note: {old}", file=sys.stderr)
     atomic_write_bytes(md_path, md.encode())
     atomic_write_bytes(csv_path, csv_text.encode())
     print(md)

@@ -6,6 +6,7 @@ Everything is drawn from the run files (JSON + npz) alone, like the leaderboard.
 from __future__ import annotations
 
 import argparse
+import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +19,13 @@ import numpy as np  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
 from bench.metrics.scores import predictive_entropy  # noqa: E402
-from bench.results import iter_runs, read_json, read_npz  # noqa: E402
+from bench.results import (  # noqa: E402
+    atomic_write_bytes,
+    ensure_writable,
+    iter_runs,
+    read_predictions,
+    read_record,
+)
 
 REGVAR_GRID_KEY = "validation_nll_grid"  # {"lambdas": [...], "scales": [...], "nll": [[...]]}
 
@@ -34,15 +41,29 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS
 
 def _first_seed_runs(root: Path) -> dict[str, dict[str, Path]]:
     """task → method → path of the lowest-seed successful run."""
-    runs: dict[str, dict[str, Path]] = defaultdict(dict)
+    runs: dict[str, dict[str, tuple[int, Path]]] = defaultdict(dict)
     for path in iter_runs(root):
-        record = read_json(path)
-        if record.get("status") != "ok":
+        record = read_record(path)
+        if record["status"] != "ok":
             continue
         current = runs[record["task"]].get(record["method"])
-        if current is None or read_json(current)["seed"] > record["seed"]:
-            runs[record["task"]][record["method"]] = path
-    return runs
+        if current is None or current[0] > record["seed"]:
+            runs[record["task"]][record["method"]] = (record["seed"], path)
+    return {task: {m: path for m, (_, path) in methods.items()} for task, methods in runs.items()}
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """A run's checked prediction arrays (a damaged file is a one-line error naming it)."""
+    return read_predictions(path, read_record(path))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Render to memory, then write atomically: a failed or interrupted plot leaves no half PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -55,7 +76,7 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     edges = np.linspace(0, 1, N_BINS + 1)
     for ax, (method, path) in zip(axes.flat, sorted(methods.items()), strict=False):
-        data = read_npz(path.with_suffix(".npz"))
+        data = _arrays(path)
         counts, acc, conf = reliability_bins(data["test/probs"].astype(np.float64), data["test/labels"])
         filled = counts > 0
         ax.bar(edges[:-1][filled], acc[filled], width=1 / N_BINS, align="edge", color="#4C72B0",
@@ -74,21 +95,18 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
     axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Reliability on {task} test set ({N_BINS} equal-width bins)")
     fig.tight_layout()
-    path = out / f"reliability_{task}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"reliability_{task}.png")
 
 
 def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[Path]:
     paths = []
-    first = read_npz(next(iter(methods.values())).with_suffix(".npz"))
+    first = _arrays(next(iter(methods.values())))
     ood_sets = sorted({k.split("/")[1] for k in first if k.startswith("ood/")})
     for ood in ood_sets:
         rows, cols = _grid(len(methods))
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
         for ax, (method, path) in zip(axes.flat, sorted(methods.items()), strict=False):
-            data = read_npz(path.with_suffix(".npz"))
+            data = _arrays(path)
             import torch
 
             h_in = predictive_entropy(torch.from_numpy(data["test/probs"])).numpy()
@@ -103,33 +121,32 @@ def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[
         axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{task}: predictive entropy, test vs {ood}")
         fig.tight_layout()
-        path = out / f"ood_hist_{task}_{ood}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"ood_hist_{task}_{ood}.png"))
     return paths
 
 
 def plot_regvar_contour(task: str, path: Path, out: Path) -> Path | None:
-    grid = read_json(path).get("method_summary", {}).get(REGVAR_GRID_KEY)
+    record = read_record(path)
+    grid = record.get("method_summary", {}).get(REGVAR_GRID_KEY)
     if not grid:
         return None
-    lambdas, scales, nll = np.asarray(grid["lambdas"]), np.asarray(grid["scales"]), np.asarray(grid["nll"])
+    try:  # null (a non-finite NLL, see bench.results.dumps_json) reads back as NaN
+        lambdas, scales = np.asarray(grid["lambdas"], float), np.asarray(grid["scales"], float)
+        nll = np.asarray(grid["nll"], float)
+        i, j = np.unravel_index(np.nanargmin(nll), nll.shape)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BenchError(f"result file {path}: its {REGVAR_GRID_KEY} is damaged ({exc}); rerun that run") from None
     fig, ax = plt.subplots(figsize=(5, 4))
     cs = ax.contourf(np.log10(scales), np.log10(lambdas), nll, levels=20, cmap="viridis")
     fig.colorbar(cs, ax=ax, label="validation NLL (nats)")
-    i, j = np.unravel_index(np.nanargmin(nll), nll.shape)
     # Not clipped: the chosen point is often on the grid's edge (e.g. the smallest scale).
     ax.plot(np.log10(scales[j]), np.log10(lambdas[i]), "r*", ms=12, label="chosen", clip_on=False, zorder=5)
     ax.set_xlabel("log10 variance scale s")
     ax.set_ylabel("log10 λ")
-    ax.set_title(f"{read_json(path)['method']} on {task}: validation NLL")
+    ax.set_title(f"{record['method']} on {task}: validation NLL")
     ax.legend()
     fig.tight_layout()
-    target = out / f"regvar_contour_{task}_{read_json(path)['method']}.png"
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    return target
+    return _save(fig, out / f"regvar_contour_{task}_{record['method']}.png")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -138,7 +155,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not runs:
         raise BenchError(f"no successful runs under {root}/runs; run `python -m bench sweep` first")
     out = root / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out)
     written: list[Path] = []
     for task, methods in sorted(runs.items()):
         written.append(plot_reliability(task, methods, out))

@@ -19,6 +19,8 @@ def plugin_paths(cli_paths: list[str]) -> list[Path]:
 def load_plugin(path: Path) -> None:
     """Import a Python file once; its ``@register_method``/``@register_task`` calls do the rest."""
     path = path.expanduser().resolve()
+    if path.is_dir():
+        raise BenchError(f"plugin {path} is a directory; pass the path of a .py file inside it")
     if not path.is_file():
         raise BenchError(f"plugin file {path} does not exist; pass the path of a .py file")
     name = "bench_plugin_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]

@@ -2,14 +2,25 @@
 
 Layout: ``<root>/runs/<task>/<label>/seed<S>.json`` and ``seed<S>.npz``. The npz is written
 first and the JSON last, both atomically (temp file + rename), so a JSON on disk always has its
-predictions beside it and an interrupted run leaves nothing half-written.
+predictions beside it and an interrupted run leaves nothing half-written. The JSON records the
+npz's SHA-256, so a reader knows the two belong together. The npz holds exactly what the metrics
+were computed from (float64 probabilities and scores), so the JSON's metrics recompute exactly.
+
+A run that fails (in a sweep) is recorded in ``seed<S>.failed.json`` beside, never in
+``seed<S>.json``: a failed rerun (``sweep --force``) keeps the earlier good result, and the next
+successful run of it removes the failure record.
+
+Schema versions: 1 stored probabilities in float32 and no checksum; 2 (current) float64 and the
+checksum. Readers accept both; only version 2 results can be checked against their JSON metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,8 +30,10 @@ import torch
 
 from bench.errors import BenchError
 from bench.types import Prediction
+from bench.validation import arrays_problem, record_problem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CHECKSUM_KEY = "predictions_sha256"
 
 
 def run_paths(root: Path, task: str, label: str, seed: int) -> tuple[Path, Path]:
@@ -28,18 +41,44 @@ def run_paths(root: Path, task: str, label: str, seed: int) -> tuple[Path, Path]
     return directory / f"seed{seed}.json", directory / f"seed{seed}.npz"
 
 
+def failure_path(json_path: Path) -> Path:
+    """Where a failed attempt at the run of ``json_path`` is recorded (``seed<S>.failed.json``)."""
+    return json_path.with_name(f"{json_path.stem}.failed.json")
+
+
+WRITABLE_HINT = "choose a writable directory (--out, --results)"
+
+
+def _unwritable(path: Path, exc: OSError, hint: str = WRITABLE_HINT) -> BenchError:
+    return BenchError(f"cannot write {path}: {exc.strerror or exc}; {hint}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` via a temp file and a rename; an unwritable place is a BenchError."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def ensure_writable(directory: Path, hint: str = WRITABLE_HINT) -> None:
+    """Create ``directory`` and prove a file can be written there, before any compute is spent."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise _unwritable(directory, exc, hint) from None
 
 
 def pack_predictions(
@@ -48,19 +87,21 @@ def pack_predictions(
     ood: dict[str, Prediction],
     shift: dict[str, tuple[Prediction, torch.Tensor]],
 ) -> dict[str, np.ndarray]:
-    """Flatten predictions into named arrays: ``test/probs``, ``ood/<set>/score/<name>``..."""
+    """Flatten predictions into named arrays: ``test/probs``, ``ood/<set>/score/<name>``...
+
+    Everything in float64, as the metrics compute it, so the JSON's metrics recompute exactly."""
     arrays: dict[str, np.ndarray] = {
-        "test/probs": test.probs.float().numpy(),
+        "test/probs": test.probs.double().numpy(),
         "test/labels": test_labels.numpy(),
     }
     for name, score in test.scores.items():
         arrays[f"test/score/{name}"] = score.double().numpy()
     for set_name, pred in ood.items():
-        arrays[f"ood/{set_name}/probs"] = pred.probs.float().numpy()
+        arrays[f"ood/{set_name}/probs"] = pred.probs.double().numpy()
         for name, score in pred.scores.items():
             arrays[f"ood/{set_name}/score/{name}"] = score.double().numpy()
     for set_name, (pred, labels) in shift.items():
-        arrays[f"shift/{set_name}/probs"] = pred.probs.float().numpy()
+        arrays[f"shift/{set_name}/probs"] = pred.probs.double().numpy()
         arrays[f"shift/{set_name}/labels"] = labels.numpy()
     return arrays
 
@@ -115,17 +156,35 @@ def subset_indices(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def write_run(json_path: Path, npz_path: Path, record: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write a run's npz, then its JSON (with the npz's checksum); then drop a stale failure record."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(npz_path, buffer.getvalue())
-    text = json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n"
+    data = buffer.getvalue()
+    text = dumps_json({**record, CHECKSUM_KEY: hashlib.sha256(data).hexdigest()})
+    atomic_write_bytes(npz_path, data)
     atomic_write_bytes(json_path, text.encode())
+    failure_path(json_path).unlink(missing_ok=True)
+
+
+def write_failure(json_path: Path, record: dict[str, Any]) -> Path:
+    """Record a failed attempt beside the run's files, leaving any earlier good result in place."""
+    path = failure_path(json_path)
+    atomic_write_bytes(path, dumps_json(record).encode())
+    return path
+
+
+def dumps_json(record: dict[str, Any]) -> str:
+    """Strict JSON: tensors and numpy numbers as plain values, NaN and inf as ``null`` (JSON has
+    no NaN; Python would write bare ``NaN`` tokens that other readers reject)."""
+    loose = json.dumps(record, default=_json_default)
+    strict = json.loads(loose, parse_constant=lambda _: None)
+    return json.dumps(strict, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
@@ -135,18 +194,51 @@ def _json_default(value: Any) -> Any:
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BenchError(f"result file {path} is unreadable ({exc}); delete it and rerun that run") from None
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_record(path: Path) -> dict[str, Any]:
+    """A run's JSON with every field the readers use (else a BenchError naming the file)."""
+    record = read_json(path)
+    if problem := record_problem(record):
+        raise BenchError(f"result file {path} is damaged: {problem}; delete it and rerun that run")
+    return record
+
+
+def read_npz(path: Path, sha256: str | None = None) -> dict[str, np.ndarray]:
+    """A run's prediction arrays; with ``sha256``, refused unless the file has that checksum."""
     try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"predictions file {path} is unreadable ({exc}); delete the run and rerun it") from None
+        data = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise BenchError(f"predictions file {path} does not belong to its JSON (checksum differs); "
+                             "delete the run and rerun it")
+        with np.load(io.BytesIO(data)) as npz:
+            return {k: npz[k] for k in npz.files}
+    except BenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, zlib, pickle, EOF errors: all mean "damaged"
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        raise BenchError(f"predictions file {path} is unreadable ({reason}); delete the run and rerun it") from None
+
+
+def read_predictions(json_path: Path, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The npz beside a run's JSON, checked against its checksum and for consistent arrays."""
+    npz_path = json_path.with_suffix(".npz")
+    arrays = read_npz(npz_path, record.get(CHECKSUM_KEY))
+    if problem := arrays_problem(arrays):
+        raise BenchError(f"predictions file {npz_path} is damaged: {problem}; delete the run and rerun it")
+    return arrays
+
+
+_RUN_FILE = re.compile(r"seed\d+\.json")
 
 
 def iter_runs(root: Path) -> list[Path]:
-    """All run JSON files under ``root/runs`` in a stable order."""
-    return sorted((root / "runs").glob("*/*/seed*.json"))
+    """All run JSON files (``seed<S>.json``) under ``root/runs`` in a stable order."""
+    return sorted(p for p in (root / "runs").glob("*/*/seed*.json") if _RUN_FILE.fullmatch(p.name))
+
+
+def iter_failures(root: Path) -> list[Path]:
+    """All failure records (``seed<S>.failed.json``) under ``root/runs``."""
+    return sorted((root / "runs").glob("*/*/seed*.failed.json"))

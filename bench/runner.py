@@ -16,7 +16,7 @@ import torch
 
 import bench_methods  # noqa: F401 - registers the built-in methods
 from bench import options as opts
-from bench.cache import cache_lock
+from bench.cache import cache_lock, cache_root
 from bench.device import select_device
 from bench.errors import BenchError
 from bench.method_api import METHODS, FitContext, Method
@@ -25,11 +25,12 @@ from bench.profiling import measure
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.registry import parse_spec
-from bench.results import SCHEMA_VERSION, pack_predictions, run_paths, write_run
-from bench.seeding import derive_seed, seed_everything
+from bench.results import SCHEMA_VERSION, ensure_writable, pack_predictions, run_paths, write_run
+from bench.seeding import check_seed, derive_seed, seed_everything
 from bench.tasks import TASKS, Task, TaskData
 from bench.training import checkpoint_path, load_state, save_state, train
-from bench.types import Prediction
+from bench.types import InvalidPrediction, Prediction
+from bench.validation import prediction_problem
 
 
 @dataclass
@@ -91,6 +92,7 @@ def _fmt(value: Any) -> str:
 
 
 def resolve(config: RunConfig) -> Resolved:
+    check_seed(config.seed)
     method_name, method_raw = parse_spec(config.method)
     task_name, task_raw = parse_spec(config.task)
     method_cls = METHODS.get(method_name)
@@ -146,16 +148,19 @@ class ModelCache:
         return model.eval()
 
 
-def _predict(method: Method, x: torch.Tensor) -> Prediction:
-    pred = method.predict(x)
-    if pred.probs.shape[0] != len(x):
-        raise RuntimeError(f"method returned {pred.probs.shape[0]} predictions for {len(x)} inputs")
-    probs = pred.probs.detach().double().cpu()
-    if not torch.isfinite(probs).all() or (probs < 0).any() or not torch.allclose(
-        probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4
-    ):
-        raise RuntimeError(f"method {method.name} returned invalid probabilities (not finite or not normalised)")
-    return Prediction(probs, {k: v.detach().double().cpu() for k, v in pred.scores.items()})
+def _predict(method: Method, x: torch.Tensor, where: str, classes: int) -> Prediction:
+    """The method's prediction for ``x``, checked (one row per input, ``classes`` columns, finite,
+    normalised, finite scores) and in float64 on CPU; anything else is a one-line error."""
+    try:
+        pred = method.predict(x)
+    except InvalidPrediction as exc:  # a Prediction built with inconsistent shapes
+        raise BenchError(f"method {method.name} returned an invalid prediction for {where}: {exc}") from None
+    if not isinstance(pred, Prediction):
+        raise BenchError(f"method {method.name} returned a {type(pred).__name__} for {where}, not a Prediction")
+    if problem := prediction_problem(pred.probs, pred.scores, len(x), classes):
+        raise BenchError(f"method {method.name} returned an invalid prediction for {where}: {problem}")
+    scores = {k: v.detach().double().cpu() for k, v in pred.scores.items()}
+    return Prediction(pred.probs.detach().double().cpu(), scores)
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -164,6 +169,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     reporter = Reporter(config.quiet)
     device = select_device(config.device)
     json_path, npz_path = run_paths(config.out, r.task_label, r.method_label, config.seed)
+    ensure_writable(json_path.parent)  # before any compute, not after it
+    ensure_writable(cache_root(), "set BENCH_CACHE_DIR to a writable directory")
     task = r.task_cls(r.task_options, smoke=config.smoke, data_dir=config.data_dir)
     method = r.method_cls(r.method_options)
     reporter.log(f"run {r.method_label} on {r.task_label}, seed {config.seed}, device {device}")
@@ -208,15 +215,17 @@ def run(config: RunConfig) -> dict[str, Any]:
         indices[name] = pick.numpy()
         return tuple(t[pick] for t in tensors)
 
+    classes = data.num_classes
     x_test, y_test = subset("test", *data.test.tensors)
     with measure(device) as pred_time:
-        test_pred = _predict(method, x_test)
+        test_pred = _predict(method, x_test, "the test set", classes)
     with measure(device) as rest_time:
-        ood_preds = {name: _predict(method, subset(f"ood/{name}", x)[0]) for name, x in data.ood.items()}
+        ood_preds = {name: _predict(method, subset(f"ood/{name}", x)[0], f"OOD set {name!r}", classes)
+                     for name, x in data.ood.items()}
         shift_preds = {}
         for name, ds in data.shift.items():
             xs, ys = subset(f"shift/{name}", *ds.tensors)
-            shift_preds[name] = (_predict(method, xs), ys)
+            shift_preds[name] = (_predict(method, xs, f"shift set {name!r}", classes), ys)
 
     metrics = evaluate(
         test_pred.probs, y_test, test_pred.scores,

@@ -8,6 +8,17 @@ import random
 import numpy as np
 import torch
 
+from bench.errors import BenchError
+
+MAX_SEED = 2**63 - 1  # torch and numpy take larger ones only partly (int64 state, seed % 2**32)
+
+
+def check_seed(seed: int) -> int:
+    """A run seed must be an integer in 0..2**63 - 1; anything else is a one-line error."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise BenchError(f"bad seed {seed!r}; use an integer from 0 to 2**63 - 1 ({MAX_SEED})")
+    return seed
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch (all devices); return a CPU generator for data order."""

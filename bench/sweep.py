@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -12,14 +13,17 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+from bench import lifeline
 from bench import options as opts
+from bench.device import select_device
 from bench.errors import BenchError
 from bench.method_api import METHODS
 from bench.progress import Reporter
 from bench.registry import parse_assignment
-from bench.results import SCHEMA_VERSION, atomic_write_bytes, read_json
+from bench.results import SCHEMA_VERSION, ensure_writable, read_json, write_failure
 from bench.runner import RunConfig, resolve, result_paths, run
 from bench.schedule import DEFAULT_HISTORY, TimeLeft, estimate_seconds, fill_unknown, longest_first
+from bench.seeding import check_seed
 from bench.tasks import TASKS
 
 
@@ -35,10 +39,18 @@ def _names(text: str, registry, kind: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds``: at least one, each once, each a valid run seed."""
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise BenchError(f"bad --seeds {text!r}; write integers separated by commas, e.g. 0,1,2") from None
+    if not seeds:
+        raise BenchError("--seeds is empty; give seeds separated by commas, e.g. 0,1,2")
+    if dups := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise BenchError(f"--seeds lists seed {dups[0]} more than once; give each seed once")
+    for seed in seeds:
+        check_seed(seed)
+    return seeds
 
 
 def _applicable(settings: dict[str, str], method: str, task: str) -> dict[str, str]:
@@ -74,17 +86,21 @@ def is_done(config: RunConfig) -> bool:
     )
 
 
-def record_failure(config: RunConfig, exc: BaseException) -> None:
+def record_failure(config: RunConfig, exc: BaseException) -> str:
+    """Record a failed run in ``seed<S>.failed.json`` (an earlier good result stays in place);
+    returns its one-line error, noting when the record itself could not be written."""
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
     json_path, _ = result_paths(config)
     r = resolve(config)
     record = {
         "schema": SCHEMA_VERSION, "task": r.task_label, "method": r.method_label, "seed": config.seed,
-        "status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-        "traceback": traceback.format_exc()[-4000:],
+        "status": "failed", "error": message[:300], "traceback": traceback.format_exc()[-4000:],
     }
-    import json
-
-    atomic_write_bytes(json_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    try:
+        write_failure(json_path, record)
+    except BenchError as unwritable:
+        return f"{message} (and the failure was not recorded: {unwritable})"
+    return message
 
 
 def run_or_record(config: RunConfig) -> str | None:
@@ -92,14 +108,16 @@ def run_or_record(config: RunConfig) -> str | None:
     try:
         run(config)
     except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
-        record_failure(config, exc)
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return record_failure(config, exc)
     return None
 
 
-def _init_worker(plugins: list[str], threads: int) -> None:
-    """A sweep worker: the parent's plugins registered, and its share of the CPU threads."""
+def _init_worker(plugins: list[str], threads: int, parent: int) -> None:
+    """A sweep worker: ends with its parent, the parent's plugins registered, and its share of
+    the CPU threads."""
     import threading
+
+    lifeline.install(parent)
 
     import torch
     from tqdm import tqdm
@@ -120,6 +138,11 @@ def timed_run(config: RunConfig) -> tuple[str | None, float]:
     return error, time.perf_counter() - started
 
 
+def worker_run(config: RunConfig) -> tuple[str | None, float]:
+    """``timed_run`` in a worker: unwound and ended if the sweep ends meanwhile."""
+    return lifeline.guarded(timed_run, config)
+
+
 def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[int, tuple[str | None, float]]]:
     for i, config in enumerate(todo):
         yield i, timed_run(replace(config, quiet=quiet))
@@ -138,8 +161,8 @@ def _in_workers(
 
     threads = max(1, torch.get_num_threads() // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(plugins, threads))
-    futures = {pool.submit(timed_run, replace(c, quiet=True)): i for i, c in enumerate(todo)}
+                               initializer=_init_worker, initargs=(plugins, threads, os.getpid()))
+    futures = {pool.submit(worker_run, replace(c, quiet=True)): i for i, c in enumerate(todo)}
 
     def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
         for future in as_completed(futures):
@@ -187,6 +210,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     if args.jobs < 1:
         raise BenchError(f"bad --jobs {args.jobs}; give the number of runs to execute at once (1 or more)")
+    select_device(args.device)  # an unusable device stops the sweep here, not once per grid cell
+    ensure_writable(args.out / "runs")
     base = RunConfig(method="", task="", device=args.device, out=args.out, smoke=args.smoke,
                      data_dir=args.data_dir, settings=settings, quiet=True)
     grid = [replace(base, method=m, task=t, seed=s, settings=_applicable(settings, m, t))

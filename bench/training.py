@@ -44,17 +44,32 @@ def train(
     )
     loss_fn = nn.CrossEntropyLoss()
     for epoch in progress(range(recipe.epochs), desc=desc, unit="epoch"):
-        del epoch
+        finite = torch.ones((), dtype=torch.bool, device=device)  # checked once an epoch: no per-step sync
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
+            finite &= torch.isfinite(loss.detach())
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+        if not (bool(finite) and weights_finite(model)):
+            raise TrainingDiverged(
+                f"training diverged ({desc}): the loss or the weights became NaN or inf in epoch {epoch + 1} of "
+                f"{recipe.epochs} (recipe: {recipe.optimizer}, lr {recipe.lr}); nothing was cached. "
+                "This is the task's training, not the method: lower the recipe's learning rate"
+            )
     model.eval()
     return model
+
+
+class TrainingDiverged(BenchError):
+    """Training produced a non-finite loss or weights (never cached, never handed to a method)."""
+
+
+def weights_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def checkpoint_path(task_key: str, recipe: TrainRecipe, seed: int, member: int = 0) -> Path:
@@ -86,4 +101,6 @@ def load_state(model: nn.Module, path: Path) -> bool:
         raise BenchError(
             f"cached checkpoint {path} is unreadable ({type(exc).__name__}); delete it and rerun"
         ) from None
+    if not weights_finite(model):  # written by a diverged training before it was refused
+        raise BenchError(f"cached checkpoint {path} holds NaN or inf weights; delete it and rerun")
     return True

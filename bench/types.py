@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.errors import BenchError
+
+
+class InvalidPrediction(BenchError, ValueError):
+    """A :class:`Prediction` built with inconsistent shapes (the harness names the method)."""
+
 
 @dataclass
 class Prediction:
@@ -20,11 +26,14 @@ class Prediction:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, value in [("probs", self.probs), *((f"score {k!r}", v) for k, v in self.scores.items())]:
+            if not isinstance(value, torch.Tensor):
+                raise InvalidPrediction(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if self.probs.ndim != 2:
-            raise ValueError(f"probs must be N x C, got shape {tuple(self.probs.shape)}")
+            raise InvalidPrediction(f"probs must be N x C, got shape {tuple(self.probs.shape)}")
         for name, score in self.scores.items():
             if score.shape != (self.probs.shape[0],):
-                raise ValueError(f"score {name!r} must have shape (N,), got {tuple(score.shape)}")
+                raise InvalidPrediction(f"score {name!r} must have shape (N,), got {tuple(score.shape)}")
 
     @staticmethod
     def concat(parts: list[Prediction]) -> Prediction:

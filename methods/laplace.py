@@ -174,6 +174,7 @@ class _LaplaceBase(Method):
     """Fit → tune prior → batched GLM predictive; subclasses build the laplace-torch object."""
 
     desc = "laplace"
+    model_hint: str | None = None  # advice when laplace-torch refuses the model with a ValueError
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -209,6 +210,10 @@ class _LaplaceBase(Method):
                 f"{self.name}: the curvature backend cannot handle this model ({err}); "
                 "use backend=auto or backend=asdl"
             ) from None
+        except ValueError as err:
+            if self.model_hint is None:
+                raise
+            raise BenchError(f"{self.name}: laplace-torch cannot use this model ({err}); {self.model_hint}") from None
         t1 = time.perf_counter()
         self._after_fit()
         tune_prior(
@@ -258,6 +263,8 @@ class LastLayerLaplace(_LaplaceBase):
 
     Options = LastLayerOptions
     desc = "laplace-ll"
+    # laplace-torch finds the last layer itself: it must be an nn.Linear after other modules.
+    model_hint = "last-layer Laplace needs a model whose last module is an nn.Linear after others; use laplace"
 
     def _build(self, ctx: FitContext) -> Any:
         from laplace import Laplace
@@ -281,6 +288,7 @@ class LinearizedLaplace(_LaplaceBase):
 
     Options = LaplaceOptions
     desc = "laplace"
+    model_hint: str | None = None  # advice when laplace-torch refuses the model with a ValueError
 
     def __init__(self, options: LaplaceOptions | None = None) -> None:
         super().__init__(options)

@@ -198,3 +198,184 @@ def test_fidelity_options_reach_its_parser(capsys: pytest.CaptureFixture[str]) -
     # Used to die in argparse ("unrecognized arguments: --task") before reaching fidelity.
     assert cli.main(["fidelity", "--task", "nope", "--json"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+# --- Failures are one line, exit 2, and write nothing (issue 17) ----------------------------------
+
+def _one_line_error(code: int, err: str, *needles: str) -> str:
+    """Exit 2 and exactly one line on stderr, ``bench: error: ...``, holding every needle."""
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("bench: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_results(out: Path) -> None:
+    assert not list(out.rglob("seed*.json")) and not list(out.rglob("*.npz")) and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63), str(2**64)])
+def test_seed_outside_0_to_2_63_is_one_line(seed: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits", "--out",
+                 str(tmp_path), "--quiet", "--seed", seed])
+    _one_line_error(code, capsys.readouterr().err, f"bad seed {seed}", "2**63 - 1")
+    _no_results(tmp_path)
+
+
+def test_meta_device_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits", "--out",
+                 str(tmp_path), "--quiet", "--device", "meta"])
+    _one_line_error(code, capsys.readouterr().err, "bad --device 'meta'")
+    _no_results(tmp_path)
+
+
+def test_plugin_directory_is_reported_as_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(main(["--plugin", str(tmp_path), "list"]), capsys.readouterr().err, "is a directory")
+
+
+def test_readme_spec_examples_resolve() -> None:
+    """Every ``--method "..."``/``--task "..."`` spec in the README parses (it once said hessian=diag)."""
+    import re
+
+    from bench.runner import RunConfig, resolve
+
+    readme = (TINY_TASK.parents[2] / "README.md").read_text()
+    methods = re.findall(r'--method "([^"]+)"', readme)
+    tasks = re.findall(r'--task "([^"]+)"', readme)
+    assert any("structure=diag" in m for m in methods)
+    for method in methods:
+        resolve(RunConfig(method=method, task="fashion-mnist"))
+    for task in tasks:
+        resolve(RunConfig(method="map", task=task))
+
+
+BAD_OUTPUT = '''
+import torch
+from bench.method_api import register_method
+from bench_methods.map import MAP
+from bench.types import Prediction
+
+@register_method("bad-{name}")
+class Bad(MAP):
+    """MAP whose output is broken on purpose."""
+    def predict(self, x):
+        good = super().predict(x)
+        probs, n = good.probs, len(x)
+        {body}
+'''
+
+BAD_OUTPUTS = {
+    "nan-score": ('return Prediction(probs, {"variance": torch.full((n,), float("nan"))})',
+                  "score 'variance' is NaN or inf for 497 of 497 inputs"),
+    "inf-score": ('return Prediction(probs, {"variance": torch.where(torch.arange(n) == 3, float("inf"), 1.0)})',
+                  "score 'variance' is NaN or inf for 1 of 497 inputs"),
+    "nan-probs": ("return Prediction(probs * float('nan'))", "probabilities are NaN or inf in 497 of 497 rows"),
+    "extra-rows": ("return Prediction(torch.cat([probs, probs[:1]]))", "expected (497, 10) for 497 inputs"),
+    "few-classes": ("return Prediction(probs[:, :9] / probs[:, :9].sum(1, keepdim=True))",
+                    "9 classes, the task has 10"),
+    "unnormalised": ("return Prediction(probs * 2)", "do not sum to 1"),
+    "score-shape": ('return Prediction(probs, {"variance": torch.ones(n, 2)})', "score 'variance' must have shape"),
+    "not-a-prediction": ("return probs", "returned a Tensor for the test set, not a Prediction"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_OUTPUTS)
+def test_invalid_method_output_is_one_line_naming_the_method(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before any metric: a NaN score once became AUROC 0.5 and was written with exit 0."""
+    body, message = BAD_OUTPUTS[name]
+    plugin = tmp_path / f"bad_{name.replace('-', '_')}.py"
+    plugin.write_text(BAD_OUTPUT.format(name=name, body=body))
+    out = tmp_path / "out"
+    code = main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", f"bad-{name}",
+                 "--task", "tiny-digits", "--out", str(out), "--quiet"])
+    _one_line_error(code, capsys.readouterr().err, f"method bad-{name} returned", message)
+    _no_results(out)
+
+
+def test_nan_score_from_the_command_line_is_one_line(tmp_path: Path) -> None:
+    plugin = tmp_path / "bad_nan.py"
+    plugin.write_text(BAD_OUTPUT.format(name="nan-cli", body=BAD_OUTPUTS["nan-score"][0]))
+    proc = run_cli("--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", "bad-nan-cli",
+                   "--task", "tiny-digits", "--out", str(tmp_path / "out"), "--quiet")
+    _one_line_error(proc.returncode, proc.stderr, "method bad-nan-cli returned an invalid prediction for the test set")
+    _no_results(tmp_path / "out")
+
+
+DIVERGING_TASK = '''
+from dataclasses import replace
+from bench.tasks.base import TASKS, register_task
+
+Tiny = TASKS.get("tiny-digits")
+
+@register_task("tiny-diverging")
+class Diverging(Tiny):
+    """tiny-digits trained with an absurd learning rate: its MAP training diverges to NaN."""
+    def recipe(self):
+        return replace(super().recipe(), lr=1e20)
+'''
+
+
+@pytest.fixture(scope="module")
+def diverging_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    plugin = tmp_path_factory.mktemp("plugins") / "diverging.py"
+    plugin.write_text(DIVERGING_TASK)
+    return plugin
+
+
+def _checkpoints(cache: Path) -> set[Path]:
+    return set(cache.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("method", ["map", "ensemble(members=2)"])
+def test_diverged_training_blames_training_and_caches_nothing(
+    method: str, diverging_task: Path, tmp_path: Path, isolated_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cached = _checkpoints(isolated_cache)
+    code = main(["--plugin", str(TINY_TASK), "--plugin", str(diverging_task), "run", "--method", method,
+                 "--task", "tiny-diverging", "--out", str(tmp_path), "--quiet"])
+    line = _one_line_error(code, capsys.readouterr().err, "training diverged (MAP model)", "not the method",
+                           "nothing was cached")
+    assert "invalid prediction" not in line
+    assert _checkpoints(isolated_cache) == cached
+    _no_results(tmp_path)
+
+
+def test_nan_checkpoint_in_the_cache_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One written by older code, before diverged trainings were refused."""
+    import torch
+
+    from bench.plugins import load_plugin
+    from bench.tasks import TASKS
+    from bench.training import checkpoint_path
+
+    load_plugin(TINY_TASK)
+    task = TASKS.get("tiny-digits")(TASKS.get("tiny-digits").Options(hidden=29))
+    model = task.make_model(10)
+    path = checkpoint_path(task.cache_key(), task.recipe(), 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}, path)
+    code = main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits(hidden=29)",
+                 "--out", str(tmp_path), "--quiet"])
+    _one_line_error(code, capsys.readouterr().err, f"cached checkpoint {path} holds NaN or inf weights")
+    _no_results(tmp_path)
+
+
+def test_unwritable_out_stops_before_training(
+    tmp_path: Path, isolated_cache: Path, read_only, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cached = _checkpoints(isolated_cache)
+    blocked = read_only(tmp_path / "ro")
+    code = main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits(hidden=31)",
+                 "--out", str(blocked / "results"), "--quiet"])
+    _one_line_error(code, capsys.readouterr().err, f"cannot write {blocked}/results/runs", "writable directory")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code = main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits(hidden=31)",
+                 "--out", str(a_file), "--quiet"])
+    _one_line_error(code, capsys.readouterr().err, f"cannot write {a_file}/runs")
+    assert _checkpoints(isolated_cache) == cached  # nothing was trained

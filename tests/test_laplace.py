@@ -173,6 +173,16 @@ def test_backpack_on_non_sequential_model_is_a_bench_error(setup):
         run(setup, "laplace", structure="diag", backend="backpack")
 
 
+def test_last_layer_laplace_on_a_one_module_model_is_a_bench_error(setup):
+    """laplace-torch's own 'The model only has one module.' ValueError becomes one line with advice."""
+    data, _ = setup
+    flat = TensorDataset(data.train.tensors[0].flatten(1), data.train.tensors[1])
+    flat_data = TaskData(train=flat, val=flat, test=flat, num_classes=C)
+    method = METHODS.get("laplace-ll")()
+    with pytest.raises(BenchError, match="laplace-ll: laplace-torch cannot use this model .*one module.*use laplace"):
+        method.fit(context(flat_data, nn.Linear(36, C)))
+
+
 def test_gridsearch_with_layerwise_prior_refused(setup):
     with pytest.raises(BenchError, match="prior_structure=scalar"):
         run(setup, "laplace", prior_method="gridsearch", prior_structure="layerwise")

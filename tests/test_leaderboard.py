@@ -4,13 +4,19 @@ ranking and the staleness check."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
+import shutil
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_TASK
 
 from bench.cli import main
+from bench.results import CHECKSUM_KEY
 
 CAPPED = '''
 from bench.method_api import register_method
@@ -66,3 +72,107 @@ def test_check_passes_when_current_and_fails_when_stale(results: tuple[Path, Pat
     md.write_text(md.read_text().replace("subset-map", "edited-by-hand"))
     assert main(["table", "--results", str(root), "--check"]) == 1
     assert main(["table", "--results", str(root)]) == 0  # restore for the other tests
+
+
+# --- Every result file is checked; damage is one line naming the file (issue 17) ------------------
+
+def _copy(results: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of the module's results; returns (root, a map run's JSON, its npz)."""
+    root = tmp_path / "results"
+    shutil.copytree(results[0], root)
+    json_path = root / "runs" / "tiny-digits" / "map" / "seed0.json"
+    return root, json_path, json_path.with_suffix(".npz")
+
+
+def _rewrite_npz(json_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Replace a run's npz and keep its JSON checksum right, so the arrays themselves are judged."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    json_path.with_suffix(".npz").write_bytes(buffer.getvalue())
+    record = json.loads(json_path.read_text())
+    record[CHECKSUM_KEY] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    json_path.write_text(json.dumps(record))
+
+
+def _edit_json(json_path: Path, edit) -> None:
+    record = json.loads(json_path.read_text())
+    edit(record)
+    json_path.write_text(json.dumps(record))
+
+
+def _arrays(npz: Path) -> dict[str, np.ndarray]:
+    with np.load(npz) as data:
+        return dict(data)
+
+
+DAMAGE = {
+    "truncated npz": (lambda j, n: n.write_bytes(n.read_bytes()[:1000]), "is unreadable"),
+    "npz of another run": (lambda j, n: n.write_bytes(n.with_name("seed1.npz").read_bytes()),
+                           "does not belong to its JSON"),
+    "missing key": (lambda j, n: _rewrite_npz(j, {k: v for k, v in _arrays(n).items() if k != "test/labels"}),
+                    "is damaged: it lacks test/probs or test/labels"),
+    "mismatched lengths": (lambda j, n: _rewrite_npz(j, {**_arrays(n), "ood/shuffled/probs":
+                                                         _arrays(n)["ood/shuffled/probs"][:, :5]}),
+                           "ood/shuffled: probabilities have 5 classes"),
+    "NaN probabilities": (lambda j, n: _rewrite_npz(j, {**_arrays(n), "test/probs":
+                                                        np.full_like(_arrays(n)["test/probs"], np.nan)}),
+                          "test: probabilities are NaN or inf"),
+    "JSON missing a field": (lambda j, n: _edit_json(j, lambda r: r.pop("timings")),
+                             "is damaged: its field 'timings' is missing"),
+    "JSON not JSON": (lambda j, n: j.write_text("{"), "is unreadable"),
+    "JSON metric edited": (lambda j, n: _edit_json(j, lambda r: r["metrics"].update({"cls/acc": 0.123})),
+                           "cls/acc is 0.123 but its predictions give"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("command", ["table", "plot"])
+def test_damaged_run_files_are_one_line_naming_the_file(
+    damage: str, command: str, results: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, json_path, npz = _copy(results, tmp_path)
+    before = (root / "leaderboard.md").read_bytes()
+    edit, message = DAMAGE[damage]
+    edit(json_path, npz)
+    if command == "plot" and damage == "JSON metric edited":
+        message = None  # plots draw predictions; they do not read the metrics
+    code = main([command, "--results", str(root)])
+    err = capsys.readouterr().err.strip()
+    if message is None:
+        assert code == 0, err
+        return
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("bench: error: ") and "Traceback" not in err
+    assert (str(json_path) in err or str(npz) in err) and message in err, err
+    assert (root / "leaderboard.md").read_bytes() == before  # nothing rewritten from a damaged store
+
+
+def test_results_of_an_older_format_are_named_by_check(
+    results: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, json_path, _ = _copy(results, tmp_path)
+    _edit_json(json_path, lambda r: (r.update(schema=1), r.pop(CHECKSUM_KEY)))
+    assert main(["table", "--results", str(root)]) == 0  # still tabulated, with a note
+    assert "1 run file(s) (e.g. " in capsys.readouterr().err
+    assert main(["table", "--results", str(root), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "written by an older bench (schema < 2: float32 probabilities" in out and "regenerate" in out
+
+
+def test_read_only_results_are_one_line_for_table_and_plot(
+    results: tuple[Path, Path], tmp_path: Path, read_only, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _, _ = _copy(results, tmp_path)
+    read_only(root)
+    for command in ("table", "plot"):
+        code = main([command, "--results", str(root)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and f"cannot write {root}" in err, err
+    assert main(["table", "--results", str(root), "--check"]) == 0  # reading needs no write access
+
+
+def test_table_recomputes_every_json_metric_exactly(results: tuple[Path, Path]) -> None:
+    from bench.leaderboard import collect
+
+    found = collect(results[0])  # raises if any JSON metric differs from its npz by more than 1e-9
+    assert found.old_format == [] and sum(len(v) for v in found.table["tiny-digits"].values()) == 6

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import REPO, TINY_TASK, run_cli
+
+from bench.cli import main
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # same threads in both arms, so metrics compare exactly
 
@@ -132,3 +136,137 @@ def test_interrupted_parallel_sweep_keeps_finished_runs_and_stops_its_workers(tm
         time.sleep(0.2)
     else:
         raise AssertionError(f"sweep worker {worker} still runs after the sweep was interrupted")
+
+
+# --- Failures stop up front, keep good results, and take the workers with them (issue 17) -----------
+
+def _one_line(code: int, err: str, needle: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("bench: error: ") and needle in lines[0], err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--seeds", ""), "--seeds is empty"),
+    (("--seeds", " , "), "--seeds is empty"),
+    (("--seeds", "0,1,0"), "lists seed 0 more than once"),
+    (("--seeds", "-2"), "bad seed -2"),
+    (("--seeds", str(2**63)), f"bad seed {2**63}"),
+    (("--device", "meta"), "bad --device 'meta'"),
+])
+def test_bad_grid_options_are_one_line_before_any_run(args, needle, tmp_path: Path, capsys) -> None:
+    code = main(["--plugin", str(TINY_TASK), "sweep", "--tasks", "tiny-digits", "--methods", "map",
+                 "--out", str(tmp_path), "--smoke", "--quiet", *args])
+    _one_line(code, capsys.readouterr().err, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_stops_before_the_grid(tmp_path: Path, capsys) -> None:
+    code = main(["--plugin", str(TINY_TASK), "sweep", "--tasks", "tiny-digits", "--methods", "map,map-ts",
+                 "--seeds", "0,1", "--out", str(tmp_path), "--smoke", "--quiet", "--device", "cuda"])
+    _one_line(code, capsys.readouterr().err, "no CUDA GPU is visible")
+    assert not (tmp_path / "runs").exists()  # not one failed record per grid cell
+
+
+def test_unwritable_out_stops_before_the_grid(tmp_path: Path, read_only, capsys) -> None:
+    blocked = read_only(tmp_path / "ro")
+    code = main(["--plugin", str(TINY_TASK), "sweep", "--tasks", "tiny-digits", "--methods", "map",
+                 "--seeds", "0", "--out", str(blocked), "--smoke", "--quiet"])
+    _one_line(code, capsys.readouterr().err, f"cannot write {blocked}/runs")
+
+
+FLAKY_METHOD = '''
+import os
+from bench.method_api import register_method
+from bench_methods.map import MAP
+
+@register_method("flaky")
+class Flaky(MAP):
+    """MAP that fails while FLAKY_FAIL is set (a rerun that breaks)."""
+    def fit(self, ctx):
+        if os.environ.get("FLAKY_FAIL"):
+            raise RuntimeError("flaky broke on the rerun")
+        super().fit(ctx)
+'''
+
+
+def test_failed_force_rerun_keeps_the_good_result(tmp_path: Path, monkeypatch, capsys) -> None:
+    plugin = tmp_path / "flaky.py"
+    plugin.write_text(FLAKY_METHOD)
+    out = tmp_path / "out"
+    argv = ["--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep", "--tasks", "tiny-digits",
+            "--methods", "flaky", "--seeds", "0", "--out", str(out), "--smoke", "--quiet"]
+    assert main(argv) == 0
+    run_dir = out / "runs" / "tiny-digits@smoke" / "flaky"
+    good = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert set(good) == {"seed0.json", "seed0.npz"}
+    monkeypatch.setenv("FLAKY_FAIL", "1")
+    assert main([*argv, "--force"]) == 1
+    assert "flaky / tiny-digits / seed 0: RuntimeError: flaky broke on the rerun" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != "seed0.failed.json"} == good
+    failure = json.loads((run_dir / "seed0.failed.json").read_text())
+    assert failure["status"] == "failed" and "flaky broke" in failure["error"]
+    assert main(["table", "--results", str(out)]) == 0  # the good result is in the table, the failure listed
+    md = (out / "leaderboard.md").read_text()
+    assert "| flaky " in md and "flaky broke on the rerun (the earlier result is kept)" in md
+    assert main(argv) == 0  # still done: a failed rerun does not undo a finished run
+    monkeypatch.delenv("FLAKY_FAIL")
+    assert main([*argv, "--force"]) == 0  # a successful rerun replaces it and clears the failure
+    assert sorted(p.name for p in run_dir.iterdir()) == ["seed0.json", "seed0.npz"]
+
+
+def test_a_failure_that_cannot_be_recorded_is_reported_not_a_crash(tmp_path: Path, capsys) -> None:
+    plugin = tmp_path / "failing.py"
+    plugin.write_text(FAILING_METHOD)
+    out = tmp_path / "out"
+    (out / "runs" / "tiny-digits@smoke" / "always-fails" / "seed0.failed.json").mkdir(parents=True)
+    code = main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep", "--tasks", "tiny-digits",
+                 "--methods", "always-fails", "--seeds", "0", "--out", str(out), "--smoke", "--quiet"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "broken on purpose (and the failure was not recorded: cannot write" in captured.out
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses pgrep")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killing_the_sweep_alone_ends_its_workers(sig: signal.Signals, tmp_path: Path) -> None:
+    """Only the sweep's own PID is signalled (not its process group): its workers must follow it
+    instead of finishing runs unseen and then waiting forever on a pipe."""
+    plugin = tmp_path / "slow.py"
+    plugin.write_text(SLOW_METHOD)
+    out, pid_file = tmp_path / "out", tmp_path / "slow.pid"
+    cmd = [sys.executable, "-m", "bench", "--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep",
+           "--tasks", "tiny-digits", "--methods", "slow", "--seeds", "0,1", "--smoke", "--jobs", "2",
+           "--out", str(out), "--quiet"]
+    env = {**os.environ, "SLOW_PID_FILE": str(pid_file)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), "the slow run did not start"
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert int(pid_file.read_text()) in workers
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode == -sig
+    deadline = time.monotonic() + 15
+    alive = set(workers)
+    while alive and time.monotonic() < deadline:
+        alive = {w for w in alive if _alive(w)}
+        time.sleep(0.2)
+    assert not alive, f"sweep workers {sorted(alive)} still run after the sweep was killed with {sig.name}"
+    assert not (out / "runs" / "tiny-digits@smoke" / "slow").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, reaped by init once its parent is gone, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

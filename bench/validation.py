@@ -1,0 +1,154 @@
+"""What a valid prediction and a valid result file are, decided in one place.
+
+The harness checks every prediction a method returns, and every results reader checks what it
+loads, with the same rules: probabilities finite, non-negative, rows summing to 1, the task's
+number of classes, one row per input; every score finite with one value per input. A wrong
+number is then an error naming its source, never a metric (a NaN score once became AUROC 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+# Methods may compute in float32: 10 float32 probabilities sum to 1 within ~1e-6.
+NORMALISATION_TOL = 1e-4
+
+
+def _array(value: Any) -> np.ndarray | None:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value if isinstance(value, np.ndarray) else None
+
+
+def probs_problem(probs: Any, n: int, classes: int) -> str | None:
+    """Why ``probs`` is not an ``n`` × ``classes`` predictive distribution, or None."""
+    p = _array(probs)
+    if p is None:
+        return f"probabilities are a {type(probs).__name__}, not a tensor"
+    if p.ndim != 2 or p.shape[0] != n:
+        return f"probabilities have shape {tuple(p.shape)}, expected ({n}, {classes}) for {n} inputs"
+    if p.shape[1] != classes:
+        return f"probabilities have {p.shape[1]} classes, the task has {classes}"
+    if not np.issubdtype(p.dtype, np.floating):
+        return f"probabilities are of type {p.dtype}, not floating point"
+    p = p.astype(np.float64, copy=False)
+    if bad := int((~np.isfinite(p)).any(axis=1).sum()):
+        return f"probabilities are NaN or inf in {bad} of {n} rows"
+    if (p < 0).any():
+        return f"probabilities are negative (down to {p.min():.3g})"
+    off = float(np.abs(p.sum(axis=1) - 1).max(initial=0.0))
+    if off > NORMALISATION_TOL:
+        return f"probabilities do not sum to 1 (off by up to {off:.3g})"
+    return None
+
+
+def score_problem(name: str, score: Any, n: int) -> str | None:
+    """Why ``score`` is not one finite real number per input, or None."""
+    s = _array(score)
+    if s is None:
+        return f"score {name!r} is a {type(score).__name__}, not a tensor"
+    if s.shape != (n,):
+        return f"score {name!r} has shape {tuple(s.shape)}, expected ({n},) for {n} inputs"
+    if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
+        return f"score {name!r} is of type {s.dtype}, not real numbers"
+    if bad := int((~np.isfinite(s)).sum()):
+        return f"score {name!r} is NaN or inf for {bad} of {n} inputs"
+    return None
+
+
+def prediction_problem(probs: Any, scores: dict[str, Any], n: int, classes: int) -> str | None:
+    """The first problem of a method's output for ``n`` inputs, or None."""
+    if problem := probs_problem(probs, n, classes):
+        return problem
+    for name, score in scores.items():
+        if problem := score_problem(name, score, n):
+            return problem
+    return None
+
+
+def labels_problem(key: str, labels: np.ndarray, n: int, classes: int) -> str | None:
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        return f"{key} has shape {labels.shape} and type {labels.dtype}, expected {n} integer labels"
+    if n and (labels.min() < 0 or labels.max() >= classes):
+        return f"{key} holds labels outside 0..{classes - 1}"
+    return None
+
+
+_KEY = re.compile(r"^(test|ood/[^/]+|shift/[^/]+)/(probs|labels|score/[^/]+)$|^index/(test|(ood|shift)/[^/]+)$")
+
+
+def arrays_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """Why a run's prediction arrays (its npz) are not self-consistent, or None."""
+    if "test/probs" not in arrays or "test/labels" not in arrays:
+        return "it lacks test/probs or test/labels"
+    if unknown := [k for k in arrays if not _KEY.match(k)]:
+        return f"it holds an unexpected array {unknown[0]!r}"
+    classes = arrays["test/probs"].shape[-1] if arrays["test/probs"].ndim == 2 else 0
+    sets = {k.rsplit("/", 1)[0] for k in arrays if k.endswith(("/probs", "/labels"))}
+    sets |= {k.split("/score/")[0] for k in arrays if "/score/" in k}
+    sets |= {k.removeprefix("index/") for k in arrays if k.startswith("index/")}
+    for name in sorted(sets):
+        if f"{name}/probs" not in arrays:
+            return f"it lacks {name}/probs"
+        probs = arrays[f"{name}/probs"]
+        n = len(probs)
+        problem = probs_problem(probs, n, classes)
+        needs_labels = name == "test" or name.startswith("shift/")
+        if problem is None and needs_labels:
+            if f"{name}/labels" not in arrays:
+                return f"it lacks {name}/labels"
+            problem = labels_problem(f"{name}/labels", arrays[f"{name}/labels"], n, classes)
+        for key in (k for k in arrays if k.startswith(f"{name}/score/")):
+            problem = problem or score_problem(key, arrays[key], n)
+        index = arrays.get(f"index/{name}")
+        if problem is None and index is not None and (index.shape != (n,) or index.dtype.kind not in "iu"):
+            problem = f"index/{name} has shape {index.shape} and type {index.dtype}, expected {n} integers"
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+# The fields every reader uses, by status. A missing one makes the file unreadable, by name.
+_OK_FIELDS = {
+    "task": str, "method": str, "seed": int, "metrics": dict, "config": dict, "timings": dict, "memory": dict,
+}
+_NESTED = {
+    "config": {"smoke": bool},
+    "timings": {"fit_s": float, "predict_per_1k_s": float},
+    "memory": {"fit_peak_bytes": float, "predict_peak_bytes": float},
+}
+_FAILED_FIELDS = {"task": str, "method": str, "seed": int, "error": str}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a run's JSON record lacks what readers need, or None."""
+    if not isinstance(record, dict):
+        return f"it holds a {type(record).__name__}, not a run record"
+    status = record.get("status")
+    if status not in ("ok", "failed"):
+        return f"its status is {status!r}, not 'ok' or 'failed'"
+    for field, kind in (_OK_FIELDS if status == "ok" else _FAILED_FIELDS).items():
+        if not _is(record.get(field), kind):
+            return f"its field {field!r} is missing or not a {kind.__name__}"
+    if status == "failed":
+        return None
+    for parent, fields in _NESTED.items():
+        for field, kind in fields.items():
+            if not _is(record[parent].get(field), kind):
+                return f"its field '{parent}.{field}' is missing or not a {kind.__name__}"
+    if bad := [k for k, v in record["metrics"].items() if not _is(v, float)]:
+        return f"its metric {bad[0]!r} is not a finite number"
+    return None
