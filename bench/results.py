@@ -72,10 +72,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def ensure_writable(directory: Path, hint: str = WRITABLE_HINT) -> None:
-    """Create ``directory`` and prove a file can be written there, before any compute is spent."""
+    """Prove that files can be written in ``directory`` (or, while it does not exist yet, in its
+    nearest existing parent, where it would be created), before any compute is spent. Creates
+    nothing: a run that fails later leaves no empty folder behind."""
+    probe = directory.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe))
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
         raise _unwritable(directory, exc, hint) from None

@@ -106,7 +106,9 @@ def _arrays(npz: Path) -> dict[str, np.ndarray]:
 
 
 DAMAGE = {
-    "truncated npz": (lambda j, n: n.write_bytes(n.read_bytes()[:1000]), "is unreadable"),
+    "truncated npz": (lambda j, n: n.write_bytes(n.read_bytes()[:1000]), "does not belong to its JSON"),
+    "truncated npz, no checksum": (lambda j, n: (n.write_bytes(n.read_bytes()[:1000]),
+                                                 _edit_json(j, lambda r: r.pop(CHECKSUM_KEY))), "is unreadable"),
     "npz of another run": (lambda j, n: n.write_bytes(n.with_name("seed1.npz").read_bytes()),
                            "does not belong to its JSON"),
     "missing key": (lambda j, n: _rewrite_npz(j, {k: v for k, v in _arrays(n).items() if k != "test/labels"}),
