@@ -141,3 +141,59 @@ def test_prediction_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         Prediction(torch.ones(3, 2) / 2, {"s": torch.ones(2)})
     assert np.allclose(Prediction.concat([_pred(2, 0), _pred(3, 1)]).probs.sum(1), 1)
+
+
+REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def _sklearn_auroc_mismatches(root: Path) -> tuple[int, int, list[str]]:
+    """(AUROCs checked, runs of the older format skipped, mismatches) for every run under ``root``:
+    each ``ood/<set>/auroc/<score>`` against sklearn's ``roc_auc_score`` on the npz's scores."""
+    from sklearn.metrics import roc_auc_score
+
+    from bench.metrics.summary import all_scores
+
+    def scores(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+        own = {k.removeprefix(f"{prefix}/score/"): torch.from_numpy(v) for k, v in arrays.items()
+               if k.startswith(f"{prefix}/score/")}
+        return {k: v.numpy() for k, v in all_scores(torch.from_numpy(arrays[f"{prefix}/probs"]), own).items()}
+
+    checked, old, wrong = 0, 0, []
+    for path in iter_runs(root):
+        record = read_json(path)
+        if record.get("status") != "ok":
+            continue
+        if record.get("schema", 1) < 2:
+            old += 1  # float32 probabilities: msp/entropy AUROCs cannot be recomputed exactly
+            continue
+        arrays = read_predictions(path, record)
+        test = scores(arrays, "test")
+        for key, value in record["metrics"].items():
+            if key.startswith("ood/"):
+                _, ood, _, score = key.split("/")
+                s_in, s_out = test[score], scores(arrays, f"ood/{ood}")[score]
+                expected = roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out])
+                checked += 1
+                if not abs(value - expected) <= 1e-9:
+                    wrong.append(f"{path} {key}: {value} vs sklearn {expected}")
+    return checked, old, wrong
+
+
+def test_ood_aurocs_of_a_fresh_run_equal_sklearn_on_its_npz(tmp_path: Path) -> None:
+    from conftest import TINY_TASK
+
+    from bench.cli import main
+
+    assert main(["--plugin", str(TINY_TASK), "run", "--method", "mc-dropout", "--task", "tiny-digits",
+                 "--out", str(tmp_path), "--quiet", "--smoke"]) == 0
+    checked, old, wrong = _sklearn_auroc_mismatches(tmp_path)
+    assert (checked, old, wrong) == (4, 0, [])  # msp, entropy, mutual_info, expected_entropy
+
+
+def test_committed_ood_aurocs_equal_sklearn_on_the_npz_scores() -> None:
+    """Every committed OOD AUROC is sklearn's ``roc_auc_score`` on the npz's scores (to 1e-9)."""
+    checked, old, wrong = _sklearn_auroc_mismatches(REPO_RESULTS)
+    assert wrong == []
+    if not checked:
+        pytest.skip(f"all {old} committed runs use the older result format (schema 1); regenerate results/")
+    assert old == 0, f"{old} committed runs still use the older result format (schema 1)"
