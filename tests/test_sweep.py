@@ -76,7 +76,9 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "1 run(s) failed" in result.stdout
     assert "always-fails / tiny-digits / seed 0: RuntimeError: broken on purpose" in result.stdout
-    failed = json.loads((out / "runs" / "tiny-digits@smoke" / "always-fails" / "seed0.json").read_text())
+    run_dir = out / "runs" / "tiny-digits@smoke" / "always-fails"
+    assert not (run_dir / "seed0.json").exists()  # a failure is recorded beside, never as the result
+    failed = json.loads((run_dir / "seed0.failed.json").read_text())
     assert failed["status"] == "failed" and "broken on purpose" in failed["error"]
     ok = json.loads((out / "runs" / "tiny-digits@smoke" / "map" / "seed0.json").read_text())
     assert ok["status"] == "ok"
