@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_table = sub.add_parser("table", help="build results/leaderboard.{md,csv} from the run files")
     p_table.add_argument("--results", type=Path, default=Path("results"))
     p_table.add_argument("--check", action="store_true",
-                         help="exit 1 if the committed tables differ from what the run files give")
+                         help="exit 1 if the committed tables differ from what the run files give, or if "
+                              "run files of an older format cannot be checked against their metrics")
 
     p_plot = sub.add_parser("plot", help="reliability diagrams and OOD histograms into results/plots")
     p_plot.add_argument("--results", type=Path, default=Path("results"))
