@@ -163,6 +163,15 @@ def _predict(method: Method, x: torch.Tensor, where: str, classes: int) -> Predi
     return Prediction(pred.probs.detach().double().cpu(), scores)
 
 
+def _same_scores(method: Method, test: Prediction, others: dict[str, Prediction]) -> None:
+    """Every evaluation set carries the test set's scores (else an AUROC would silently vanish)."""
+    names = sorted(test.scores)
+    for where, pred in others.items():
+        if sorted(pred.scores) != names:
+            raise BenchError(f"method {method.name} returned scores {sorted(pred.scores)} for {where} "
+                             f"but {names} for the test set; return the same scores for every input")
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Execute one run and write its JSON + npz; returns the record."""
     r = resolve(config)
@@ -227,6 +236,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             xs, ys = subset(f"shift/{name}", *ds.tensors)
             shift_preds[name] = (_predict(method, xs, f"shift set {name!r}", classes), ys)
 
+    _same_scores(method, test_pred, {**{f"OOD set {k!r}": p for k, p in ood_preds.items()},
+                                     **{f"shift set {k!r}": p for k, (p, _) in shift_preds.items()}})
     metrics = evaluate(
         test_pred.probs, y_test, test_pred.scores,
         ood={k: (p.probs, p.scores) for k, p in ood_preds.items()},

@@ -279,6 +279,9 @@ BAD_OUTPUTS = {
     "unnormalised": ("return Prediction(probs * 2)", "do not sum to 1"),
     "score-shape": ('return Prediction(probs, {"variance": torch.ones(n, 2)})', "score 'variance' must have shape"),
     "not-a-prediction": ("return probs", "returned a Tensor for the test set, not a Prediction"),
+    "scores-vanish": ('self.calls = getattr(self, "calls", 0) + 1; '
+                      'return Prediction(probs, {"variance": torch.ones(n)} if self.calls == 1 else {})',
+                      "returned scores [] for OOD set 'shuffled' but ['variance'] for the test set"),
 }
 
 
