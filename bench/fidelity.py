@@ -1,9 +1,22 @@
 """Fidelity of RegVar against exact linearized Laplace: ``python -m bench fidelity --task T``.
 
-On a version of the task's model small enough for exact curvature (``Task.make_small_model``,
-≤ 10k parameters) trained to convergence (full batch, float64, L-BFGS, on a seeded training
-subset), the linearized predictive variance g'(x)ᵀ Σ g'(x) of the output g that RegVar
-regularises (default: the MAP-predicted logit) is computed exactly with
+Two checks, ``--model small`` (default) and ``--model full``.
+
+``--model full``: the leaderboard's own MAP network — the cached checkpoint of the task's model
+that ``bench run`` trains (``bench.training.checkpoint_path``; absent: run the ``map`` method
+first) — on the task's full training set (or a stated seeded ``--train-size`` subset). Both
+registered methods run with their default options (variance-scale tuning off: it does not
+change the variance) on ``--n`` seeded test inputs, and are compared with the exact
+linearised-Laplace variance g'ᵀ(n·∇²P)⁻¹g' at the network each method reads its variance at (its
+θ₀), computed by float64 conjugate gradients on exact Hessian-vector products (true Hessian,
+and the GGN) to a stated residual: ``regvar`` (all weights) against the all-weight targets,
+``regvar-ll`` against the exact last-layer variance and, for scale, the all-weight target.
+P is mean CE + (wd/2)‖θ‖² with the task recipe's wd (prior precision n·wd); the JSON says at
+which θ₀, and probes ∇²P at the raw AdamW checkpoint for non-positive curvature.
+
+``--model small``: a version of the task's model small enough for exact curvature
+(``Task.make_small_model``, ≤ 10k parameters) trained to convergence (full batch, float64,
+L-BFGS, on a seeded training subset), where the Hessian is formed densely:
   - the true Hessian: Σ⁻¹ = ∇²[n·P] (chunked Hessian-vector products, ``torch.func``), which is
     the limit of RegVar's finite difference (the paper's Theorem 4.1), and
   - the GGN: laplace-torch ``Laplace(..., "all", "full")`` with prior precision n·wd.
@@ -11,12 +24,11 @@ The objective is ``P = mean CE + (wd/2)‖θ‖²`` with wd = prior_precision / 
 ``methods.regvar_common``); the default prior precision 1 (not the task recipe's weight decay,
 which on a 256-point subset is a nearly flat prior under which L-BFGS does not reach a
 stationary point in thousands of iterations) keeps the exact problem well posed. Both RegVar
-methods then run with their default settings on the same problem; we report the median
-relative error and Spearman's ρ of their variances against
-both targets, and the per-input estimator's error as a function of λ and of optimizer steps.
-The per-input method's variance-scale tuning is off here (val_queries=0): it does not change
-the variance. Amortized RegVar tunes λ and its scale on validation NLL as usual; we report its
-raw variance and the tuned scale, and compare it with its own linear-response limit
+methods then run with their default settings on the same problem (per-input RegVar from the
+converged network, ``reference=map``); we report the median relative error and Spearman's ρ of
+their variances against both targets, and the per-input estimator's error as a function of λ
+and of CG iterations. Amortized RegVar tunes λ and its scale on validation NLL as usual; we
+report its raw variance and the tuned scale, and compare it with its own linear-response limit
 |J_k(x) Σ E_x'[Σ_j sign f_j(x') J_j(x')ᵀ]|/C too, both at the λ it chose and at λ/n = 1e-5.
 λ values are per example (λ/n), as in the methods' options.
 """
@@ -30,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +54,19 @@ from bench.errors import BenchError
 from bench.method_api import FitContext
 from bench.seeding import derive_seed, seed_everything
 from bench.tasks.base import TaskData, TrainRecipe
-from bench_methods.regvar import RegVar, RegVarOptions, output_weights, regvar_variance
+from bench_methods.regvar import (
+    FitConfig,
+    Reference,
+    RegVar,
+    RegVarLastLayer,
+    RegVarLLOptions,
+    RegVarOptions,
+    output_weights,
+    regvar_response,
+)
 from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
-from bench_methods.regvar_common import FlatModel, resolve
+from bench_methods.regvar_common import FlatModel
+from bench_methods.regvar_newton import CurvatureKind, CurvatureProducts, batched_cg
 
 DTYPE = torch.float64
 AMORTIZED_CHECK_LAM = 1e-5
@@ -185,6 +208,26 @@ def _timed(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> tupl
     return out, seconds
 
 
+def _context(data: TaskData, model: nn.Module, recipe: TrainRecipe, seed: int, log: Callable[[str], None],
+             make_model: Callable[[], nn.Module]) -> FitContext:
+    return FitContext(
+        data=data,
+        make_model=make_model,
+        recipe=recipe,
+        device=torch.device("cpu"),
+        seed=seed,
+        map_model=model,
+        train_model=lambda member: model,
+        progress=lambda it, **_: it,
+        log=log,
+    )
+
+
+def _variance(method: RegVar, x: torch.Tensor) -> torch.Tensor:
+    """The method's variance of its regularised read-out (output=top: the top logit's)."""
+    return method.moments(x)[1][:, 0]
+
+
 def run(
     task_name: str,
     smoke: bool,
@@ -198,6 +241,7 @@ def run(
     sweep_queries: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """The small-model check (``--model small``)."""
     from bench.tasks import TASKS
 
     seed_everything(seed)
@@ -235,26 +279,23 @@ def run(
     target = quad(jg, hess)[:, 0]
     target_ggn = quad(jg, ggn)[:, 0]
 
-    ctx = FitContext(
-        data=TaskData(
+    ctx = _context(
+        TaskData(
             train=TensorDataset(x_tr, y_tr),
             val=TensorDataset(x_va, y_va),
             test=TensorDataset(x_q, torch.zeros(len(x_q), dtype=torch.long)),
             num_classes=data.num_classes,
         ),
-        make_model=lambda: make_small(task, data.num_classes, x_tr[0]).to(DTYPE),
-        recipe=TrainRecipe(epochs=1, batch_size=n, lr=1.0, weight_decay=wd, optimizer="lbfgs"),
-        device=torch.device("cpu"),
-        seed=seed,
-        map_model=model,
-        train_model=lambda member: model,
-        progress=lambda it, **_: it,
-        log=log,
+        model,
+        TrainRecipe(epochs=1, batch_size=n, lr=1.0, weight_decay=wd, optimizer="lbfgs"),
+        seed,
+        log,
+        lambda: make_small(task, data.num_classes, x_tr[0]).to(DTYPE),
     )
-    per_input = RegVar(RegVarOptions(val_queries=0))
+    # The network is converged: the variance is read there (reference=map).
+    per_input = RegVar(RegVarOptions(val_queries=0, reference=Reference.MAP, max_queries=len(x_q)))
     _, t_fit = _timed(log, "regvar fit", lambda: per_input.fit(ctx))
-    pred, t_rv = _timed(log, f"regvar on {len(x_q)} queries", lambda: per_input.predict(x_q))
-    var_rv = pred.scores["variance"].double()
+    var_rv, t_rv = _timed(log, f"regvar on {len(x_q)} queries", lambda: _variance(per_input, x_q).double())
     amort = RegVarAmortized(AmortizedOptions(steps=100) if smoke else AmortizedOptions())
     _, t_am = _timed(log, "regvar-amortized fit", lambda: amort.fit(ctx))
     var_am = amort.predict(x_q).scores["variance"].double()
@@ -268,39 +309,29 @@ def run(
     small.fit(ctx)
     var_small = small.predict(x_q).scores["variance"].double()
 
-    # Sweeps on a few queries, in one stacked solve: error vs λ (at the default steps) and vs
-    # optimizer steps (at the default λ); every other setting is the default.
+    # Sweeps on a few queries, in one stacked solve: error vs λ (at convergence) and vs CG
+    # iterations (at the default λ); every other setting is the default.
     o = per_input.options
-    opt, dtype = resolve(o.optimizer, o.precision, n, fm.dim, o.full_batch_budget)
+    assert per_input.problem is not None
     sub = slice(0, min(sweep_queries, len(x_q)))
     sweep_lams = tuple(sorted({*lams, o.lam}))
-    settings = o.settings(opt, seed=derive_seed(seed, "regvar", "data-order"), steps=max(*steps_grid, o.steps))
-    fm_fit = FlatModel(model, dtype, torch.device("cpu"))
-    sweep, t_sweep = _timed(
+    response, t_sweep = _timed(
         log,
-        f"λ × steps sweep on {sub.stop} queries",
-        lambda: regvar_variance(
-            fm_fit,
-            x_tr.to(dtype),
-            y_tr,
-            wd,
-            x_q[sub],
-            w[sub],
-            tuple(lam * n for lam in sweep_lams),  # regvar_variance takes the log-joint λ
-            settings,
-            o.difference,
-            o.query_batch,
-            (*steps_grid, o.steps),
-            curvature=per_input.curvature,  # the solver the method used above
-        ),
+        f"λ × CG-iterations sweep on {sub.stop} queries",
+        lambda: regvar_response(per_input.problem, x_q[sub], w[sub], sweep_lams, FitConfig.from_options(o),
+                                checkpoints=steps_grid),
     )
     tgt = target[sub]
     at_default = sweep_lams.index(o.lam)
-    lam_curve = {
-        f"{lam:g}": compare(sweep[o.steps][:, 0, j], tgt)["median_rel_err"] for j, lam in enumerate(sweep_lams)
-    }
-    step_curve = {str(k): compare(sweep[k][:, 0, at_default], tgt)["median_rel_err"] for k in sorted(steps_grid)}
 
+    def read(r: torch.Tensor) -> torch.Tensor:  # (N, K, L, C) → variance of read-out 0, (N, L)
+        return (r[:, 0] * w[sub][:, 0, None, :]).sum(-1)
+
+    lam_curve = {f"{lam:g}": compare(read(response.final)[:, j], tgt)["median_rel_err"]
+                 for j, lam in enumerate(sweep_lams)}
+    step_curve = {str(k): compare(read(response.at[k])[:, at_default], tgt)["median_rel_err"]
+                  for k in sorted(steps_grid)}
+    summary = per_input.summary()
     return {
         "task": task_name,
         "smoke": smoke,
@@ -318,8 +349,9 @@ def run(
         "target_median": float(target.median()),
         "regvar": {
             **compare(var_rv, target),
-            **{k: per_input.summary()[k] for k in ("lam", "optimizer", "dtype", "steps", "difference")},
-            **{k: v for k, v in per_input.summary().items() if k.startswith("polish")},
+            "weights": summary["weights"],
+            **{k: summary[k] for k in ("lam", "solver", "dtype", "difference", "reference", "cg_iterations_max")},
+            "solver_flags": summary["solver_flags"],
         },
         "regvar-amortized": {
             **compare(var_am, target),
@@ -338,7 +370,7 @@ def run(
             "true_hessian_target": compare(target, target_ggn),
         },
         "rel_err_vs_lam": lam_curve,
-        "rel_err_vs_steps": step_curve,
+        "rel_err_vs_cg_iterations": step_curve,
         "sweep_queries": sub.stop,
         "seconds": {
             "map": t_train,
@@ -353,34 +385,204 @@ def run(
     }
 
 
+TARGET_RTOL = 1e-10  # float64 CG of the exact targets: residual ‖Au − b‖ ≤ this·‖b‖, or ...
+TARGET_ENERGY_TOL = 1e-9  # ... the variance grew by ≤ this (relative) over its last 10 iterations
+TARGET_MAX_ITER = 2000
+MAP_PROBE = 8  # test inputs along which ∇²P at the raw checkpoint is probed
+
+
+def exact_variance(
+    products: CurvatureProducts, theta: torch.Tensor, jg: torch.Tensor, n: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """g'ᵀ(n·A)⁻¹g' for each row of ``jg`` (N, D) with A the products' curvature at ``theta``
+    (mean scale), by float64 CG; and what the solve reached: iterations, the true relative
+    residual ‖Au − g'‖/‖g'‖ recomputed at the end, solves stopped at non-positive curvature."""
+    res = batched_cg(lambda p, _r: products.at(theta, p), jg, TARGET_RTOL, TARGET_MAX_ITER, TARGET_ENERGY_TOL)
+    true_res = torch.cat([
+        (products.at(theta, res.x[i : i + 16]) - jg[i : i + 16]).norm(dim=1) / jg[i : i + 16].norm(dim=1)
+        for i in range(0, len(jg), 16)
+    ])
+    info = {
+        "curvature": products.kind.value,
+        "dtype": str(jg.dtype).removeprefix("torch."),
+        "stop_rule": f"‖r‖ ≤ {TARGET_RTOL:g}‖b‖ or variance gain over 10 iterations ≤ {TARGET_ENERGY_TOL:g}",
+        "cg_iterations_max": int(res.iterations.max()),
+        "cg_iterations_median": float(res.iterations.double().median()),
+        "rel_residual_max": float(true_res.max()),
+        "rel_residual_median": float(true_res.median()),
+        "variance_gain_last10_max": float(res.energy_gain.max()),
+        "not_converged": int((~res.converged & ~res.negative_curvature).sum()),
+        "negative_curvature": int(res.negative_curvature.sum()),
+    }
+    return (jg * res.x).sum(1) / n, info
+
+
+def load_map(task: Any, seed: int, num_classes: int) -> tuple[nn.Module, Path]:
+    """The task's MAP network from the checkpoint cache that ``bench run`` fills."""
+    from bench.training import checkpoint_path, load_state
+
+    model = task.make_model(num_classes)
+    path = checkpoint_path(task.cache_key(), task.recipe(), seed)
+    if not load_state(model, path):
+        raise BenchError(
+            f"no cached MAP checkpoint for {task.name} seed {seed} ({path}); run "
+            f"`python -m bench run --method map --task {task.name} --seed {seed}` first"
+        )
+    return model.eval(), path
+
+
+def _probe_map_curvature(model: nn.Module, data: TaskData, wd: float, x_q: torch.Tensor) -> dict[str, Any]:
+    """Float64 CG along the first test inputs' top-logit gradients at the raw checkpoint:
+    does ∇²P have non-positive curvature there (then the variance is not defined at the MAP)?"""
+    fm = FlatModel(model, DTYPE, torch.device("cpu"))
+    x, y = data.train.tensors[0].to(DTYPE), data.train.tensors[1]
+    products = CurvatureProducts(fm, x, y, wd)
+    xq = x_q[:MAP_PROBE].to(DTYPE)
+    jg = output_jacobians(fm, fm.theta0, xq, output_weights(fm.logits(fm.theta0, xq), RegVarOptions().output))[:, 0]
+    res = batched_cg(lambda p, _r: products.at(fm.theta0, p), jg, TARGET_RTOL, 200, TARGET_ENERGY_TOL)
+    grad_map = products.gradient(fm.theta0[None])[0]
+    return {
+        "grad_norm": float(grad_map.norm()),
+        "grad_inf": float(grad_map.abs().max()),
+        "probed_inputs": len(xq),
+        "negative_curvature": int(res.negative_curvature.sum()),
+        "cg_iterations_max": int(res.iterations.max()),
+    }
+
+
+def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """The full-model check (``--model full``) on the leaderboard's own MAP network."""
+    from bench.tasks import TASKS
+
+    seed_everything(seed)
+    task = TASKS.get(task_name)()
+    data = task.load()
+    model, path = load_map(task, seed, data.num_classes)
+    recipe = task.recipe()
+    gen = torch.Generator().manual_seed(derive_seed(seed, "fidelity", "full"))
+    if train_size is not None and train_size < len(data.train):
+        pick = torch.randperm(len(data.train), generator=gen)[:train_size].sort().values
+        data = replace(data, train=TensorDataset(*(t[pick] for t in data.train.tensors)))
+    pick_te = torch.randperm(len(data.test), generator=gen)[:n_queries]
+    x_q = data.test.tensors[0][pick_te]
+    n, wd = len(data.train), recipe.weight_decay
+    ctx = _context(data, model, recipe, seed, log, lambda: task.make_model(data.num_classes))
+    log(f"fidelity: {task_name} MAP checkpoint {path}, {len(x_q)} test inputs, n={n}, prior precision {n * wd:g}")
+    probe, t_probe = _timed(log, "∇²P probe at the raw checkpoint", lambda: _probe_map_curvature(model, data, wd, x_q))
+    out: dict[str, Any] = {
+        "task": task_name,
+        "model": "full",
+        "checkpoint": str(path),
+        "seed": seed,
+        "n": len(x_q),
+        "n_train": n,
+        "train_subset": None if train_size is None or train_size >= n else f"{n} seeded training rows",
+        "weight_decay": wd,
+        "prior_precision": n * wd,
+        "output": RegVarOptions().output.value,
+        "P": (
+            "n·[mean CE + (wd/2)‖θ‖²] on the training rows, the task recipe's wd (prior precision n·wd); "
+            "its Hessian (true, and GGN) at the θ₀ each method reads its variance at (field theta0)"
+        ),
+        "raw_checkpoint_curvature": probe,
+        "seconds": {"map_probe": t_probe},
+    }
+    for label, method in (("regvar", RegVar(RegVarOptions(val_queries=0, max_queries=len(x_q)))),
+                          ("regvar-ll", RegVarLastLayer(RegVarLLOptions(val_queries=0, max_queries=len(x_q))))):
+        _, t_fit = _timed(log, f"{label} fit", lambda method=method: method.fit(ctx))
+        var, t_pred = _timed(log, f"{label} on {len(x_q)} inputs", lambda method=method: _variance(method, x_q))
+        problem = method.problem
+        assert problem is not None
+        inputs = method.network_inputs(x_q).to(DTYPE)
+        theta = problem.fm64.theta0
+        w = output_weights(problem.fm64.logits(theta, inputs), method.options.output)[:, 0]
+        jg = problem.readout_grads(theta.expand(len(inputs), -1), inputs, w)
+        targets: dict[str, torch.Tensor] = {}
+        infos: dict[str, Any] = {}
+        for kind in CurvatureKind:
+            products = CurvatureProducts(problem.fm64, problem.x.to(DTYPE), problem.y, wd, kind)
+            (targets[kind.value], infos[kind.value]), secs = _timed(
+                log,
+                f"{label}: exact {kind.value} variances",
+                lambda p=products, t=theta, j=jg: exact_variance(p, t, j, n),
+            )
+            infos[kind.value]["seconds"] = secs
+        summary = method.summary()
+        entry = {
+            "weights": summary["weights"],
+            "n_params": summary["n_params"],
+            "theta0": {k: v for k, v in summary.items() if k.startswith(("reference", "polish", "theta0"))},
+            **compare(var, targets["hessian"]),
+            "vs_ggn": compare(var, targets["ggn"]),
+            "target_true_hessian": infos["hessian"],
+            "target_ggn": infos["ggn"],
+            "true_hessian_vs_ggn": compare(targets["hessian"], targets["ggn"]),
+            "target_median": float(targets["hessian"].median()),
+            "solver": {k: summary[k] for k in ("solver", "dtype", "lam", "difference", "cg_iterations_max",
+                                               "cg_iterations_mean", "cg_rel_residual_max", "cg_variance_gain_max",
+                                               "nonlinearity_max")},
+            "solver_flags": summary["solver_flags"],
+            "seconds": {"fit": t_fit, "predict": t_pred, "per_query": t_pred / len(x_q)},
+        }
+        if label == "regvar-ll":
+            entry["vs_all_weights_true_hessian"] = compare(var, out["_all_target"])
+            entry["note"] = "targets: the exact last-layer variance; vs_all_weights_true_hessian: regvar's target"
+        else:
+            out["_all_target"] = targets["hessian"]
+        out[label] = entry
+    del out["_all_target"]
+    return out
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split("|") if v)
 
 
 def main(argv: list[str]) -> int:
-    """``python -m bench fidelity --task T [--smoke] [--n N] [--json] [--seed S]``."""
+    """``python -m bench fidelity --task T [--model small|full] [--smoke] [--n N] [--json] [--seed S]``."""
     p = argparse.ArgumentParser(prog="bench fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True)
-    p.add_argument("--smoke", action="store_true", help="tiny configuration (tests, CI)")
-    p.add_argument("--n", type=int, default=None, help="test inputs compared (default 32, smoke 4)")
+    p.add_argument("--model", choices=("small", "full"), default="small",
+                   help="small: a ≤10k-parameter model trained to convergence; full: the leaderboard's MAP network")
+    p.add_argument("--smoke", action="store_true", help="tiny configuration (tests, CI; --model small)")
+    p.add_argument("--n", type=int, default=None, help="test inputs compared (default: small 32, smoke 4, full 100)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-size", type=int, default=None, help="training subset (default 256, smoke 48)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training subset (small: default 256, smoke 48; full: default all rows)")
     p.add_argument("--val-size", type=int, default=None, help="validation subset (default 256, smoke 48)")
     p.add_argument(
         "--prior-precision",
         type=float,
         default=1.0,
-        help="n·wd on the log-joint scale (wd = this / n)",
+        help="small: n·wd on the log-joint scale (wd = this / n); full uses the task recipe's wd",
     )
     p.add_argument("--lams", default="1e-7|1e-6|1e-5|1e-4|1e-3", help="λ/n values of the λ sweep")
-    p.add_argument("--steps-grid", default=None, help="step counts of the steps sweep")
+    p.add_argument("--steps-grid", default=None, help="CG iteration counts of the iterations sweep")
     p.add_argument("--sweep-queries", type=int, default=None, help="queries in the sweeps")
     args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     if args.prior_precision <= 0:
         raise BenchError("--prior-precision must be > 0 (the Hessian must be positive definite)")
+    if args.n is not None and args.n < 1:
+        raise BenchError("--n must be at least 1")
+    log = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.model == "full":
+        if args.smoke:
+            raise BenchError("--smoke is for --model small; --model full uses the task's real MAP network")
+        out = run_full(args.task, args.n or 100, args.seed, args.train_size, log)
+        if args.json:
+            print(json.dumps(out, indent=1, default=_jsonable))
+        else:
+            for key in ("regvar", "regvar-ll"):
+                r = out[key]
+                print(f"{key:10s} ({r['weights']}, {r['n_params']} params) vs true Hessian: median rel err "
+                      f"{r['median_rel_err']:.4f}, spearman {r['spearman']:.4f}; vs GGN: "
+                      f"{r['vs_ggn']['median_rel_err']:.4f}, {r['vs_ggn']['spearman']:.4f}; "
+                      f"{r['seconds']['per_query']:.2f} s/query; flags {r['solver_flags'] or 'none'}")
+        return 0
     smoke = args.smoke
-    steps_default = "2|5|10|20|50" if smoke else "5|10|20|50|100|200|300"
+    steps_default = "2|5|10|20|50" if smoke else "5|10|20|50|100|200"
     out = run(
         args.task,
         smoke,
@@ -392,7 +594,7 @@ def main(argv: list[str]) -> int:
         lams=_floats(args.lams),
         steps_grid=tuple(int(v) for v in _floats(args.steps_grid or steps_default)),
         sweep_queries=args.sweep_queries or (2 if smoke else 4),
-        log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
+        log=log,
     )
     if args.json:
         print(json.dumps(out, indent=None if smoke else 1, default=_jsonable))
@@ -404,7 +606,7 @@ def main(argv: list[str]) -> int:
             r = out["vs_ggn"][key]
             print(f"{key:18s} vs GGN: median rel err {r['median_rel_err']:.4f}  spearman {r['spearman']:.4f}")
         print("rel err vs λ:", out["rel_err_vs_lam"])
-        print("rel err vs steps:", out["rel_err_vs_steps"])
+        print("rel err vs CG iterations:", out["rel_err_vs_cg_iterations"])
     return 0
 
 

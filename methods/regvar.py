@@ -3,61 +3,74 @@
 For a query x*, refit the MAP with the prediction added to the log-joint,
 ``θ̂_λ = argmax L(θ) + λ·g(x*; θ)``, and read the variance as the change of the prediction per
 unit λ: ``σ²(x*) ≈ [g(x*; θ̂_λ) − g(x*; θ̂)] / λ``. As λ → 0 this is g'ᵀP⁻¹g', the linearized
-Laplace predictive variance with P the Hessian of the negative log-joint (the paper's
-Theorem 4.1). The estimate needs no Hessian (small fits use one only to start L-BFGS, below).
-The objective is in ``methods.regvar_common`` (mean cross-entropy + (wd/2)‖θ‖², prior
-precision n·wd). Option ``lam`` is λ per example: the minimised mean loss gets the term
-−lam·g(x*), i.e. the paper's log-joint λ is lam·n; a given lam moves the parameters by the same
-amount whatever n (default 1e-5, see the fidelity sweep).
+Laplace predictive variance with P the Hessian of the negative log-joint at θ̂ (the paper's
+Theorem 4.1). No curvature matrix is formed or inverted. The objective is in
+``methods.regvar_common`` (mean cross-entropy + (wd/2)‖θ‖², prior precision n·wd). Option
+``lam`` is λ per example: the minimised mean loss gets the term −lam·g(x*), i.e. the paper's
+log-joint λ is lam·n.
+
+Two registered methods, named by what they refit (never switched silently):
+
+- ``regvar``: every trainable weight, as in the paper. Before any fit it times one stacked
+  Hessian-vector product on a slice of the training rows and refuses, with one line naming what
+  would make it feasible, a run whose estimate exceeds ``budget_s``.
+- ``regvar-ll``: only the final ``nn.Linear`` on the MAP's fixed features (the counterpart of
+  ``laplace-ll``); cheap, so it evaluates more inputs by default.
+
+One network (option ``reference``): the fits start from θ₀ and the predictive mean is θ₀'s
+logits, so mean and variance come from the same weights. The fits minimise the *tilted*
+objective ``P(θ) − ∇P(θ₀)ᵀθ − lam·g(x*; θ)``: the linear term makes θ₀ an exact stationary
+point (its λ = 0 fit is θ₀ itself, what a λ = 0 fit sharing the solver differences away to first
+order) and leaves every second derivative, hence the variance, unchanged.
+
+- ``polished`` (``regvar``'s default): θ₀ is the MAP continued by full-batch L-BFGS to a
+  stationary point of P, the paper's θ̂. An AdamW MAP is not one, and there ∇²P is indefinite
+  (IMDB head: smallest eigenvalue ≈ −0.007 with wd = 0.01; CG meets negative curvature along
+  every probed query), so the Laplace variance, RegVar's limit, is not defined at it. The
+  summary records how far polishing moved the network (validation logits, changed argmaxes).
+- ``map`` (``regvar-ll``'s default): θ₀ is the MAP. Exact for a last layer, whose objective is
+  convex; for all weights only where ∇²P(MAP) is positive definite, which the flags below check.
+
+Solvers (option ``solver``), both Hessian-free:
+
+- ``newton-cg`` (default): the fits move O(λ) from θ₀, where the tilted objective is
+  stationary, so one Newton step ``∇²P(θ₀)·d = lam·∇g(x*)`` solves them; conjugate gradients
+  solve it with exact Hessian-vector products (``methods.regvar_newton``), all fits of a stack
+  of ``query_batch`` queries at the shared θ₀. The step is linear in λ, so one solve u serves
+  the ± pair, θ₀ ± lam·u; with central differences the fits' O(λ²) remainder cancels in the
+  read-out to O(λ³). CG stops when the read-out's variance grew by ≤ ``cg_tol`` (relative) over
+  its last 10 iterations (the standard lower estimate of its remaining error).
+- ``lbfgs``: full-batch L-BFGS per fit from θ₀ (gradients only), checked afterwards: each fit's
+  float64 gradient relative to its λ term must be ≤ ``fit_rtol``.
+
+Nothing fails silently: the summary (``solver_flags``) counts CG solves that stopped without
+converging or at a direction of non-positive curvature (P is not positive definite there),
+L-BFGS fits that did not converge, solves whose ± read-outs are not antisymmetric to 10 %
+(λ outside the linear regime), and variances no posterior can have (negative, or above the
+prior's ‖∇g‖²/(n·wd)); a non-empty ``solver_flags`` is also logged as a warning. A non-finite
+variance is an error.
 
 Which output g is regularised (option ``output``) — for a C-class model the "prediction" is a
-vector of logits f, and we regularise one fixed linear read-out g = wᵀf per fit:
+vector of logits f, and we regularise one fixed linear read-out g = wᵀf per fit, reading the
+change of *every* logit: fit k gives the row ``J P⁻¹ J_kᵀ`` of the logit covariance.
 
-- ``top`` (default): g = f_ŷ, the logit of the MAP's predicted class ŷ. One fit pair per
-  input; σ² = J_ŷ P⁻¹ J_ŷᵀ. The predictive applies this σ² to every logit.
-- ``logits``: one fit pair per logit k, giving the diagonal J_k P⁻¹ J_kᵀ (C times the cost).
-  The predictive uses each logit's own σ²_k; the score is their mean.
-- ``mean-abs``: g = mean_k |f_k|, the paper listing's output, linearised at the MAP
-  (w = sign(f_MAP)/C); σ² is the variance of the mean absolute logit, applied to every logit.
+- ``top`` (default): g = f_ŷ, θ₀'s predicted class's logit; σ² = J_ŷ P⁻¹ J_ŷᵀ, applied to
+  every logit in the probit.
+- ``logits``: one solve per logit (C times the cost): the full C×C logit covariance
+  ``J P⁻¹ Jᵀ`` (``covariance``); the probit uses each logit's own σ²_k.
+- ``mean-abs``: g = mean_k |f_k| (the paper listing's output), linearised at θ₀'s signs.
 
-The ``variance`` score is σ² of the regularised output (for ``logits``: the mean over logits).
-The predictive is the linearized-Laplace probit per logit,
-``softmax(f_MAP / sqrt(1 + π/8 · s · σ²))``, with the scale s tuned on validation NLL over
-``val_queries`` validation inputs (recorded in ``summary()``).
+Finite difference (option ``difference``): ``central`` [g(θ₊) − g(θ₋)]/(2λ) cancels the O(λ)
+bias; ``forward`` [g(θ₊) − g(θ₀)]/λ. Read-outs are evaluated in float64 (the difference is
+small); the solver's arithmetic is ``precision``.
 
-Finite differences (option ``difference``). A MAP from a few epochs of AdamW is not a
-stationary point of the objective: refitting moves g even with λ = 0, and that drift divided
-by a small λ swamps the variance. ``central`` (default) fits +λ and −λ with the same optimizer,
-steps and data order and takes [g(θ̂₊) − g(θ̂₋)]/(2λ): the drift cancels and so does the O(λ)
-bias. ``forward`` differences against a λ = 0 fit with the same optimizer, steps and data.
-With the full-batch L-BFGS solver the MAP is first continued to a stationary point θ₀ of the
-objective (option ``polish``: one λ = 0 fit shared by all queries; the summary records the
-gradient before and after and how far the logits moved): fits that start far from their optimum
-follow trajectories whose difference is not the λ effect. The variance is then the Laplace
-variance at θ₀, while the predictive mean stays the MAP network's logits. Minibatch solvers
-(adam, sgd) cannot polish; they rely on the ± pair sharing its data order, and with a fixed
-step budget they resolve only the directions of P that they converge in (see ``steps`` and the
-summary's ``rel_change_last_half``).
+The ``variance`` score is σ² of the regularised output (``logits``: mean over logits). The
+predictive is the linearized-Laplace probit per logit, ``softmax(f_θ₀ / sqrt(1 + π/8 · s ·
+σ²))``, with the scale s tuned on validation NLL over ``val_queries`` inputs.
 
-Which parameters (option ``weights``). The paper refits every weight. That is what ``auto``
-does when a full-batch L-BFGS fit of the whole network is affordable (the fidelity models,
-small heads); on the benchmark's full-size networks it refits the last ``nn.Linear`` on fixed
-features instead (the RegVar counterpart of last-layer Laplace), because minibatch Adam from
-the MAP does not converge in a CPU budget and an unconverged fit is not RegVar's estimate.
-The result records the choice (``weights``); ``weights=all optimizer=adam`` remains available.
-The L-BFGS fits are ill-conditioned (weak priors, near-separable classes), hence the long
-history (100 pairs); a fit stops when its step falls below ``xtol`` of the distance it has
-travelled (``max_iterations`` in the summary). With at most ``hessian_start`` parameters (a last
-layer) every fit's L-BFGS starts from the exact P⁻¹ at θ₀ instead of γ·I: all fits start at θ₀
-and move O(λ) from it, so the first step is nearly Newton's. Same optimum and stopping rules; on
-Fashion-MNIST's last layer (650 parameters) fits then stop after ≤ 9 iterations instead of
-≤ 241, 0.22 instead of 4.6 s per query, variances within 0.5 % (median 0.02 %) of the
-unpreconditioned fits'. No Hessian enters the estimate itself, which remains Δg/λ.
-
-Cost and the evaluated subset: each input costs one (``top``) or C pairs of fits. ``predict``
-computes the variance of every input it is given and refuses more than ``max_queries`` inputs
-per call rather than inventing scores: the harness evaluates a fixed seeded subset of each
-evaluation set for methods that set ``eval_limit`` (this one sets it to ``max_queries``).
+Cost and the evaluated subset: each input costs one (``top``) or C solves. ``predict`` computes
+the variance of every input it is given and refuses more than ``max_queries`` inputs per call;
+the harness evaluates a subset of each evaluation set for methods that set ``eval_limit``.
 """
 
 from __future__ import annotations
@@ -66,11 +79,12 @@ import copy
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.func import grad, vmap
 from torch.utils.data import TensorDataset
 
 from bench.errors import BenchError
@@ -82,67 +96,93 @@ from bench.types import Prediction
 from .regvar_common import (
     FlatModel,
     Optimizer,
+    Precision,
     Regularizer,
-    SolverOptions,
     SolverSettings,
     StackedObjective,
-    inverse_hessian,
     polish,
     probit_probs,
-    resolve,
     solve,
     train_tensors,
     tune_scale,
 )
+from .regvar_newton import CurvatureProducts, batched_cg
+
+# Planning figures for the budget estimate (`python -m bench perf regvar`; IMDB's polished
+# head: 18 CG iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
+PLANNING_CG_ITERATIONS = 40
+PLANNING_LBFGS_ITERATIONS = 150
+PROBE_ROWS = 2048
 
 
 class Output(str, enum.Enum):
     """Which read-out of the logits is regularised (see the module docstring)."""
 
     TOP = "top"
-    """The MAP-predicted class's logit: one fit pair per input."""
+    """The MAP-predicted class's logit: one solve per input."""
     LOGITS = "logits"
-    """Every logit in turn: C fit pairs per input, the diagonal of the logit covariance."""
+    """Every logit in turn: C solves per input, the full logit covariance."""
     MEAN_ABS = "mean-abs"
     """The mean absolute logit (the paper's listing), linearised at the MAP's signs."""
-
-
-class Weights(str, enum.Enum):
-    """Which parameters the regularised fits may move."""
-
-    AUTO = "auto"
-    """all when a full-batch L-BFGS fit of every parameter is affordable (n_train·n_params ≤
-    full_batch_budget), else last-layer: minibatch fits of a large network do not converge in
-    a CPU budget (Adam from the MAP drifts for hundreds of steps), and a fit that has not
-    converged gives a number that is not RegVar's. The choice is recorded as ``weights``."""
-    ALL = "all"
-    """Every trainable parameter, as in the paper."""
-    LAST_LAYER = "last-layer"
-    """Only the final ``nn.Linear`` (features fixed): the RegVar counterpart of last-layer
-    Laplace; its full-batch fits are cheap and converge on large tasks."""
 
 
 class Difference(str, enum.Enum):
     """How the change of the prediction is measured."""
 
     CENTRAL = "central"
-    """[g(θ₊λ) − g(θ₋λ)] / 2λ: cancels optimizer drift and the O(λ) bias."""
+    """[g(θ₊λ) − g(θ₋λ)] / 2λ: cancels the O(λ) bias."""
     FORWARD = "forward"
-    """[g(θ₊λ) − g(θ₀)] / λ against a λ = 0 fit with the same optimizer, steps and data."""
+    """[g(θ₊λ) − g(θ̂)] / λ against the MAP (the λ = 0 fit of the tilted objective)."""
+
+
+class Solver(str, enum.Enum):
+    """How each regularised fit is solved; neither forms a curvature matrix."""
+
+    NEWTON_CG = "newton-cg"
+    """Newton steps, each solved by conjugate gradients on exact Hessian-vector products."""
+    LBFGS = "lbfgs"
+    """Full-batch L-BFGS from the MAP (gradients only; slower on ill-conditioned fits)."""
+
+
+class Reference(str, enum.Enum):
+    """The network θ₀ the fits start from and the predictive mean comes from (the same one)."""
+
+    POLISHED = "polished"
+    """The MAP continued by full-batch L-BFGS to a stationary point of P (the paper's
+    θ̂ = argmax of the log-joint). Needed for all weights: at an AdamW MAP the Hessian of P
+    is indefinite (IMDB: λ_min ≈ −0.007 with wd = 0.01), so the variance is not defined there."""
+    MAP = "map"
+    """The MAP itself (the tilt makes it stationary). Exact for a last layer, whose objective is
+    convex; for all weights only where ∇²P(MAP) is positive definite (else flagged)."""
 
 
 @dataclass
-class RegVarOptions(SolverOptions):
+class RegVarOptions:
     lam: float = option(1e-5, "λ/n: the loss term is −lam·g(x*) (the paper's λ is lam·n_train)", min=0.0)
     output: Output = option(Output.TOP, "regularised read-out of the logits")
-    weights: Weights = option(Weights.AUTO, "parameters refitted: all (the paper), last-layer, or auto")
     difference: Difference = option(Difference.CENTRAL, "finite-difference scheme")
-    query_batch: int = option(32, "fits solved together in one vmapped stack", min=1)
+    reference: Reference = option(Reference.POLISHED, "network the fits start from and the mean comes from")
+    solver: Solver = option(Solver.NEWTON_CG, "solver of the regularised fits (both Hessian-free)")
+    precision: Precision = option(Precision.FLOAT32, "arithmetic of the solver (read-outs: float64)")
+    cg_tol: float = option(1e-3, "CG stops when the variance grew ≤ cg_tol (relative) over 10 iterations", min=0.0)
+    cg_max_iter: int = option(500, "most CG iterations per solve (then: counted as not converged)", min=1)
+    polish_steps: int = option(1000, "L-BFGS iterations of reference=polished", min=1)
+    lbfgs_steps: int = option(500, "solver=lbfgs: most iterations per fit", min=1)
+    lbfgs_history: int = option(100, "solver=lbfgs: history length", min=1)
+    fit_rtol: float = option(1e-2, "solver=lbfgs: converged when the fit's gradient ≤ fit_rtol × its λ term's", min=0.0)
+    query_batch: int = option(32, "solves stacked into one pass over the training rows", min=1)
     max_queries: int = option(100, "most inputs per predict call (see eval_limit)", min=1)
     val_queries: int = option(50, "validation inputs for tuning the variance scale (0: s=1)", min=0)
-    hessian_start: int = option(
-        1024, "lbfgs: fits start from the exact P⁻¹ at θ₀ when there are at most this many parameters (0: off)", min=0
+    budget_s: float = option(
+        4 * 3600.0, "most seconds the fits may take (timed probe); a longer run stops before starting", min=0.0
     )
+
+
+@dataclass
+class RegVarLLOptions(RegVarOptions):
+    reference: Reference = option(Reference.MAP, "network the fits start from and the mean comes from")
+    max_queries: int = option(1000, "most inputs per predict call (see eval_limit)", min=1)
+    val_queries: int = option(500, "validation inputs for tuning the variance scale (0: s=1)", min=0)
 
 
 def output_weights(logits: torch.Tensor, output: Output) -> torch.Tensor:
@@ -155,202 +195,441 @@ def output_weights(logits: torch.Tensor, output: Output) -> torch.Tensor:
     return (logits.sign() / c)[:, None, :]
 
 
-def regvar_variance(
-    fm: FlatModel,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    weight_decay: float,
+@dataclass
+class FitConfig:
+    """The resolved solver settings of one RegVar run."""
+
+    solver: Solver = Solver.NEWTON_CG
+    difference: Difference = Difference.CENTRAL
+    cg_tol: float = 1e-3
+    cg_max_iter: int = 500
+    lbfgs_steps: int = 500
+    lbfgs_history: int = 100
+    fit_rtol: float = 1e-2
+    query_batch: int = 32
+
+    @classmethod
+    def from_options(cls, o: RegVarOptions) -> FitConfig:
+        return cls(**{k: getattr(o, k) for k in cls.__dataclass_fields__})
+
+
+CG_RTOL = 1e-6  # CG also stops once its residual is this small (then bᵀx is exact to round-off)
+NONLINEAR_TOL = 0.1  # |g₊ + g₋ − 2g₀| / |g₊ − g₋| above this: λ is outside the linear regime
+
+
+@dataclass
+class FitStats:
+    """Counts over every solve of a run (``summary()``): nothing fails silently."""
+
+    solves: int = 0
+    cg_iterations_sum: int = 0
+    cg_iterations_max: int = 0
+    cg_rel_residual_max: float = 0.0
+    cg_variance_gain_max: float = 0.0
+    cg_not_converged: int = 0
+    negative_curvature: int = 0
+    lbfgs_iterations_max: int = 0
+    lbfgs_stalled: int = 0
+    fit_rel_residual_max: float = 0.0
+    fits_not_converged: int = 0
+    nonlinearity_max: float = 0.0
+    nonlinear_solves: int = 0
+    negative_variances: int = 0
+    above_prior_variance: int = 0
+
+    FLAGS: ClassVar[tuple[str, ...]] = (
+        "cg_not_converged",
+        "negative_curvature",
+        "lbfgs_stalled",
+        "fits_not_converged",
+        "nonlinear_solves",
+        "negative_variances",
+        "above_prior_variance",
+    )
+
+    def failures(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.FLAGS if getattr(self, k)}
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["cg_iterations_mean"] = self.cg_iterations_sum / self.solves if self.solves else 0.0
+        return out
+
+
+class Problem:
+    """The MAP objective P on the training rows around θ₀ (``theta0``, default the network's
+    weights), shared by every fit. ``fm``: the network in the solver's dtype; ``fm64``: float64,
+    for read-outs and checks; ``grad_map``: ∇P(θ₀) in float64, the tilt that makes θ₀ stationary."""
+
+    def __init__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
+                 dtype: torch.dtype, device: torch.device, theta0: torch.Tensor | None = None) -> None:
+        self.fm = FlatModel(net, dtype, device)
+        self.fm64 = FlatModel(net, torch.float64, device)
+        if theta0 is not None:
+            self.fm.theta0 = theta0.to(device, dtype).clone()
+            self.fm64.theta0 = theta0.to(device, torch.float64).clone()
+        self.x, self.y = train_tensors(TensorDataset(x, y), self.fm)
+        self.wd, self.n = weight_decay, len(x)
+        self.products = CurvatureProducts(self.fm, self.x, self.y, weight_decay)
+        self.products64 = CurvatureProducts(self.fm64, self.x.to(torch.float64), self.y, weight_decay)
+        self.grad_map = self.products64.gradient(self.fm64.theta0[None])[0]
+
+        def readout(theta: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+            return (wq * self.fm64(theta, xq[None])[0]).sum()
+
+        self._readout_grad64 = vmap(grad(readout), in_dims=(0, 0, 0))
+
+    @property
+    def dim(self) -> int:
+        return self.fm.dim
+
+    def readout_grads(self, thetas: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        """∇_θ wᵀf(x_q; θ_q) for each stacked fit, float64 (B, D)."""
+        return self._readout_grad64(thetas, xq.to(self.fm64.device, torch.float64), wq.to(torch.float64))
+
+    def fit_gradient(
+        self, thetas: torch.Tensor, coef: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor
+    ) -> torch.Tensor:
+        """Gradient of each fit's tilted, regularised objective P(θ) − ∇P(θ₀)ᵀθ − coef·g(θ)."""
+        data = self.products64.gradient(thetas)
+        return data - self.grad_map - coef[:, None] * self.readout_grads(thetas, xq, wq)
+
+
+@dataclass
+class Response:
+    """Δf/λ for every input (N), read-out (K), λ (L) and logit (C): row k of the logit
+    covariance per input. ``at[k]``: the same after k solver iterations (CG or L-BFGS)."""
+
+    final: torch.Tensor
+    at: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def regvar_response(
+    problem: Problem,
     queries: torch.Tensor,
     weights: torch.Tensor,
     lams: tuple[float, ...],
-    settings: SolverSettings,
-    difference: Difference = Difference.CENTRAL,
-    query_batch: int = 32,
+    config: FitConfig,
+    stats: FitStats | None = None,
     checkpoints: tuple[int, ...] = (),
-    stats: dict[str, int] | None = None,
     progress: Callable[..., Any] | None = None,
-    curvature: torch.Tensor | None = None,
-) -> dict[int, torch.Tensor]:
-    """σ² for every query (N), read-out (K) and λ (L): {step: (N, K, L)} at each checkpoint
-    and at ``settings.steps`` (the final value). All fits start from ``fm.theta0``, L-BFGS
-    ones with ``curvature`` as their starting inverse Hessian when given.
-    ``stats["stalled_fits"]`` accumulates L-BFGS fits that stopped without an acceptable step."""
-    if any(lam <= 0 for lam in lams):
+) -> Response:
+    """RegVar's Δf/λ (log-joint λ = lam·n for each ``lams`` entry, which are per example) for
+    every query and read-out ``weights`` (N, K, C), solves stacked ``config.query_batch`` at a time."""
+    if not lams or any(lam <= 0 for lam in lams):
         raise BenchError("RegVar needs λ > 0 (option lam)")
-    n_q, k_out, _ = weights.shape
-    signs = (1.0, -1.0) if difference is Difference.CENTRAL else (1.0, 0.0)
-    # One copy per (query, read-out, λ, sign), flattened in that order.
-    qi, ki, li, si = torch.meshgrid(
-        torch.arange(n_q),
-        torch.arange(k_out),
-        torch.arange(len(lams)),
-        torch.arange(2),
-        indexing="ij",
-    )
-    qi, ki, li, si = qi.reshape(-1), ki.reshape(-1), li.reshape(-1), si.reshape(-1)
-    lam_t = torch.tensor(lams, dtype=fm.dtype, device=fm.device)
-    sign_t = torch.tensor(signs, dtype=fm.dtype, device=fm.device)
-    coef = lam_t[li] * sign_t[si]
-    x_q = queries.to(fm.device, fm.dtype)
-    w_all = weights.to(fm.device, fm.dtype)
-    steps = sorted({*checkpoints, settings.steps})
-    read: dict[int, torch.Tensor] = {s: torch.empty(len(qi), dtype=fm.dtype) for s in steps}
-    total = len(qi)
-    starts = range(0, total, query_batch)
+    stats = stats if stats is not None else FitStats()
+    n_q, k_out, c = weights.shape
+    qi = torch.arange(n_q).repeat_interleave(k_out)
+    ki = torch.arange(k_out).repeat(n_q)
+    final = torch.empty(n_q * k_out, len(lams), c, dtype=torch.float64)
+    at = {k: torch.empty_like(final) for k in checkpoints}
+    starts = range(0, len(qi), config.query_batch)
     if progress is not None:
-        starts = progress(starts, desc=f"regvar fits ({n_q} inputs)", unit="stack")
+        starts = progress(starts, desc=f"regvar solves ({n_q} inputs)", unit="stack")
+    fit = _newton_stack if config.solver is Solver.NEWTON_CG else _lbfgs_stack
     for start in starts:
-        sl = slice(start, min(start + query_batch, total))
-        xq, wq = x_q[qi[sl]], w_all[qi[sl], ki[sl]]
-        objective = StackedObjective(
-            fm, x_train, y_train, weight_decay, Regularizer(coef=coef[sl], queries=xq, weights=wq)
-        )
-        theta0 = fm.theta0.expand(xq.shape[0], -1).clone()
+        sl = slice(start, min(start + config.query_batch, len(qi)))
+        xq, wq = queries[qi[sl]], weights[qi[sl], ki[sl]].to(torch.float64)
+        out, out_at = fit(problem, xq, wq, lams, config, stats, checkpoints)
+        final[sl] = out
+        for k in checkpoints:
+            at[k][sl] = out_at[k]
+        _count_values(stats, problem, xq, wq, out, lams)
+    shape = (n_q, k_out, len(lams), c)
+    return Response(final.view(shape), {k: v.view(shape) for k, v in at.items()})
 
-        def record(
-            step: int,
-            thetas: torch.Tensor,
-            sl: slice = sl,
-            xq: torch.Tensor = xq,
-            wq: torch.Tensor = wq,
-        ) -> None:
-            if step in read:
-                read[step][sl] = (fm.stacked_logits(thetas, xq) * wq).sum(1).cpu()
 
-        solve(objective, theta0, settings, checkpoints, record, curvature)
-        if stats is not None:
-            stats["stalled_fits"] = stats.get("stalled_fits", 0) + objective.stats["stalled"]
-            used = objective.stats.get("iterations", settings.steps)
-            stats["max_iterations"] = max(stats.get("max_iterations", 0), used)
-    out = {}
-    denom = (lam_t * (2.0 if difference is Difference.CENTRAL else 1.0)).cpu()
-    for step, g in read.items():
-        g = g.view(n_q, k_out, len(lams), 2)
-        out[step] = (g[..., 0] - g[..., 1]) / denom
-    return out
+def _fits(lams: tuple[float, ...], config: FitConfig, b: int, device: torch.device
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients (B·L·S,) of the fits of a stack of B solves, ordered (solve, λ, sign), and
+    the solve each fit belongs to."""
+    signs = (1.0, -1.0) if config.difference is Difference.CENTRAL else (1.0,)
+    lam_t = torch.tensor(lams, dtype=torch.float64)
+    coef = (lam_t[:, None] * torch.tensor(signs, dtype=torch.float64)).reshape(-1)  # (L·S,)
+    return coef.repeat(b).to(device), torch.arange(b).repeat_interleave(len(coef))
+
+
+def _read(problem: Problem, thetas: torch.Tensor, xq: torch.Tensor, lams: tuple[float, ...],
+          config: FitConfig) -> torch.Tensor:
+    """Δf/λ_joint (B, L, C) from the fits' parameters (B·L·S, D), float64."""
+    b, n_l = len(xq), len(lams)
+    f = problem.fm64.stacked_logits(thetas, xq.repeat_interleave(len(thetas) // b, 0)).cpu()
+    lam_joint = torch.tensor(lams, dtype=torch.float64)[None, :, None] * problem.n
+    if config.difference is Difference.CENTRAL:
+        f = f.view(b, n_l, 2, -1)
+        return (f[:, :, 0] - f[:, :, 1]) / (2.0 * lam_joint)
+    return (f.view(b, n_l, -1) - _reference_logits(problem, xq)[:, None]) / lam_joint
+
+
+def _reference_logits(problem: Problem, xq: torch.Tensor) -> torch.Tensor:
+    return problem.fm64.stacked_logits(problem.fm64.theta0.expand(len(xq), -1), xq).cpu()
+
+
+def _newton_stack(problem: Problem, xq: torch.Tensor, wq: torch.Tensor, lams: tuple[float, ...],
+                  config: FitConfig, stats: FitStats, checkpoints: tuple[int, ...]
+                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One Newton step per fit from θ₀, where the tilted objective is stationary:
+    ∇²P(θ₀)·d = coef·∇g(θ₀). The step is linear in coef (and CG exactly homogeneous in its
+    right-hand side), so one CG solve u per query and read-out serves all its fits, θ₀ ± coef·u.
+    With central differences the fits' O(λ²) remainder cancels in the read-out to O(λ³)."""
+    b = len(xq)
+    fm, theta64 = problem.fm, problem.fm64.theta0
+    jg = problem.readout_grads(theta64.expand(b, -1), xq, wq)
+    coef, owner = _fits(lams, config, b, theta64.device)
+    at: dict[int, torch.Tensor] = {}
+
+    def record(k: int, u: torch.Tensor) -> None:
+        at[k] = _read(problem, theta64 + coef[:, None] * u.double()[owner], xq, lams, config)
+
+    theta = fm.theta0
+    cg = batched_cg(lambda p, _rows: problem.products.at(theta, p), jg.to(fm.dtype), CG_RTOL,
+                    config.cg_max_iter, config.cg_tol, checkpoints, record)
+    stats.solves += b
+    stats.cg_iterations_sum += int(cg.iterations.sum())
+    stats.cg_iterations_max = max(stats.cg_iterations_max, int(cg.iterations.max()))
+    stats.cg_rel_residual_max = max(stats.cg_rel_residual_max, float(cg.rel_residual.max()))
+    stats.cg_variance_gain_max = max(stats.cg_variance_gain_max, float(cg.energy_gain.max()))
+    stats.negative_curvature += int(cg.negative_curvature.sum())
+    stats.cg_not_converged += int((~cg.converged & ~cg.negative_curvature).sum())
+    thetas = theta64 + coef[:, None] * cg.x.double()[owner]
+    out = _read(problem, thetas, xq, lams, config)
+    if config.difference is Difference.CENTRAL:  # how far from linear the response is
+        g = (problem.fm64.stacked_logits(thetas, xq[owner]).cpu() * wq[owner].cpu()).sum(1).view(b, -1, 2)
+        g0 = (_reference_logits(problem, xq) * wq.cpu()).sum(1)[:, None]
+        ratio = ((g[..., 0] + g[..., 1] - 2 * g0).abs() / (g[..., 0] - g[..., 1]).abs().clamp_min(1e-300)).amax(1)
+        stats.nonlinearity_max = max(stats.nonlinearity_max, float(ratio.max()))
+        stats.nonlinear_solves += int((ratio > NONLINEAR_TOL).sum())
+    return out, at
+
+
+def _lbfgs_stack(problem: Problem, xq: torch.Tensor, wq: torch.Tensor, lams: tuple[float, ...],
+                 config: FitConfig, stats: FitStats, checkpoints: tuple[int, ...]
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Every fit by full-batch L-BFGS from θ₀ on the tilted objective, then checked: its float64
+    gradient relative to its λ term must be ≤ ``fit_rtol``."""
+    b = len(xq)
+    fm = problem.fm
+    coef, owner = _fits(lams, config, b, problem.fm64.device)
+    xq_f, wq_f = xq[owner], wq[owner]
+    objective = StackedObjective(
+        fm, problem.x, problem.y, problem.wd,
+        Regularizer(coef=(coef * problem.n).to(fm.dtype), queries=xq_f.to(fm.device, fm.dtype),
+                    weights=wq_f.to(fm.device, fm.dtype)),
+        tilt=problem.grad_map.to(fm.dtype),
+    )
+    at: dict[int, torch.Tensor] = {}
+
+    def record(k: int, x: torch.Tensor) -> None:
+        if k in checkpoints:
+            at[k] = _read(problem, x.double(), xq, lams, config)
+
+    settings = SolverSettings(Optimizer.LBFGS, config.lbfgs_steps, 0.0, 128, config.lbfgs_history,
+                              rtol=0.1 * config.fit_rtol)
+    thetas = solve(objective, fm.theta0.expand(len(coef), -1).clone(), settings, checkpoints, record).double()
+    stats.solves += b
+    stats.lbfgs_iterations_max = max(stats.lbfgs_iterations_max, objective.stats.get("iterations", 0))
+    stats.lbfgs_stalled += objective.stats["stalled"]
+    scale = problem.readout_grads(problem.fm64.theta0.expand(b, -1), xq, wq).norm(dim=1)[owner]
+    g = problem.fit_gradient(thetas, coef, xq_f, wq_f)
+    rel = g.norm(dim=1) / (coef.abs() * scale).clamp_min(torch.finfo(torch.float64).tiny)
+    if not bool(torch.isfinite(rel).all()):
+        raise BenchError("regvar: an L-BFGS fit diverged (non-finite gradient); use solver=newton-cg or a smaller lam")
+    stats.fit_rel_residual_max = max(stats.fit_rel_residual_max, float(rel.max()))
+    stats.fits_not_converged += int((rel > config.fit_rtol).sum())
+    return _read(problem, thetas, xq, lams, config), at
+
+
+def _count_values(stats: FitStats, problem: Problem, xq: torch.Tensor, wq: torch.Tensor, out: torch.Tensor,
+                  lams: tuple[float, ...]) -> None:
+    """Flag variances that no posterior can have: negative, or above the prior's (no-data)
+    variance ‖∇g‖²/(n·wd), which needs negative data curvature; non-finite ones are an error."""
+    if not bool(torch.isfinite(out).all()):
+        raise BenchError("regvar: a non-finite variance (a fit diverged); see the summary's solver counts")
+    var = (out * wq.cpu()[:, None, :]).sum(-1)  # (B, L)
+    jg = problem.readout_grads(problem.fm64.theta0.expand(len(xq), -1), xq, wq)
+    prior = (jg * jg).sum(1).cpu() / (problem.n * problem.wd)
+    stats.negative_variances += int((var < 0).sum())
+    stats.above_prior_variance += int((var > prior[:, None] * (1 + 1e-6)).sum())
 
 
 @register_method("regvar")
 class RegVar(Method):
-    """Per-input RegVar: one regularised refit pair per input (and per logit with 'logits')."""
+    """Per-input RegVar over every weight: one Hessian-free regularised refit (pair) per input."""
 
-    Options = RegVarOptions
+    Options: ClassVar[type] = RegVarOptions
+    last_layer: ClassVar[bool] = False
 
     def __init__(self, options: RegVarOptions | None = None) -> None:
         super().__init__(options)
-        self.fm: FlatModel | None = None
-        self.curvature: torch.Tensor | None = None
+        self.problem: Problem | None = None
+        self.featurize: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.info: dict[str, Any] = {}
-        self.stats: dict[str, int] = {"stalled_fits": 0}
+        self.stats = FitStats()
         self.scale = 1.0
         self.progress: Callable[..., Any] | None = None
+        self.log: Callable[[str], None] = lambda _m: None
 
     @property
     def eval_limit(self) -> int:
-        """Most inputs per evaluation set; the harness evaluates a seeded subset beyond it."""
+        """Most inputs per evaluation set; the harness evaluates a subset beyond it."""
         return self.options.max_queries
 
     def fit(self, ctx: FitContext) -> None:
         if ctx.map_model is None:
-            raise BenchError("regvar needs the MAP network (uses_map); the harness gave none")
+            raise BenchError(f"{self.name} needs the MAP network (uses_map); the harness gave none")
         o = self.options
-        n_train = len(ctx.data.train)
+        self.progress, self.log = ctx.progress, ctx.log
         net = ctx.map_model
         self.featurize = None
-        self.progress = ctx.progress
-        weights = resolve_weights(o.weights, n_train, net, o.full_batch_budget)
-        if weights is Weights.LAST_LAYER:
+        if self.last_layer:
             net, self.featurize = split_last_linear(ctx.map_model, ctx.device)
-        dim = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        opt, dtype = resolve(o.optimizer, o.precision, n_train, dim, o.full_batch_budget)
-        self.fm = FlatModel(net, dtype, ctx.device)
+        dtype = torch.float64 if o.precision is Precision.FLOAT64 else torch.float32
         x_tr, y_tr = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
-        self.x_train, self.y_train = train_tensors(TensorDataset(self._inputs(x_tr), y_tr), self.fm)
-        self.wd = ctx.recipe.weight_decay
-        self.settings = o.settings(opt, seed=derive_seed(ctx.seed, "regvar", "data-order"))
+        n_train = len(x_tr)
+        dim = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        k_out = ctx.data.num_classes if o.output is Output.LOGITS else 1
+        planned = self._planned_inputs(ctx)
+        wd = ctx.recipe.weight_decay
         self.info = {
-            "objective": "mean CE + (wd/2)|θ|², eval mode",
-            "prior_precision": n_train * self.wd,
-            "n_train": n_train,
+            "weights": "last-layer" if self.last_layer else "all",
             "n_params": dim,
-            "optimizer": opt.value,
+            "n_train": n_train,
+            "objective": "mean CE + (wd/2)|θ|² − ∇P(θ₀)ᵀθ (the tilt makes θ₀ stationary), eval mode",
+            "prior_precision": n_train * wd,
+            "solver": o.solver.value,
+            "curvature_formed": False,
             "dtype": str(dtype).removeprefix("torch."),
             "lam": o.lam,
             "lam_joint": o.lam * n_train,
             "output": o.output.value,
-            "weights": weights.value,
             "difference": o.difference.value,
-            "steps": o.steps,
+            "reference": o.reference.value,
+            "mean_and_variance_from": o.reference.value,  # one network: θ₀
             "max_queries": o.max_queries,
+            "planned_inputs": planned,
         }
+        t0 = time.perf_counter()
+        inputs = self.network_inputs(x_tr)
+        fm = FlatModel(net, dtype, ctx.device)
+        self._check_budget(fm, inputs, y_tr, wd, planned * k_out, ctx)
+        theta0 = None
+        if o.reference is Reference.POLISHED:
+            theta0 = self._polish(fm, inputs, y_tr, wd, ctx)
+        self.problem = Problem(net, inputs, y_tr, wd, dtype, ctx.device, theta0)
+        self.info["theta0_grad_norm"] = float(self.problem.grad_map.norm())
+        self.info["theta0_grad_inf"] = float(self.problem.grad_map.abs().max())
+        self.info["setup_s"] = time.perf_counter() - t0
         ctx.log(
-            f"regvar: {dim} params ({weights.value}), {opt.value}/{self.info['dtype']}, "
-            f"λ/n={o.lam}, output={o.output.value}"
+            f"{self.name}: {dim} params ({self.info['weights']}), {o.solver.value}/{self.info['dtype']}, "
+            f"θ₀ = {o.reference.value}, λ/n={o.lam}, output={o.output.value}, "
+            f"≈{_hours(self.info['estimated_s'])} estimated"
         )
-        self.theta_map = self.fm.theta0.clone()
-        if opt is Optimizer.LBFGS and o.polish > 0:
-            self.fm.theta0, info = polish(self.fm, self.x_train, self.y_train, self.wd, self.settings, o.polish)
-            self.info.update(info)
-        self.curvature = None
-        if opt is Optimizer.LBFGS and 0 < dim <= o.hessian_start:
-            t0 = time.perf_counter()
-            objective = StackedObjective(self.fm, self.x_train, self.y_train, self.wd,
-                                         Regularizer(coef=self.fm.theta0.new_zeros(1)))
-            self.curvature = inverse_hessian(objective, self.fm.theta0)
-            self.info["hessian_s"] = time.perf_counter() - t0
-        self.info["hessian_start"] = self.curvature is not None
         self.scale = 1.0
         if o.val_queries > 0:
             xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
             gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "regvar", "val-subset"))
             pick = torch.randperm(len(xv), generator=gen)[: o.val_queries]
             t0 = time.perf_counter()
-            inputs = self._inputs(xv[pick])
-            logits = self.fm.logits(self.theta_map, inputs).cpu()
-            half = max(1, o.steps // 2)
-            var = self._variance(inputs, logits, checkpoints=(half,))
-            self.scale, val_nll = tune_scale(logits, self._probit_var(var[o.steps]), yv[pick])
-            self.info.update(
-                {
-                    "scale": self.scale,
-                    "val_nll": val_nll,
-                    "val_queries": len(pick),
-                    "seconds_per_query": (time.perf_counter() - t0) / len(pick),
-                    # Convergence: median |σ²(steps) − σ²(steps/2)| / σ²(steps) on validation.
-                    "rel_change_last_half": _median_rel(var[half], var[o.steps]),
-                }
-            )
-            ctx.log(
-                f"regvar: scale s={self.scale:.3g} (val NLL {val_nll:.4f}), "
-                f"{self.info['seconds_per_query']:.2f} s/query"
-            )
+            logits, var = self.moments(xv[pick])
+            self.scale, val_nll = tune_scale(logits, self._probit_var(var), yv[pick])
+            elapsed = time.perf_counter() - t0
+            self.info.update({"val_nll": val_nll, "val_queries": len(pick), "seconds_per_query": elapsed / len(pick)})
+            ctx.log(f"{self.name}: scale s={self.scale:.3g} (val NLL {val_nll:.4f}), "
+                    f"{self.info['seconds_per_query']:.2f} s/query")
         self.info["scale"] = self.scale
 
-    def _variance(
-        self, x: torch.Tensor, logits: torch.Tensor, checkpoints: tuple[int, ...] = ()
-    ) -> dict[int, torch.Tensor]:
-        assert self.fm is not None
+    def _polish(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, wd: float, ctx: FitContext) -> torch.Tensor:
+        """θ₀ for reference=polished, and how far it moved the network (validation logits)."""
         o = self.options
-        w = output_weights(logits, o.output)
-        var = regvar_variance(
-            self.fm,
-            self.x_train,
-            self.y_train,
-            self.wd,
-            x,
-            w,
-            (o.lam * len(self.x_train),),
-            self.settings,
-            o.difference,
-            o.query_batch,
-            checkpoints,
-            self.stats,
-            self.progress,
-            self.curvature,
-        )
-        return {k: v[..., 0] for k, v in var.items()}  # (N, K)
+        xt, yt = train_tensors(TensorDataset(x, y), fm)
+        settings = SolverSettings(Optimizer.LBFGS, o.polish_steps, 0.0, 128, o.lbfgs_history)
+        t0 = time.perf_counter()
+        theta, info = polish(fm, xt, yt, wd, settings, o.polish_steps)
+        xv = self.network_inputs(ctx.data.val.tensors[0])
+        moved = (fm.logits(theta, xv) - fm.logits(fm.theta0, xv)).abs()
+        self.info.update(info)
+        self.info.update({
+            "polish_s": time.perf_counter() - t0,
+            "polish_val_logit_change_max": float(moved.max()),
+            "polish_val_logit_change_mean": float(moved.mean()),
+            "polish_val_argmax_changed": float((fm.logits(theta, xv).argmax(1) != fm.logits(fm.theta0, xv).argmax(1))
+                                               .double().mean()),
+        })
+        ctx.log(f"{self.name}: polished the MAP (‖∇P‖∞ {info['polish_grad_inf_before']:.2g} → "
+                f"{info['polish_grad_inf_after']:.2g}); validation logits moved ≤ {float(moved.max()):.3g}")
+        return theta
 
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def _planned_inputs(self, ctx: FitContext) -> int:
+        """Inputs the run will fit: the validation subset and each capped evaluation set."""
+        o, d = self.options, ctx.data
+        sizes = [len(d.test), *(len(v) for v in d.ood.values()), *(len(v) for v in d.shift.values())]
+        return min(o.val_queries, len(d.val)) + sum(min(s, o.max_queries) for s in sizes)
+
+    def _check_budget(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, wd: float, solves: int,
+                      ctx: FitContext) -> None:
+        """Time one stacked curvature product on a slice of the rows (scaled to all of them);
+        refuse a run whose estimate exceeds ``budget_s`` before any fit starts."""
+        o, n = self.options, len(x)
+        stack = max(1, min(o.query_batch, solves))
+        rows = min(n, PROBE_ROWS)
+        xs, ys = train_tensors(TensorDataset(x[:rows], y[:rows]), fm)
+        probe = CurvatureProducts(fm, xs, ys, wd)
+        v = torch.randn(stack, fm.dim, dtype=fm.dtype, device=fm.device)
+        probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
+        t0 = time.perf_counter()
+        probe.at(fm.theta0, v)
+        per_product = (time.perf_counter() - t0) / stack * (n / rows)
+        fits = 2 if o.difference is Difference.CENTRAL else 1
+        if o.solver is Solver.NEWTON_CG:
+            per_solve = per_product * (PLANNING_CG_ITERATIONS + 2)
+            what = f"≈{PLANNING_CG_ITERATIONS} CG iterations per solve, {per_product:.3g} s per product"
+        else:
+            per_solve = per_product * fits * (PLANNING_LBFGS_ITERATIONS + 4)
+            what = f"≈{PLANNING_LBFGS_ITERATIONS} L-BFGS iterations × {fits} fits, {per_product:.3g} s per gradient"
+        polish_s = per_product * o.polish_steps if o.reference is Reference.POLISHED else 0.0
+        estimate = solves * per_solve + polish_s
+        self.info.update({"probe_s_per_product": per_product, "estimated_s": estimate, "budget_s": o.budget_s})
+        if estimate > o.budget_s:
+            alt = "" if self.last_layer else ", or regvar-ll (last layer)"
+            raise BenchError(
+                f"{self.name}: {solves} solves over {fm.dim:,} parameters and {n:,} rows would take "
+                f"≈{_hours(estimate)} on {ctx.device} ({what}), over budget_s={o.budget_s:g}: use fewer "
+                f"inputs (--set max_queries=N --set val_queries=N), a GPU (--device cuda){alt}"
+            )
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAP logits (N, C) and the regularised outputs' variances (N, K), float64; with
+        ``output=logits`` the full logit covariance is ``self.covariance(x)``."""
+        logits, response, w = self._response(x)
+        return logits, (response * w).sum(-1)
+
+    def covariance(self, x: torch.Tensor) -> torch.Tensor:
+        """The logit covariance J P⁻¹ Jᵀ (N, C, C), symmetrised; needs ``output=logits``."""
+        if self.options.output is not Output.LOGITS:
+            raise BenchError(f"{self.name}: the full logit covariance needs output=logits")
+        _, response, _ = self._response(x)
+        return 0.5 * (response + response.transpose(1, 2))
+
+    def _response(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.problem is not None
+        o = self.options
+        inputs = self.network_inputs(x)
+        logits = self.problem.fm64.logits(self.problem.fm64.theta0, inputs).cpu()
+        w = output_weights(logits, o.output)
+        response = regvar_response(
+            self.problem, inputs, w, (o.lam,), FitConfig.from_options(o), self.stats, progress=self.progress
+        ).final[:, :, 0]
+        if not bool(torch.isfinite(response).all()):
+            raise BenchError(f"{self.name}: non-finite variance (a fit diverged); see the summary's solver counts")
+        var = (response * w).sum(-1)
+        self.stats.negative_variances += int((var < 0).sum())
+        failures = self.stats.failures()
+        if failures:
+            self.log(f"{self.name}: WARNING solver flags so far: {failures} (see the result's method_summary)")
+        return logits, response, w
+
+    def network_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What the fitted network takes: the inputs, or their last-layer features."""
         return x if self.featurize is None else self.featurize(x)
 
@@ -358,30 +637,31 @@ class RegVar(Method):
         return var if self.options.output is Output.LOGITS else var[:, 0]
 
     def predict(self, x: torch.Tensor) -> Prediction:
-        if self.fm is None:
-            raise BenchError("regvar: predict called before fit; call fit(ctx) first")
+        if self.problem is None:
+            raise BenchError(f"{self.name}: predict called before fit; call fit(ctx) first")
         if len(x) > self.options.max_queries:
             raise BenchError(
-                f"regvar refits the model for every input: {len(x)} inputs exceed "
-                f"max_queries={self.options.max_queries}; raise it (--set max_queries=N) or "
-                "evaluate a subset"
+                f"{self.name} refits the model for every input: {len(x)} inputs exceed "
+                f"max_queries={self.options.max_queries}; raise it (--set max_queries=N) or evaluate a subset"
             )
-        inputs = self._inputs(x)
-        logits = self.fm.logits(self.theta_map, inputs).cpu()
-        var = self._variance(inputs, logits)[self.options.steps]
+        logits, var = self.moments(x)
         probs = probit_probs(logits, self._probit_var(var), self.scale)
         return Prediction(probs.float(), {"variance": var.mean(1).float()})
 
     def summary(self) -> dict[str, Any]:
-        return {**self.info, **self.stats}
+        return {**self.info, **self.stats.as_dict(), "solver_flags": self.stats.failures()}
 
 
-def resolve_weights(weights: Weights, n_train: int, model: nn.Module, full_batch_budget: float) -> Weights:
-    """The concrete parameter set ('auto' resolved, see ``Weights.AUTO``)."""
-    if weights is not Weights.AUTO:
-        return weights
-    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Weights.ALL if n_train * dim <= full_batch_budget else Weights.LAST_LAYER
+@register_method("regvar-ll")
+class RegVarLastLayer(RegVar):
+    """Per-input RegVar on the last linear layer only (features fixed): counterpart of laplace-ll."""
+
+    Options: ClassVar[type] = RegVarLLOptions
+    last_layer: ClassVar[bool] = True
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def split_last_linear(
@@ -392,7 +672,7 @@ def split_last_linear(
     body = copy.deepcopy(model).to(device).eval()
     linears = [m for m in body.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise BenchError("regvar weights=last-layer needs an nn.Linear output layer; use weights=all")
+        raise BenchError("regvar-ll needs an nn.Linear output layer; use regvar (all weights)")
     head = linears[-1]
 
     @torch.no_grad()
@@ -418,13 +698,9 @@ def _checked(body: nn.Module, head: nn.Linear, featurize: Callable) -> Callable:
             part = head(feats[:8].to(sample.device)).float().cpu()
         if not torch.allclose(full, part, rtol=1e-4, atol=1e-4):
             raise BenchError(
-                "regvar weights=last-layer: the model's output is not its last "
-                "nn.Linear applied to that layer's input; use weights=all"
+                "regvar-ll: the model's output is not its last nn.Linear applied to that "
+                "layer's input; use regvar (all weights)"
             )
         return feats
 
     return run
-
-
-def _median_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).median())

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from bench.errors import BenchError
 from bench.options import option
@@ -195,9 +195,18 @@ class SolverSettings:
 
 
 class StackedObjective:
-    """P(θ_q) + regulariser_q for Q stacked copies; gradients via vmap over copies."""
+    """P(θ_q) + regulariser_q for Q stacked copies; gradients via vmap over copies.
+    ``tilt`` (D,), optional: the linear term −tiltᵀθ added to every copy's loss."""
 
-    def __init__(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, reg: Regularizer) -> None:
+    def __init__(
+        self,
+        fm: FlatModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weight_decay: float,
+        reg: Regularizer,
+        tilt: torch.Tensor | None = None,
+    ) -> None:
         self.fm, self.x, self.y, self.wd, self.reg = fm, x, y, weight_decay, reg
         self.n = len(x)
         self.stats = {"stalled": 0}  # copies whose L-BFGS line search found no acceptable step
@@ -212,6 +221,8 @@ class StackedObjective:
 
         def extra_term(theta: torch.Tensor, coef: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
             prior = 0.5 * self.wd * (theta * theta).sum()
+            if tilt is not None:  # −∇P(θ̂)ᵀθ: makes θ̂ a stationary point (per-input RegVar)
+                prior = prior - (tilt * theta).sum()
             if amortized:
                 return prior
             return prior - coef / self.n * (wq * fm(theta, xq[None])[0]).sum()
@@ -249,39 +260,6 @@ class StackedObjective:
 
     def full_grad(self, thetas: torch.Tensor, chunk: int) -> torch.Tensor:
         return self.full_grad_value(thetas, chunk)[0]
-
-    def hessian(self, theta: torch.Tensor, tangents: int = 128) -> torch.Tensor:
-        """Exact Hessian (D, D) of P = mean CE + (wd/2)‖θ‖² at one θ (D,); the regulariser
-        (O(λ/n), and linear in θ for a last layer) is left out. Rows are Hessian-vector
-        products (forward-over-reverse, as ``torch.func.hessian``) for ``tangents`` rows of the
-        identity at a time over data chunks, so memory stays bounded for any D and n."""
-        fm, dim = self.fm, len(theta)
-
-        def data_loss(t: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            return mean_cross_entropy(fm(t, xb), yb)
-
-        grad_fn = grad(data_loss)
-        eye = torch.eye(dim, dtype=theta.dtype, device=theta.device)
-        h = self.wd * eye
-        chunk = data_chunk(128, min(tangents, dim), self.x)
-        for i in range(0, self.n, chunk):
-            xb, yb = self.x[i : i + chunk], self.y[i : i + chunk]
-
-            def hvp(v: torch.Tensor, xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
-                return jvp(lambda t: grad_fn(t, xb, yb), (theta,), (v,))[1]
-
-            rows = [vmap(hvp)(eye[j : j + tangents]) for j in range(0, dim, tangents)]
-            h = h + (len(xb) / self.n) * torch.cat(rows)
-        return 0.5 * (h + h.T)
-
-
-def inverse_hessian(objective: StackedObjective, theta: torch.Tensor) -> torch.Tensor | None:
-    """P⁻¹ at ``theta`` as the L-BFGS starting curvature, or None where P is not positive
-    definite there (a non-convex network away from a minimum): the fits then start from γ·I."""
-    factor, info = torch.linalg.cholesky_ex(objective.hessian(theta))
-    if int(info) != 0:
-        return None
-    return torch.cholesky_inverse(factor)
 
 
 @dataclass
@@ -325,19 +303,14 @@ def solve(
     settings: SolverSettings,
     checkpoints: Sequence[int] = (),
     callback: Callback | None = None,
-    curvature: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the regularised fits of all copies from ``theta0`` (Q, D); returns the final (Q, D).
 
     ``callback(step, thetas)`` is called at each step listed in ``checkpoints`` (and at the end),
-    e.g. to record predictions for a convergence study. ``curvature``: L-BFGS's starting
-    inverse Hessian (D, D) shared by all copies (see ``batched_lbfgs``); first-order solvers
-    take none.
+    e.g. to record predictions for a convergence study.
     """
     if settings.optimizer is Optimizer.LBFGS:
-        return batched_lbfgs(objective, theta0, settings, checkpoints, callback, curvature)
-    if curvature is not None:
-        raise BenchError(f"a starting curvature needs the lbfgs solver, not {settings.optimizer.value}")
+        return batched_lbfgs(objective, theta0, settings, checkpoints, callback)
     return first_order(objective, theta0, settings, checkpoints, callback)
 
 
@@ -377,15 +350,8 @@ def batched_lbfgs(
     settings: SolverSettings,
     checkpoints: Sequence[int] = (),
     callback: Callback | None = None,
-    curvature: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-batch L-BFGS run independently for every copy, vectorised over copies.
-
-    ``curvature`` (D, D), symmetric positive definite: the inverse Hessian that every copy's
-    two-loop recursion starts from, in place of the usual γ·I. RegVar's fits all start at the
-    stationary θ₀ and move O(λ) from it, so P⁻¹(θ₀) makes the first step nearly Newton's and a
-    fit converges in a few iterations instead of hundreds on ill-conditioned problems. The
-    optimum, and the stopping rules, are the same either way.
 
     Hand-written because ``torch.optim.LBFGS`` optimises one vector: on the stacked (Q, D)
     tensor it would share one history and one step length between unrelated fits. Each copy
@@ -426,7 +392,7 @@ def batched_lbfgs(
             a = rho[i] * (s_hist[i] * d).sum(1)
             d = d - a[:, None] * y_hist[i]
             alphas.append(a)
-        d = d @ curvature if curvature is not None else d * gamma[:, None]
+        d = d * gamma[:, None]
         for i, a in zip(reversed(slots), reversed(alphas), strict=True):
             b = rho[i] * (y_hist[i] * d).sum(1)
             d = d + (a - b)[:, None] * s_hist[i]

@@ -72,9 +72,32 @@ def test_smoke_run_on_the_tiny_task(tiny_task: str, capsys: pytest.CaptureFixtur
         assert {"median_rel_err", "spearman"} <= set(out[key])
         assert {"median_rel_err", "spearman"} <= set(out["vs_ggn"][key])
     assert out["regvar"]["median_rel_err"] < 0.05
-    assert set(out["rel_err_vs_lam"]) and set(out["rel_err_vs_steps"])
+    assert out["regvar"]["weights"] == "all" and not out["regvar"]["solver_flags"]
+    assert set(out["rel_err_vs_lam"]) and set(out["rel_err_vs_cg_iterations"])
 
 
 def test_bad_prior_is_refused(tiny_task: str) -> None:
     with pytest.raises(BenchError, match="prior-precision"):
         fidelity.main(["--task", tiny_task, "--smoke", "--prior-precision", "0"])
+
+
+def test_full_model_check_on_the_cached_map_network(
+    tiny_task: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--model full reads the checkpoint `bench run` caches; regvar-ll is exact for its last layer."""
+    from bench.runner import RunConfig, run
+
+    with pytest.raises(BenchError, match="bench run --method map"):
+        fidelity.main(["--task", tiny_task, "--model", "full", "--n", "3"])
+    run(RunConfig(method="map", task=tiny_task, out=tmp_path, quiet=True))
+    assert fidelity.main(["--task", tiny_task, "--model", "full", "--n", "5", "--train-size", "300", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "full" and out["n"] == 5 and out["n_train"] == 300
+    assert out["regvar"]["weights"] == "all" and out["regvar-ll"]["weights"] == "last-layer"
+    for key in ("regvar", "regvar-ll"):
+        entry = out[key]
+        assert {"median_rel_err", "spearman", "vs_ggn", "target_true_hessian", "target_ggn", "seconds"} <= set(entry)
+        assert entry["target_ggn"]["negative_curvature"] == 0  # the GGN is positive definite
+    ll = out["regvar-ll"]
+    assert ll["median_rel_err"] < 1e-2 and ll["target_true_hessian"]["variance_gain_last10_max"] < 1e-8
+    assert out["raw_checkpoint_curvature"]["probed_inputs"] == 5

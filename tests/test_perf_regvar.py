@@ -1,4 +1,4 @@
-"""``bench perf regvar`` on the tiny task: both arms run, report what was timed, and agree."""
+"""``bench perf regvar`` on the tiny task: both methods timed as a run fits them, stacked vs loop."""
 
 from __future__ import annotations
 
@@ -7,22 +7,30 @@ import math
 
 import pytest
 
+from bench.errors import BenchError
 from bench.perf import regvar as perf_regvar
 
 
-@pytest.mark.parametrize("weights", ["all", "last-layer"])
-def test_perf_regvar_reports_both_ratios_and_batched_equals_loop(
-    tiny_task: str, weights: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = ["--task", tiny_task, "--inputs", "64", "--repeats", "1", "--fit-steps", "2", "--queries", "3",
-            "--steps", "4", "--weights", weights, "--optimizer", "lbfgs", "--json"]
+def test_perf_regvar_reports_per_query_seconds_for_both_methods(tiny_task: str, capsys: pytest.CaptureFixture[str]):
+    argv = ["--tasks", tiny_task, "--queries", "3", "--rows", f"{tiny_task}=400", "--loop", "--amortized", "--json"]
     assert perf_regvar.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["per_input_weights"] == weights
-    amortized, per_input = out["amortized_vs_map"], out["per_input_batched_vs_loop"]
-    assert amortized["inputs"] == 64
-    assert math.isfinite(amortized["ratio"]) and amortized["ratio"] > 0
-    assert per_input["queries"] == 3 and per_input["steps"] == 4
-    assert per_input["speedup"] == pytest.approx(per_input["loop_s_per_query"] / per_input["batched_s_per_query"])
-    # Same fits in both arms: the stacked solve must reproduce the one-at-a-time estimates.
-    assert per_input["max_rel_diff_batched_vs_loop"] < 1e-3
+    entry = out["tasks"][tiny_task]
+    assert entry["rows"] == 400 and entry["rows_all"] == 1000
+    assert entry["regvar"]["weights"] == "all" and entry["regvar-ll"]["weights"] == "last-layer"
+    for m in ("regvar", "regvar-ll"):
+        r = entry[m]
+        assert r["queries"] == 3 and r["n_train"] == 400
+        assert r["per_query_s"] > 0 and r["cg_iterations_mean"] >= 1
+        assert r["per_query_s_full_rows"] == pytest.approx(r["per_query_s"] * 1000 / 400)
+        assert r["stacking_speedup"] == pytest.approx(r["loop_per_query_s"] / r["per_query_s"])
+    assert entry["regvar"]["polish_s"] > 0 and entry["regvar-ll"]["polish_s"] == 0  # regvar-ll: at the MAP
+    assert math.isfinite(entry["amortized_vs_map"]["ratio"])
+
+
+def test_perf_regvar_prints_one_line_per_task_and_method(tiny_task: str, capsys: pytest.CaptureFixture[str]):
+    assert perf_regvar.main(["--tasks", tiny_task, "--queries", "2", "--methods", "regvar-ll"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "s/query" in line]
+    assert len(lines) == 1 and "regvar-ll" in lines[0] and "last-layer" in lines[0]
+    with pytest.raises(BenchError, match="--methods"):
+        perf_regvar.main(["--tasks", tiny_task, "--methods", "laplace"])
