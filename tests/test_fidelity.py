@@ -82,10 +82,12 @@ def test_bad_prior_is_refused(tiny_task: str) -> None:
 
 
 def test_full_model_check_on_the_cached_map_network(
-    tiny_task: str, tmp_path, capsys: pytest.CaptureFixture[str]
+    tiny_task: str, tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--model full reads the checkpoint `bench run` caches; regvar-ll is exact for its last layer."""
     from bench.runner import RunConfig, run
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))  # no checkpoint until `run` makes one
 
     with pytest.raises(BenchError, match="bench run --method map"):
         fidelity.main(["--task", tiny_task, "--model", "full", "--n", "3"])
