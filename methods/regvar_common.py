@@ -94,7 +94,13 @@ def scale_nlls(
     """Validation NLL of the probit predictive for every variance scale s in ``grid``."""
     if not grid:
         raise BenchError("the variance-scale grid is empty; give at least one value")
-    return [nll(probit_probs(logits, variance, s), labels) for s in grid]
+    scores = [nll(probit_probs(logits, variance, s), labels) for s in grid]
+    if bad := [s for s, v in zip(grid, scores, strict=True) if not math.isfinite(v)]:
+        raise BenchError(
+            f"variance-scale tuning: the validation NLL is not finite at scale(s) {bad[:3]} "
+            "(NaN or inf logits or variances); a NaN objective is never a choice, check the fit's solver flags"
+        )
+    return scores
 
 
 def tune_scale(

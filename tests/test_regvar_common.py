@@ -186,3 +186,13 @@ def test_first_order_copies_are_independent_and_deterministic(optimizer: Optimiz
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a[0], a[1], rtol=0, atol=0)  # same data order for every copy
     assert not torch.equal(a[0], fm.theta0)
+
+
+def test_scale_tuning_refuses_a_nan_objective() -> None:
+    """A NaN validation NLL (NaN variances) is an error, never a chosen scale (issue 17 item 3)."""
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.1]])
+    variance = torch.tensor([float("nan"), 0.3])
+    with pytest.raises(BenchError, match="not finite"):
+        tune_scale(logits, variance, torch.tensor([0, 1]))
+    scale, value = tune_scale(logits, torch.tensor([0.1, 0.3]), torch.tensor([0, 1]))
+    assert math.isfinite(value) and scale > 0
