@@ -386,7 +386,7 @@ def run(
 
 
 TARGET_RTOL = 1e-10  # float64 CG of the exact targets: residual ‖Au − b‖ ≤ this·‖b‖, or ...
-TARGET_ENERGY_TOL = 1e-9  # ... the variance grew by ≤ this (relative) over its last 10 iterations
+TARGET_ENERGY_TOL = 1e-7  # ... the variance grew by ≤ this (relative) over its last 10 iterations
 TARGET_MAX_ITER = 2000
 MAP_PROBE = 8  # test inputs along which ∇²P at the raw checkpoint is probed
 
@@ -532,7 +532,31 @@ def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
             out["_all_target"] = targets["hessian"]
         out[label] = entry
     del out["_all_target"]
+    out["notes"] = _notes(out)
     return out
+
+
+def _notes(out: dict[str, Any]) -> list[str]:
+    """What the figures rest on, stated from the figures themselves."""
+    notes = []
+    probe = out["raw_checkpoint_curvature"]
+    if probe["negative_curvature"]:
+        notes.append(
+            f"∇²P at the raw AdamW checkpoint (‖∇P‖ = {probe['grad_norm']:.3g}, not stationary) has non-positive "
+            f"curvature along {probe['negative_curvature']} of {probe['probed_inputs']} probed inputs: the Laplace "
+            "variance is not defined there; regvar reads it at the MAP polished to a stationary point (theta0)"
+        )
+    for key in ("regvar", "regvar-ll"):
+        t = out[key]["target_true_hessian"]
+        if t["negative_curvature"]:
+            notes.append(
+                f"{key}: CG on the true Hessian at θ₀ met non-positive curvature in {t['negative_curvature']} of "
+                f"{out['n']} solves (near-null directions); each such target is the CG value there (median residual "
+                f"{t['rel_residual_median']:.2g}, variance gain over its last 10 iterations ≤ "
+                f"{t['variance_gain_last10_max']:.2g}); the GGN target converged (residual ≤ "
+                f"{out[key]['target_ggn']['rel_residual_max']:.2g})"
+            )
+    return notes
 
 
 def _floats(text: str) -> tuple[float, ...]:

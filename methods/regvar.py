@@ -112,7 +112,8 @@ from .regvar_newton import CurvatureProducts, batched_cg
 # head: 18 CG iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
 PLANNING_CG_ITERATIONS = 40
 PLANNING_LBFGS_ITERATIONS = 150
-PROBE_ROWS = 2048
+PROBE_ROWS = 1024
+PROBE_STACK = 8
 
 
 class Output(str, enum.Enum):
@@ -181,7 +182,7 @@ class RegVarOptions:
 @dataclass
 class RegVarLLOptions(RegVarOptions):
     reference: Reference = option(Reference.MAP, "network the fits start from and the mean comes from")
-    max_queries: int = option(1000, "most inputs per predict call (see eval_limit)", min=1)
+    max_queries: int = option(500, "most inputs per predict call (see eval_limit)", min=1)
     val_queries: int = option(500, "validation inputs for tuning the variance scale (0: s=1)", min=0)
 
 
@@ -571,7 +572,7 @@ class RegVar(Method):
         """Time one stacked curvature product on a slice of the rows (scaled to all of them);
         refuse a run whose estimate exceeds ``budget_s`` before any fit starts."""
         o, n = self.options, len(x)
-        stack = max(1, min(o.query_batch, solves))
+        stack = max(1, min(o.query_batch, solves, PROBE_STACK))
         rows = min(n, PROBE_ROWS)
         xs, ys = train_tensors(TensorDataset(x[:rows], y[:rows]), fm)
         probe = CurvatureProducts(fm, xs, ys, wd)

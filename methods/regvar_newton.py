@@ -112,9 +112,21 @@ class CurvatureProducts:
         return vjp(f, theta)[1](hjv)[0] / len(xb)
 
     def _looped(self, theta: torch.Tensor, vectors: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """The chunk's products with every vector, one backward pass each through one graph."""
-        if self.kind is not CurvatureKind.HESSIAN:
-            return torch.stack([self._one(theta, v, xb, yb) for v in vectors])
+        """The chunk's products with every vector, one backward pass each through one graph
+        (GGN: Jv by the double-vjp trick, then Jᵀ(ΛJv), two passes through the logits' graph)."""
+        if self.kind is CurvatureKind.GGN:
+            with torch.enable_grad():
+                t = theta.detach().requires_grad_(True)
+                logits = self.fm(t, xb)
+                p = logits.detach().softmax(-1)
+                u = torch.zeros_like(logits, requires_grad=True)
+                (jt_u,) = torch.autograd.grad(logits, t, u, create_graph=True)
+                rows = []
+                for v in vectors:
+                    (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+                    hjv = p * jv - p * (p * jv).sum(-1, keepdim=True)
+                    rows.append(torch.autograd.grad(logits, t, hjv, retain_graph=True)[0] / len(xb))
+            return torch.stack(rows).detach()
         with torch.enable_grad():
             t = theta.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self._loss(t, xb, yb), t, create_graph=True)

@@ -10,7 +10,7 @@ solver flags. ``--loop`` also times the same queries one at a time (``query_batc
 speed-up of stacking. ``--amortized`` adds amortized RegVar's prediction cost against the MAP's
 (two forward passes + probit vs one forward pass + softmax).
 
-``--rows TASK=N`` fits on the first N training rows of a task (default on CPU: fashion-mnist=5000,
+``--rows TASK=N`` fits on the first N training rows of a task (default on CPU: fashion-mnist=2000,
 because one all-weight Hessian-vector product of the CNN over 55k images costs seconds per query
 on a CPU core); the JSON then states the rows used and ``per_query_s_full_rows``, the measured
 time scaled by the row ratio (a product's cost is linear in the rows; the iteration count on
@@ -38,7 +38,7 @@ from bench.tasks.base import TaskData
 from bench_methods.regvar import RegVar, RegVarLastLayer
 from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
 
-CPU_ROWS = {"fashion-mnist": 5000}
+CPU_ROWS = {"fashion-mnist": 2000}
 
 
 def _setup(task_name: str, smoke: bool, seed: int, device: torch.device) -> tuple[Any, TaskData, torch.nn.Module, str]:
