@@ -40,14 +40,15 @@ def test_hessian_products_equal_torch_func_hessian(vectorize: bool) -> None:
         torch.testing.assert_close(products.stacked(thetas, v)[i], h_i @ v[i])
 
 
-def test_ggn_products_equal_the_gauss_newton_matrix() -> None:
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_ggn_products_equal_the_gauss_newton_matrix(vectorize: bool) -> None:
     """Jᵀ Λ J / n + wd·I with J from jacrev and Λ the softmax cross-entropy Hessian per row."""
     fm, x, y = problem()
     jac = jacrev(lambda t: fm(t, x))(fm.theta0)  # (n, C, D)
     p = fm(fm.theta0, x).softmax(-1)
     lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     ggn = torch.einsum("ncd,nce,neD->dD", jac, lam, jac) / len(x) + WD * torch.eye(fm.dim, dtype=torch.float64)
-    products = CurvatureProducts(fm, x, y, WD, CurvatureKind.GGN)
+    products = CurvatureProducts(fm, x, y, WD, CurvatureKind.GGN, vectorize=vectorize)
     v = torch.randn(2, fm.dim, dtype=torch.float64)
     torch.testing.assert_close(products.at(fm.theta0, v), v @ ggn)
 
