@@ -101,5 +101,9 @@ def test_full_model_check_on_the_cached_map_network(
         assert {"median_rel_err", "spearman", "vs_ggn", "target_true_hessian", "target_ggn", "seconds"} <= set(entry)
         assert entry["target_ggn"]["negative_curvature"] == 0  # the GGN is positive definite
     ll = out["regvar-ll"]
-    assert ll["median_rel_err"] < 1e-2 and ll["target_true_hessian"]["variance_gain_last10_max"] < 1e-8
+    target = ll["target_true_hessian"]
+    # the exact target met its own stop rule (residual or variance gain), whichever came first
+    assert target["not_converged"] == 0 and target["negative_curvature"] == 0
+    assert target["variance_gain_last10_max"] <= fidelity.TARGET_ENERGY_TOL or target["rel_residual_max"] <= 1e-8
+    assert ll["median_rel_err"] < 1e-2
     assert out["raw_checkpoint_curvature"]["probed_inputs"] == 5
