@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,8 +59,31 @@ class Method(ABC):
         """Predictive probabilities (and the method's own scores) for inputs ``x`` (on CPU)."""
 
     def summary(self) -> dict[str, Any]:
-        """Fitted quantities worth recording in the result (tuned temperature, prior...)."""
+        """Fitted quantities worth recording in the result (tuned temperature, prior...).
+
+        A list of strings under ``FLAGS_KEY`` is a warning the harness prints, copies to the
+        record's ``flags`` and marks in the leaderboard (e.g. :func:`grid_edge_flag`)."""
         return {}
+
+
+FLAGS_KEY = "flags"
+
+
+def grid_edge_flag(name: str, value: float, grid: Sequence[float], meaning: str = "") -> str | None:
+    """A flag when a value tuned on ``grid`` sits on the grid's first or last point.
+
+    There the optimum may lie outside the grid, or the tuned quantity is switched off (a
+    variance scale on its floor): either way the choice is not an honest optimum and must show.
+    ``meaning`` says what the edge means for this quantity, e.g. "the variance is switched off".
+    """
+    if len(grid) < 2:
+        return None
+    lo, hi = min(grid), max(grid)
+    edge = "floor" if value <= lo else "ceiling" if value >= hi else None
+    if edge is None:
+        return None
+    return f"tuned {name}={value:.3g} is on the {edge} of its grid [{lo:.3g}, {hi:.3g}]" + (
+        f": {meaning}" if meaning else "")
 
 
 METHODS: Registry[type[Method]] = Registry("method")

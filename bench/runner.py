@@ -19,7 +19,7 @@ from bench import options as opts
 from bench.cache import cache_lock, cache_root
 from bench.device import select_device
 from bench.errors import BenchError
-from bench.method_api import METHODS, FitContext, Method
+from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
 from bench.profiling import measure
 from bench.progress import Reporter
@@ -27,6 +27,7 @@ from bench.provenance import git_commit, machine, versions
 from bench.registry import parse_spec
 from bench.results import SCHEMA_VERSION, ensure_writable, pack_predictions, run_paths, write_run
 from bench.seeding import check_seed, derive_seed, seed_everything
+from bench.subsets import draw_subset
 from bench.tasks import TASKS, Task, TaskData
 from bench.training import checkpoint_path, load_state, save_state, train
 from bench.types import InvalidPrediction, Prediction
@@ -215,14 +216,13 @@ def run(config: RunConfig) -> dict[str, Any]:
     indices: dict[str, np.ndarray] = {}
 
     def subset(name: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A fixed subset (same for every seed and method) when the method caps its inputs."""
+        """This seed's subset (stratified by label where given) when the method caps its inputs."""
         if limit is None or len(tensors[0]) <= limit:
             return tensors
-        pick = torch.randperm(len(tensors[0]), generator=torch.Generator().manual_seed(derive_seed(0, name)))
-        pick = pick[:limit].sort().values
+        pick = draw_subset(len(tensors[0]), int(limit), config.seed, name, tensors[1] if len(tensors) > 1 else None)
         subsets[name] = int(limit)
-        indices[name] = pick.numpy()
-        return tuple(t[pick] for t in tensors)
+        indices[name] = pick
+        return tuple(t[torch.from_numpy(pick)] for t in tensors)
 
     classes = data.num_classes
     x_test, y_test = subset("test", *data.test.tensors)
@@ -243,6 +243,10 @@ def run(config: RunConfig) -> dict[str, Any]:
         ood={k: (p.probs, p.scores) for k, p in ood_preds.items()},
         shift={k: (p.probs, y) for k, (p, y) in shift_preds.items()},
     )
+    summary = method.summary()
+    flags = [str(f) for f in summary.get(FLAGS_KEY, [])]
+    for flag in flags:
+        reporter.log(f"WARNING {r.method_label}: {flag}")
     record = {
         "schema": SCHEMA_VERSION,
         "task": r.task_label,
@@ -259,7 +263,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             "device_requested": config.device,
         },
         "data": {"sizes": data.sizes(), "evaluated_subsets": subsets, **data.info},
-        "method_summary": method.summary(),
+        "method_summary": summary,
+        "flags": flags,
         "metrics": metrics,
         "timings": {
             "data_s": data_time.seconds,

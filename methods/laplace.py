@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
-from bench.method_api import FitContext, Method, register_method
+from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
 from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
@@ -216,7 +216,7 @@ class _LaplaceBase(Method):
             raise BenchError(f"{self.name}: laplace-torch cannot use this model ({err}); {self.model_hint}") from None
         t1 = time.perf_counter()
         self._after_fit()
-        tune_prior(
+        flag = tune_prior(
             self.la, o.prior_method, o.prior_structure, o.prior_precision,
             marglik_steps=o.marglik_steps, marglik_lr=o.marglik_lr,
             grid=log_grid(o.grid_min, o.grid_max, o.grid_size), val=ctx.data.val,
@@ -236,7 +236,7 @@ class _LaplaceBase(Method):
             "log_marglik": log_marglik,
             "curvature_fit_s": t1 - t0,
             "prior_tuning_s": t2 - t1,
-        }
+        } | ({FLAGS_KEY: [flag]} if flag else {})
         ctx.log(f"{self.name}: prior precision {self.info['prior_precision']}, "
                 f"log marglik {log_marglik:.1f}, {self.info['n_params']} params")
 

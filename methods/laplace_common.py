@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
+from bench.method_api import grid_edge_flag
 from bench.types import Prediction
 
 
@@ -125,8 +126,8 @@ def tune_prior(
     n_samples: int,
     val_nll: Callable[[], float] | None = None,
     log: Callable[[str], None] = lambda _m: None,
-) -> None:
-    """Set ``la.prior_precision`` by ``method``.
+) -> str | None:
+    """Set ``la.prior_precision`` by ``method``; a flag if a grid search chose a grid edge.
 
     Grid search uses laplace-torch's ``optimize_prior_precision(method="gridsearch")`` with a
     guarded NLL, unless ``val_nll`` is given: then each grid value is scored by that function
@@ -135,7 +136,7 @@ def tune_prior(
     """
     if method is PriorMethod.FIXED:
         la.prior_precision = float(init)
-        return
+        return None
     if method is PriorMethod.MARGLIK:
         with quiet_laplace():
             la.optimize_prior_precision(
@@ -153,7 +154,7 @@ def tune_prior(
                 "marglik gave a non-finite prior precision; try prior_method=gridsearch or a "
                 "smaller marglik_lr"
             )
-        return
+        return None
     if structure is not PriorStructure.SCALAR:
         raise BenchError(
             "gridsearch tunes one scalar prior precision; use prior_structure=scalar or "
@@ -188,6 +189,8 @@ def tune_prior(
             "grid_min/grid_max or use prior_method=marglik"
         )
     log(f"gridsearch: best validation NLL {min(scores):.4f} over {len(scores)} prior values")
+    return grid_edge_flag("prior precision", float(torch.as_tensor(la.prior_precision).reshape(-1)[0]), grid.tolist(),
+                          "the best prior may lie outside the grid (widen grid_min/grid_max)")
 
 
 def prior_summary(la: Any) -> float | list[float]:

@@ -88,7 +88,7 @@ from torch.func import grad, vmap
 from torch.utils.data import TensorDataset
 
 from bench.errors import BenchError
-from bench.method_api import FitContext, Method, register_method
+from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
 from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
@@ -102,6 +102,7 @@ from .regvar_common import (
     StackedObjective,
     polish,
     probit_probs,
+    scale_edge_flag,
     solve,
     train_tensors,
     tune_scale,
@@ -538,6 +539,8 @@ class RegVar(Method):
             self.info.update({"val_nll": val_nll, "val_queries": len(pick), "seconds_per_query": elapsed / len(pick)})
             ctx.log(f"{self.name}: scale s={self.scale:.3g} (val NLL {val_nll:.4f}), "
                     f"{self.info['seconds_per_query']:.2f} s/query")
+            if flag := scale_edge_flag(self.scale):
+                self.info.setdefault(FLAGS_KEY, []).append(flag)
         self.info["scale"] = self.scale
 
     def _polish(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, wd: float, ctx: FitContext) -> torch.Tensor:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from bench.errors import BenchError
-from bench.method_api import FitContext, Method, register_method
+from bench.method_api import FLAGS_KEY, FitContext, Method, grid_edge_flag, register_method
 from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
@@ -55,6 +55,7 @@ from .regvar_common import (
     polish,
     probit_probs,
     resolve,
+    scale_edge_flag,
     scale_nlls,
     solve,
     train_tensors,
@@ -157,6 +158,10 @@ class RegVarAmortized(Method):
             "validation_nll_grid": {"lambdas": list(o.lam_grid), "scales": list(SCALE_GRID), "nll": nll_grid},
         }
         ctx.log(f"regvar-amortized: λ={self.lam:g}, scale s={self.scale:.3g} (val NLL {val_nll:.4f})")
+        flags = [scale_edge_flag(self.scale),
+                 grid_edge_flag("λ", self.lam, o.lam_grid, "the best λ may lie outside the grid")]
+        if flags := [f for f in flags if f]:
+            self.info[FLAGS_KEY] = flags
 
     @torch.no_grad()
     def _mean_var(

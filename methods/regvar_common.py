@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from bench.errors import BenchError
+from bench.method_api import grid_edge_flag
 from bench.options import option
 
 PI_OVER_8 = math.pi / 8
@@ -113,6 +114,13 @@ def tune_scale(
     scores = scale_nlls(logits, variance, labels, grid)
     best = min(range(len(grid)), key=lambda i: (scores[i], i))
     return float(grid[best]), scores[best]
+
+
+def scale_edge_flag(scale: float, grid: Sequence[float] = SCALE_GRID) -> str | None:
+    """The flag for a tuned variance scale on an edge of ``grid`` (see ``grid_edge_flag``)."""
+    meaning = ("the variance is switched off, the predictive is the mean's softmax"
+               if scale <= min(grid) else "the best scale may lie above the grid")
+    return grid_edge_flag("variance scale s", scale, grid, meaning)
 
 
 def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

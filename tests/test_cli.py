@@ -156,7 +156,7 @@ def test_spec_string_options_name_the_results_folder(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "tiny-digits@hidden=12" / "map" / "seed0.json").exists()
 
 
-def test_capped_method_is_evaluated_on_a_fixed_recorded_subset(tmp_path: Path) -> None:
+def test_capped_method_is_evaluated_on_its_own_recorded_subset_per_seed(tmp_path: Path) -> None:
     plugin = tmp_path / "capped.py"
     plugin.write_text(textwrap.dedent('''
         from bench.method_api import register_method
@@ -178,7 +178,9 @@ def test_capped_method_is_evaluated_on_a_fixed_recorded_subset(tmp_path: Path) -
     assert record["data"]["evaluated_subsets"] == {"test": 50, "ood/shuffled": 50, "shift/noisy": 50}
     with np.load(runs / "seed0.npz") as a, np.load(runs / "seed1.npz") as b:
         assert a["test/probs"].shape == (50, 10)
-        assert np.array_equal(a["test/labels"], b["test/labels"])  # same subset for every seed
+        assert not np.array_equal(a["index/test"], b["index/test"])  # each seed draws its own inputs
+        for arrays in (a, b):  # the recorded indices are the evaluated inputs
+            assert len(set(arrays["index/test"].tolist())) == 50
 
 
 @pytest.mark.parametrize(

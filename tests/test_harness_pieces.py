@@ -92,3 +92,15 @@ def test_measure_sees_time_and_memory_growth() -> None:
     assert m.seconds > 0 and m.kind == "cpu_rss_growth"
     assert m.peak_bytes > 32 * 2**20
     del block
+
+
+@pytest.mark.parametrize(("value", "edge"), [(0.01, "floor"), (0.001, "floor"), (100.0, "ceiling"), (1.0, None)])
+def test_grid_edge_flag_names_the_edge_and_the_grid(value: float, edge: str | None) -> None:
+    from bench.method_api import grid_edge_flag
+
+    flag = grid_edge_flag("prior precision", value, [0.01, 0.1, 1.0, 10.0, 100.0], "widen it")
+    if edge is None:
+        assert flag is None
+    else:
+        assert f"on the {edge} of its grid [0.01, 100]: widen it" in flag
+    assert grid_edge_flag("x", 5.0, [5.0]) is None  # a one-point grid is a fixed value, not a tuning

@@ -50,7 +50,7 @@ class FakeLaplace:
 
 def tune(la, val_nll, method=PriorMethod.GRIDSEARCH, structure=PriorStructure.SCALAR):
     val = TensorDataset(torch.zeros(3, 1), torch.zeros(3, dtype=torch.long))
-    tune_prior(la, method, structure, 1.0, marglik_steps=1, marglik_lr=0.1,
+    return tune_prior(la, method, structure, 1.0, marglik_steps=1, marglik_lr=0.1,
                grid=log_grid(-1, 1, 3), val=val, batch_size=2, link=Link.PROBIT, n_samples=1,
                val_nll=val_nll)
 
@@ -58,8 +58,15 @@ def tune(la, val_nll, method=PriorMethod.GRIDSEARCH, structure=PriorStructure.SC
 def test_gridsearch_takes_the_argmin():
     la = FakeLaplace()
     scores = iter([3.0, 1.0, 2.0])
-    tune(la, lambda: next(scores))
+    assert tune(la, lambda: next(scores)) is None  # an interior optimum: no flag
     assert la.prior_precision == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("scores", "edge"), [([1.0, 2.0, 3.0], "floor"), ([3.0, 2.0, 1.0], "ceiling")])
+def test_gridsearch_on_a_grid_edge_returns_a_flag(scores: list[float], edge: str) -> None:
+    values = iter(scores)
+    flag = tune(FakeLaplace(), lambda: next(values))
+    assert flag is not None and f"prior precision={0.1 if edge == 'floor' else 10:g} is on the {edge}" in flag
 
 
 def test_gridsearch_with_no_finite_value_is_refused():

@@ -65,6 +65,35 @@ def test_subset_rows_are_never_bold(results: tuple[Path, Path]) -> None:
     assert not any("**" in line for line in subset_lines)
 
 
+FLAGGED = '''
+from bench.method_api import FLAGS_KEY, register_method
+from bench_methods.map import MAP
+
+@register_method("flagged-map")
+class FlaggedMap(MAP):
+    """The MAP, reporting a tuned value on its grid's floor."""
+    def summary(self):
+        return {**super().summary(), FLAGS_KEY: ["tuned s=0.0001 is on the floor of its grid"]}
+'''
+
+
+def test_a_flagged_run_marks_its_row_every_cell_and_is_listed(tmp_path: Path) -> None:
+    plugin = tmp_path / "flagged.py"
+    plugin.write_text(textwrap.dedent(FLAGGED))
+    for method in ("map", "flagged-map"):
+        assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", method,
+                     "--task", "tiny-digits", "--out", str(tmp_path), "--quiet"]) == 0
+    record = json.loads((tmp_path / "runs" / "tiny-digits" / "flagged-map" / "seed0.json").read_text())
+    assert record["flags"] == ["tuned s=0.0001 is on the floor of its grid"]
+    assert main(["table", "--results", str(tmp_path)]) == 0
+    lines = (tmp_path / "leaderboard.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| flagged-map"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "flagged-map ⚑" and all(c.strip("*").endswith("⚑") for c in cells[2:] if c != "–")
+    assert not any("⚑" in line for line in lines if line.startswith("| map "))
+    assert "- ⚑ flagged-map, seed 0: tuned s=0.0001 is on the floor of its grid" in lines
+
+
 def test_check_passes_when_current_and_fails_when_stale(results: tuple[Path, Path]) -> None:
     root = results[0]
     assert main(["table", "--results", str(root), "--check"]) == 0

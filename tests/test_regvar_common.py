@@ -10,6 +10,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench_methods.regvar_common import (
+    SCALE_GRID,
     FlatModel,
     Optimizer,
     Precision,
@@ -19,6 +20,7 @@ from bench_methods.regvar_common import (
     mean_cross_entropy,
     probit_probs,
     resolve,
+    scale_edge_flag,
     solve,
     tune_scale,
 )
@@ -64,6 +66,18 @@ def test_tune_scale_prefers_large_scale_for_overconfident_logits() -> None:
     assert nll < nll0 and s0 == 1e-4
     with pytest.raises(BenchError):
         tune_scale(logits, torch.ones(200), labels, grid=())
+
+
+def test_a_scale_on_the_grid_floor_is_flagged_as_variance_switched_off() -> None:
+    # a well-calibrated, confident MAP: any variance only hurts, so the floor wins on validation
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=g)
+    logits = 6.0 * nn.functional.one_hot(labels, 3).double()
+    s, _ = tune_scale(logits, torch.full((300,), 5.0), labels)
+    assert s == SCALE_GRID[0]
+    assert "switched off" in scale_edge_flag(s) and "floor" in scale_edge_flag(s)
+    assert "ceiling" in scale_edge_flag(SCALE_GRID[-1])
+    assert scale_edge_flag(1.0) is None and scale_edge_flag(SCALE_GRID[1]) is None
 
 
 def test_flat_model_copies_and_round_trips() -> None:
