@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.errors import BenchError
+from bench.formulas import probit_probs
 
 # Largest number of elements of a per-layer (samples × classes × out × in) block formed at once.
 _BLOCK_BUDGET = 2**24
@@ -279,12 +280,6 @@ class FastGLMPredictive:
         return logits, self._full_variance(J)
 
 
-def probit_probs(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
-    """laplace-torch's probit approximation (``_glm_forward_call``, link_approx="probit")."""
-    kappa = 1 / torch.sqrt(1.0 + math.pi / 8 * f_var.diagonal(dim1=1, dim2=2))
-    return torch.softmax(kappa * f_mu, dim=-1)
-
-
 def glm_link(
     la: object,
     f_mu: torch.Tensor,
@@ -295,11 +290,12 @@ def glm_link(
 ) -> torch.Tensor:
     """Predictive class probabilities from the GLM functional posterior N(f_mu, f_var).
 
-    ``probit`` repeats laplace-torch's formula; ``mc`` calls laplace-torch's own sampler (the
-    mean of softmax over ``n_samples`` draws from the full C × C covariance).
+    ``probit`` is laplace-torch's formula (``bench.formulas.probit_probs``, returned in f_mu's
+    dtype as laplace-torch does); ``mc`` calls laplace-torch's own sampler (the mean of softmax
+    over ``n_samples`` draws from the full C × C covariance).
     """
     if link == "probit":
-        return probit_probs(f_mu, f_var)
+        return probit_probs(f_mu, f_var).to(f_mu.dtype)
     if link == "mc":
         samples = la._glm_predictive_samples(f_mu, f_var, n_samples=n_samples, generator=generator)
         return samples.mean(0)

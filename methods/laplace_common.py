@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
+from bench.formulas import nll
 from bench.method_api import grid_edge_flag
 from bench.types import Prediction
 
@@ -65,7 +66,6 @@ class Link(str, Enum):
     """mean of softmax over ``n_samples`` draws from N(f_mu, f_var)"""
 
 
-_TINY = torch.finfo(torch.float64).tiny
 
 
 class GuardedNLL:
@@ -85,9 +85,9 @@ class GuardedNLL:
 
 
 def nll_of(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    p = probs.double().gather(1, targets.long().view(-1, 1)).squeeze(1)
-    nll = -torch.log(p.clamp_min(_TINY)).mean()
-    return nll if torch.isfinite(nll) else torch.tensor(math.inf, dtype=torch.float64)
+    """``bench.formulas.nll`` as a tensor, with NaN (NaN probabilities) read as +inf."""
+    value = nll(probs, targets)
+    return torch.tensor(value if math.isfinite(value) else math.inf, dtype=torch.float64)
 
 
 @contextmanager

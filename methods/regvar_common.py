@@ -40,10 +40,10 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from bench.errors import BenchError
+from bench.formulas import nll, probit_probs
 from bench.method_api import grid_edge_flag
 from bench.options import option
 
-PI_OVER_8 = math.pi / 8
 # Variance scales s tried on validation NLL: 10^-4 … 10^4 (s = 1 is the untuned Bayesian value).
 SCALE_GRID: tuple[float, ...] = tuple(10.0 ** (k / 4) for k in range(-16, 17))
 
@@ -70,20 +70,6 @@ class Precision(str, enum.Enum):
     round-off of the training gradient."""
     FLOAT64 = "float64"
     """Double precision: 2-6× slower on CPU (no fast float64 convolutions), allows tiny λ."""
-
-
-def probit_probs(logits: torch.Tensor, variance: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(f / sqrt(1 + π/8 · s · σ²)) per logit; ``variance`` is (N,) or (N, C)."""
-    var = variance.double().clamp_min(0.0)
-    if var.ndim == 1:
-        var = var[:, None]
-    return (logits.double() / torch.sqrt(1.0 + PI_OVER_8 * scale * var)).softmax(dim=-1)
-
-
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood (nats); used only to tune the scale on validation data."""
-    picked = probs.double().gather(1, labels.long()[:, None]).squeeze(1)
-    return float(-picked.clamp_min(1e-300).log().mean())
 
 
 def scale_nlls(

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench.formulas import entropy
 from bench.types import Prediction
 
 SCORE_NAMES = ("mutual_info", "expected_entropy")
@@ -27,11 +28,6 @@ def _check(samples: torch.Tensor) -> torch.Tensor:
     if samples.ndim != 3:
         raise ValueError(f"samples must be S x N x C probabilities, got {tuple(samples.shape)}")
     return samples.double()
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) over the last dimension; 0·log 0 = 0 (``torch.special.entr``)."""
-    return torch.special.entr(probs.double()).sum(dim=-1)
 
 
 def mean_predictive(samples: torch.Tensor) -> torch.Tensor:

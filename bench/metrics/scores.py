@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bench.formulas import entropy
+
 
 def max_prob_score(probs: torch.Tensor) -> torch.Tensor:
     """1 − max-softmax probability (so that higher means more uncertain)."""
@@ -11,5 +13,5 @@ def max_prob_score(probs: torch.Tensor) -> torch.Tensor:
 
 
 def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
-    p = probs.double()
-    return -(p * p.clamp_min(1e-300).log()).sum(dim=1)
+    """Entropy of each row of an N × C predictive (``bench.formulas.entropy``)."""
+    return entropy(probs)

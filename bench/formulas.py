@@ -1,0 +1,45 @@
+"""The formulas every part of the suite shares: probit predictive, NLL and entropy, once.
+
+Methods (tuning on validation data) and metrics (scoring results) must agree to the last bit on
+what "NLL" or "the probit predictive" means, so both import these instead of writing their own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PI_OVER_8 = math.pi / 8
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def probit_probs(logits: torch.Tensor, variance: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The GLM probit predictive softmax(f / sqrt(1 + π/8 · s · σ²)) in float64.
+
+    ``variance`` is the logit variance per input (N,), per logit (N, C), or the full logit
+    covariance (N, C, C), of which only the diagonal enters, as in laplace-torch's
+    ``link_approx="probit"``. Negative variances (round-off) count as 0.
+    """
+    var = variance.double()
+    if var.ndim == 3:
+        var = var.diagonal(dim1=1, dim2=2)
+    var = var.clamp_min(0.0)
+    if var.ndim == 1:
+        var = var[:, None]
+    return (logits.double() / torch.sqrt(1.0 + PI_OVER_8 * scale * var)).softmax(dim=-1)
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean −log p(y|x) in nats, float64.
+
+    A probability of exactly 0 on the true label is floored at the smallest normal float64
+    (≈ 708 nats) so that one such point shows as a huge NLL rather than ``inf`` for the mean.
+    """
+    p = probs.double().gather(1, labels.long().view(-1, 1)).squeeze(1)
+    return (-p.clamp_min(_TINY).log()).mean().item()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last dimension, float64; 0·log 0 = 0."""
+    return torch.special.entr(probs.double()).sum(dim=-1)
