@@ -150,14 +150,18 @@ def test_bad_grid_is_refused(logistic):
         fit(data, model, lam_grid="0")
 
 
-def test_map_mean_takes_the_mean_from_the_map_network(logistic):
+def test_by_default_the_mean_is_the_map_and_without_variance_the_row_is_the_map(logistic):
     data, model = logistic
-    method = fit(data, model, lam_grid="1e-4", optimizer="adam", steps="20", lr="1e-2", map_mean="true")
+    method = fit(data, model, lam_grid="1e-4", optimizer="adam", steps="20", lr="1e-2")
+    assert method.summary()["difference"] == "paper"
     x = data.test.tensors[0]
     mean, _ = method._mean_var(*method.pair, method.lam_joint, x)
     with torch.no_grad():
-        torch.testing.assert_close(mean, model(x).double())
-    fits_mean, _ = fit(data, model, lam_grid="1e-4", optimizer="adam", steps="20", lr="1e-2")._mean_var(
-        *method.pair, method.lam_joint, x
-    )
+        map_logits = model(x).double()
+    torch.testing.assert_close(mean, map_logits)
+    method.scale = 0.0  # the variance removed: exactly the map row's predictive
+    torch.testing.assert_close(method.predict(x).probs.double(), map_logits.softmax(1), rtol=0, atol=1e-7)
+    fits = fit(data, model, lam_grid="1e-4", optimizer="adam", steps="20", lr="1e-2", map_mean="false",
+               difference="central")
+    fits_mean, _ = fits._mean_var(*fits.pair, fits.lam_joint, x)
     assert not torch.allclose(fits_mean, mean)  # 20 steps at lr 1e-2 moved the fits' mean
