@@ -30,14 +30,19 @@ def probit_probs(logits: torch.Tensor, variance: torch.Tensor, scale: float = 1.
     return (logits.double() / torch.sqrt(1.0 + PI_OVER_8 * scale * var)).softmax(dim=-1)
 
 
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean −log p(y|x) in nats, float64.
+def nll_per_input(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """−log p(y|x) for each input in nats, float64.
 
     A probability of exactly 0 on the true label is floored at the smallest normal float64
     (≈ 708 nats) so that one such point shows as a huge NLL rather than ``inf`` for the mean.
     """
     p = probs.double().gather(1, labels.long().view(-1, 1)).squeeze(1)
-    return (-p.clamp_min(_TINY).log()).mean().item()
+    return -p.clamp_min(_TINY).log()
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean NLL in nats (:func:`nll_per_input`)."""
+    return nll_per_input(probs, labels).mean().item()
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

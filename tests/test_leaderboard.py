@@ -58,9 +58,21 @@ def test_capped_method_gets_a_paired_reference_on_its_own_subset(results: tuple[
     assert "compare it with `map ⊂ subset-map`" in md
 
 
+def test_capped_rows_get_paired_bootstrap_intervals_against_the_map(results: tuple[Path, Path]) -> None:
+    with (results[0] / "leaderboard.csv").open() as f:
+        paired = {r["metric"]: float(r["mean"]) for r in csv.DictReader(f)
+                  if r["method"] == "subset-map" and r["metric"].startswith("vs_map/")}
+    # subset-map is the map on the same inputs: every difference and interval bound is exactly 0
+    assert {"vs_map/cls/nll/diff", "vs_map/cal/ece/ci_low", "vs_map/ood/shuffled/auroc/entropy/ci_high"} <= set(paired)
+    assert all(v == 0.0 for v in paired.values())
+    md = (results[0] / "leaderboard.md").read_text()
+    assert "95 % paired bootstrap interval" in md and "| subset-map | +0.0000 [+0.0000, +0.0000]" in md
+
+
 def test_subset_rows_are_never_bold(results: tuple[Path, Path]) -> None:
     md = (results[0] / "leaderboard.md").read_text()
-    subset_lines = [line for line in md.splitlines() if line.startswith(("| subset-map", "| map ⊂"))]
+    subset_lines = [line for line in md.splitlines()  # the main table's rows, not the paired table's
+                    if line.startswith(("| subset-map", "| map ⊂")) and "[" not in line]
     assert len(subset_lines) == 2
     assert not any("**" in line for line in subset_lines)
 
