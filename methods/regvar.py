@@ -653,7 +653,11 @@ class RegVar(Method):
         return Prediction(probs.float(), {"variance": var.mean(1).float()})
 
     def summary(self) -> dict[str, Any]:
-        return {**self.info, **self.stats.as_dict(), "solver_flags": self.stats.failures()}
+        failures = self.stats.failures()
+        solver = [f"solver: {k.replace('_', ' ')} in {v} of {self.stats.solves} solves (see method_summary)"
+                  for k, v in failures.items()]
+        flags = [*self.info.get(FLAGS_KEY, []), *solver]
+        return {**self.info, **self.stats.as_dict(), "solver_flags": failures} | ({FLAGS_KEY: flags} if flags else {})
 
 
 @register_method("regvar-ll")
