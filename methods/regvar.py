@@ -107,7 +107,7 @@ from .regvar_common import (
     train_tensors,
     tune_scale,
 )
-from .regvar_newton import CurvatureProducts, batched_cg
+from .regvar_newton import batched_cg, curvature_products
 
 # Planning figures for the budget estimate (`python -m bench perf regvar`; IMDB's polished
 # head: 18 CG iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
@@ -272,8 +272,8 @@ class Problem:
             self.fm64.theta0 = theta0.to(device, torch.float64).clone()
         self.x, self.y = train_tensors(TensorDataset(x, y), self.fm)
         self.wd, self.n = weight_decay, len(x)
-        self.products = CurvatureProducts(self.fm, self.x, self.y, weight_decay)
-        self.products64 = CurvatureProducts(self.fm64, self.x.to(torch.float64), self.y, weight_decay)
+        self.products = curvature_products(self.fm, self.x, self.y, weight_decay)
+        self.products64 = curvature_products(self.fm64, self.x.to(torch.float64), self.y, weight_decay)
         self.grad_map = self.products64.gradient(self.fm64.theta0[None])[0]
 
         def readout(theta: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -578,7 +578,7 @@ class RegVar(Method):
         stack = max(1, min(o.query_batch, solves, PROBE_STACK))
         rows = min(n, PROBE_ROWS)
         xs, ys = train_tensors(TensorDataset(x[:rows], y[:rows]), fm)
-        probe = CurvatureProducts(fm, xs, ys, wd)
+        probe = curvature_products(fm, xs, ys, wd)
         v = torch.randn(stack, fm.dim, dtype=fm.dtype, device=fm.device)
         probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
         t0 = time.perf_counter()

@@ -28,6 +28,7 @@ from .regvar_common import FlatModel, mean_cross_entropy
 # Values per tensor of the vmapped chunk (stack × rows × activations per row): bounds memory.
 CHUNK_ELEMENTS = 2**24
 VECTORIZE_MAX_PARAMS = 10_000  # CPU: vmap the products of small networks (see CurvatureProducts)
+LINEAR_CHUNK_ELEMENTS = 2**16  # closed-form products: (rows, Q, C) temporaries that stay in cache
 
 
 class CurvatureKind(str, enum.Enum):
@@ -172,6 +173,90 @@ class CurvatureProducts:
             out = out + weight * part
         return out
 
+
+
+class LinearSoftmaxProducts(CurvatureProducts):
+    """The same products in closed form for a softmax read-out that is one ``nn.Linear`` on fixed
+    features (``regvar-ll``): logits z = Wφ + b are linear in θ, so ∇²P = GGN =
+    (1/n) Σ_i φ̃_i φ̃_iᵀ ⊗ Λ_i + wd·I with φ̃ = (φ, 1) and Λ_i = diag(p_i) − p_i p_iᵀ.
+
+    A stack of Q vectors V = (V_W, V_b) costs two products with the feature matrix per chunk:
+    Z = Φ V_Wᵀ + V_b (every row's Jv), then Φᵀ(Λ Z). Nothing is formed: memory is Q·rows·C.
+    Autograd's generic product (the parent class) computes the same values through a vmapped
+    forward-over-reverse pass; on Fashion-MNIST's last layer (650 parameters, 55k rows, a stack
+    of 64, one contended CPU thread) 7 instead of 15 ms per vector. tests/test_regvar_newton.py
+    checks that both agree."""
+
+    @staticmethod
+    def applies(fm: FlatModel) -> bool:
+        return isinstance(fm.module, nn.Linear) and "weight" in fm.names and set(fm.names) <= {"weight", "bias"}
+
+    def __init__(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
+                 kind: CurvatureKind = CurvatureKind.HESSIAN) -> None:
+        super().__init__(fm, x, y, weight_decay, kind, vectorize=True)
+        self.classes, self.features = fm.module.weight.shape
+        self.x = self.x.to(fm.device, fm.dtype)
+
+    def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Q, D) → weights as a (d, Q·C) matrix and biases (Q, C), or None when not trained."""
+        parts = dict(zip(self.fm.names, flat.split(self.fm.sizes, dim=1), strict=True))
+        w = parts["weight"].reshape(-1, self.features).T  # row q·C + c is W_q[c]
+        return w, parts.get("bias")
+
+    def _logits(self, w: torch.Tensor, b: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
+        """Φ W_qᵀ + b_q for every stacked q as one matrix product: (rows, Q, C)."""
+        z = (xb @ w).view(len(xb), -1, self.classes)
+        if b is not None:
+            return z + b
+        const = self.fm.const.get("bias")
+        return z if const is None else z + const
+
+    def _join(self, lz: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        """Φᵀ-side of a product: rows (rows, Q, C) → (Q, D) in θ's layout (weight, then bias)."""
+        q = lz.shape[1]
+        gw = (lz.reshape(len(xb), -1).T @ xb).view(q, -1)
+        return torch.cat([gw, lz.sum(0)], dim=1) if "bias" in self.fm.names else gw
+
+    def _products(self, p: torch.Tensor, vectors: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        vw, vb = self._split(vectors)
+        z = (xb @ vw).view(len(xb), -1, self.classes) + (vb if vb is not None else 0.0)  # J v per row
+        lz = p * z - p * (p * z).sum(-1, keepdim=True)  # Λ J v
+        return self._join(lz, xb) / self.n
+
+    def _chunks(self, stack: int) -> Iterator[tuple[float, torch.Tensor, torch.Tensor]]:
+        rows = max(1, min(self.n, LINEAR_CHUNK_ELEMENTS // (max(1, stack) * self.classes)))
+        for i in range(0, self.n, rows):
+            yield (min(rows, self.n - i) / self.n, self.x[i : i + rows], self.y[i : i + rows])
+
+    def at(self, theta: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        out = self.wd * vectors
+        w, b = self._split(theta[None])
+        for _, xb, _yb in self._chunks(len(vectors)):
+            out = out + self._products(self._logits(w, b, xb).softmax(-1), vectors, xb)
+        return out
+
+    def stacked(self, thetas: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        out = self.wd * vectors
+        w, b = self._split(thetas)
+        for _, xb, _yb in self._chunks(len(vectors)):
+            out = out + self._products(self._logits(w, b, xb).softmax(-1), vectors, xb)
+        return out
+
+    def gradient(self, thetas: torch.Tensor) -> torch.Tensor:
+        out = self.wd * thetas
+        w, b = self._split(thetas)
+        for _, xb, yb in self._chunks(len(thetas)):
+            onehot = nn.functional.one_hot(yb.long(), self.classes).to(xb.dtype)[:, None, :]
+            out = out + self._join(self._logits(w, b, xb).softmax(-1) - onehot, xb) / self.n
+        return out
+
+
+def curvature_products(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
+                       kind: CurvatureKind = CurvatureKind.HESSIAN) -> CurvatureProducts:
+    """The fastest exact products for ``fm``: closed form for a linear softmax read-out."""
+    if LinearSoftmaxProducts.applies(fm):
+        return LinearSoftmaxProducts(fm, x, y, weight_decay, kind)
+    return CurvatureProducts(fm, x, y, weight_decay, kind)
 
 @dataclass
 class CGResult:

@@ -7,8 +7,16 @@ import torch
 from torch import nn
 from torch.func import hessian, jacrev
 
+from bench_methods import regvar_newton
 from bench_methods.regvar_common import FlatModel
-from bench_methods.regvar_newton import CurvatureKind, CurvatureProducts, activations_per_row, batched_cg
+from bench_methods.regvar_newton import (
+    CurvatureKind,
+    CurvatureProducts,
+    LinearSoftmaxProducts,
+    activations_per_row,
+    batched_cg,
+    curvature_products,
+)
 
 CPU = torch.device("cpu")
 WD = 0.05
@@ -118,3 +126,35 @@ def test_batched_cg_only_multiplies_active_right_hand_sides() -> None:
     res = batched_cg(matvec, b, rtol=1e-10, max_iter=100)
     assert set(calls) == {1}  # the zero right-hand side is done before any product
     assert res.converged.tolist() == [True, True] and res.iterations[0] == 0
+
+
+@pytest.mark.parametrize("frozen_bias", [False, True])
+@pytest.mark.parametrize("kind", list(CurvatureKind))
+def test_closed_form_linear_products_equal_the_autograd_ones(
+    kind: CurvatureKind, frozen_bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """regvar-ll's read-out: the closed form and torch.func agree on products, stacked products
+    at per-vector points, and gradients (Hessian = GGN for a linear softmax layer)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (70,), generator=g)
+    torch.manual_seed(1)
+    head = nn.Linear(6, 4)
+    head.bias.requires_grad_(not frozen_bias)
+    fm = FlatModel(head, torch.float64, CPU)
+    fast = curvature_products(fm, x, y, WD, kind)
+    slow = CurvatureProducts(fm, x, y, WD, kind, vectorize=True)
+    assert isinstance(fast, LinearSoftmaxProducts) and fm.dim == 24 + (0 if frozen_bias else 4)
+    v = torch.randn(5, fm.dim, generator=g, dtype=torch.float64)
+    thetas = fm.theta0 + 0.3 * torch.randn(5, fm.dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fast.at(fm.theta0, v), slow.at(fm.theta0, v))
+    torch.testing.assert_close(fast.stacked(thetas, v), slow.stacked(thetas, v))
+    torch.testing.assert_close(fast.gradient(thetas), slow.gradient(thetas))
+    monkeypatch.setattr(regvar_newton, "LINEAR_CHUNK_ELEMENTS", 5 * 4 * 16)  # 16-row chunks sum the same
+    assert len(list(fast._chunks(len(v)))) == 5
+    torch.testing.assert_close(fast.at(fm.theta0, v), slow.at(fm.theta0, v))
+
+
+def test_networks_with_hidden_layers_keep_the_autograd_products() -> None:
+    fm, x, y = problem()
+    assert type(curvature_products(fm, x, y, WD)) is CurvatureProducts
