@@ -3,7 +3,7 @@
 Two checks, ``--model small`` (default) and ``--model full``.
 
 ``--model full``: the leaderboard's own MAP network — the cached checkpoint of the task's model
-that ``bench run`` trains (``bench.training.checkpoint_path``; absent: run the ``map`` method
+that ``bench run`` trains (``bench.training.map_checkpoint``; absent: run the ``map`` method
 first) — on the task's full training set (or a stated seeded ``--train-size`` subset). Both
 registered methods run with their default options (variance-scale tuning off: it does not
 change the variance) on ``--n`` seeded test inputs, and are compared with the exact
@@ -417,12 +417,11 @@ def exact_variance(
     return (jg * res.x).sum(1) / n, info
 
 
-def load_map(task: Any, seed: int, num_classes: int) -> tuple[nn.Module, Path]:
+def load_map(task: Any, seed: int, data: TaskData) -> tuple[nn.Module, Path]:
     """The task's MAP network from the checkpoint cache that ``bench run`` fills."""
-    from bench.training import checkpoint_path, load_state
+    from bench.training import load_state, map_checkpoint
 
-    model = task.make_model(num_classes)
-    path = checkpoint_path(task.cache_key(), task.recipe(), seed)
+    model, path = map_checkpoint(task, data, seed)
     if not load_state(model, path):
         raise BenchError(
             f"no cached MAP checkpoint for {task.name} seed {seed} ({path}); run "
@@ -458,7 +457,7 @@ def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
     seed_everything(seed)
     task = TASKS.get(task_name)()
     data = task.load()
-    model, path = load_map(task, seed, data.num_classes)
+    model, path = load_map(task, seed, data)
     recipe = task.recipe()
     gen = torch.Generator().manual_seed(derive_seed(seed, "fidelity", "full"))
     if train_size is not None and train_size < len(data.train):

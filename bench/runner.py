@@ -29,7 +29,7 @@ from bench.results import SCHEMA_VERSION, ensure_writable, pack_predictions, run
 from bench.seeding import check_seed, derive_seed, seed_everything
 from bench.subsets import draw_subset
 from bench.tasks import TASKS, Task, TaskData
-from bench.training import checkpoint_path, load_state, save_state, train
+from bench.training import TrainingCost, load_state, map_checkpoint, read_cost, save_cost, save_state, train
 from bench.types import InvalidPrediction, Prediction
 from bench.validation import prediction_problem
 
@@ -116,12 +116,14 @@ def result_paths(config: RunConfig) -> tuple[Path, Path]:
 
 
 class ModelCache:
-    """Trains a task's model with its recipe once per (task config, recipe, seed, member)."""
+    """Trains a task's model with its recipe once per (task config, recipe, architecture and
+    data fingerprint, seed, member), and knows what each network cost to train, cached or not."""
 
     def __init__(self, task: Task, data: TaskData, device: torch.device, seed: int, reporter: Reporter):
         self.task, self.data, self.device, self.seed, self.reporter = task, data, device, seed, reporter
         self.recipe = task.recipe()
-        self.trained_seconds = 0.0
+        self.costs: dict[int, TrainingCost] = {}  # member → its training cost (0: the MAP network)
+        self.trained_now_s = 0.0  # training done in this process (to separate it from post-hoc time)
         self.loaded: list[int] = []
         self.trained: list[int] = []
 
@@ -129,24 +131,30 @@ class ModelCache:
         return self.task.make_model(self.data.num_classes)
 
     def get(self, member: int = 0) -> torch.nn.Module:
-        seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
-        path = checkpoint_path(self.task.cache_key(), self.recipe, self.seed, member)
-        torch.manual_seed(seed)
-        model = self.make_model()
+        model, path = map_checkpoint(self.task, self.data, self.seed, member)
         what = "MAP model" if member == 0 else f"ensemble member {member}"
         with cache_lock(path):  # a parallel run training the same model: wait, then load
             if load_state(model, path):
+                self.costs[member] = read_cost(path)
                 self.loaded.append(member)
-                self.reporter.log(f"{what}: loaded cached checkpoint {path} (no training)")
+                self.reporter.log(f"{what}: loaded cached checkpoint {path} (trained in "
+                                  f"{self.costs[member].seconds:.1f} s; charged as if trained now)")
                 return model.to(self.device).eval()
             self.reporter.log(f"{what}: training {self.recipe.epochs} epoch(s) on {len(self.data.train)} examples")
+            seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
             generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
             with measure(self.device) as m:
                 train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
-            self.trained_seconds += m.seconds
+            self.costs[member] = TrainingCost(m.seconds, str(self.device))
+            self.trained_now_s += m.seconds
             self.trained.append(member)
+            save_cost(path, self.costs[member])  # first: a checkpoint without its cost is never left behind
             save_state(model, path)
         return model.eval()
+
+    def member_seconds(self) -> float:
+        """Training seconds of the ensemble members (k > 0) this run used, cached or trained now."""
+        return sum(c.seconds for k, c in self.costs.items() if k > 0)
 
 
 def _predict(method: Method, x: torch.Tensor, where: str, classes: int) -> Prediction:
@@ -190,7 +198,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         data = task.load()
     cache = ModelCache(task, data, device, config.seed, reporter)
     map_model = cache.get(0) if r.method_cls.uses_map else None
-    map_train_s = cache.trained_seconds
+    trained_before_fit = cache.trained_now_s
 
     ctx = FitContext(
         data=data,
@@ -207,8 +215,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     seed_everything(derive_seed(config.seed, "fit"))
     with measure(device) as fit:
         method.fit(ctx)
-    fit_s = fit.seconds - (cache.trained_seconds - map_train_s)  # member training counted below
-    member_train_s = cache.trained_seconds - map_train_s
+    fit_s = fit.seconds - (cache.trained_now_s - trained_before_fit)  # member training counted below
+    member_train_s = cache.member_seconds()  # cached or not: an ensemble costs its members' training
 
     seed_everything(derive_seed(config.seed, "predict"))
     limit = getattr(method, "eval_limit", None)
@@ -268,7 +276,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         "metrics": metrics,
         "timings": {
             "data_s": data_time.seconds,
-            "map_train_s": map_train_s,
+            "map_train_s": cache.costs[0].seconds if 0 in cache.costs else 0.0,
+            "train_costs_recorded": True,  # cached networks charged their stored training cost
             "map_cached": bool(cache.loaded and 0 in cache.loaded),
             "fit_s": fit_s + member_train_s,
             "fit_posthoc_s": fit_s,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import dataclasses
+import hashlib
+import io
+import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,7 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench.cache import cache_root
 from bench.errors import BenchError
-from bench.tasks.base import TrainRecipe
+from bench.results import atomic_write_bytes
+from bench.seeding import derive_seed
+from bench.tasks.base import Task, TaskData, TrainRecipe
 
 
 def train(
@@ -72,22 +77,63 @@ def weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
-def checkpoint_path(task_key: str, recipe: TrainRecipe, seed: int, member: int = 0) -> Path:
+def fingerprint(model: nn.Module, train: TensorDataset) -> str:
+    """What a checkpoint was trained for: the network's architecture (its repr and every state
+    entry's name, shape and dtype) and the exact training tensors. A changed data split or a
+    changed network gets its own checkpoint instead of silently reusing one trained for another."""
+    digest = hashlib.sha256(repr(model).encode())
+    for name, value in model.state_dict().items():
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+    for tensor in train.tensors:
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.shape}:{array.dtype};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:12]
+
+
+def checkpoint_path(task_key: str, recipe: TrainRecipe, fingerprint_: str, seed: int, member: int = 0) -> Path:
+    """Where the cache keeps a network: task options, recipe, architecture + data fingerprint."""
     name = f"seed{seed}" + (f"-member{member}" if member else "") + ".pt"
-    return cache_root() / "checkpoints" / task_key / recipe.key() / name
+    return cache_root() / "checkpoints" / task_key / recipe.key() / fingerprint_ / name
+
+
+def map_checkpoint(task: Task, data: TaskData, seed: int, member: int = 0) -> tuple[nn.Module, Path]:
+    """A fresh (seeded) network of ``task`` and the path its trained weights are cached at."""
+    torch.manual_seed(seed if member == 0 else derive_seed(seed, "member", member))
+    model = task.make_model(data.num_classes)
+    return model, checkpoint_path(task.cache_key(), task.recipe(), fingerprint(model, data.train), seed, member)
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    """What training a cached network cost when it was trained (read back on every load)."""
+
+    seconds: float
+    device: str
+
+
+def _cost_path(path: Path) -> Path:
+    return path.with_suffix(".cost.json")
+
+
+def save_cost(path: Path, cost: TrainingCost) -> None:
+    atomic_write_bytes(_cost_path(path), json.dumps(dataclasses.asdict(cost)).encode())
+
+
+def read_cost(path: Path) -> TrainingCost:
+    """The training cost stored beside checkpoint ``path`` (a one-line error if unreadable)."""
+    try:
+        return TrainingCost(**json.loads(_cost_path(path).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise BenchError(f"cached checkpoint {path} has no readable training cost ({type(exc).__name__}); "
+                         "delete the checkpoint and rerun") from None
 
 
 def save_state(model: nn.Module, path: Path) -> None:
-    """Atomic save: a crash never leaves a half-written checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Atomic save (``bench.results.atomic_write_bytes``): a crash never leaves half a checkpoint."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_state(model: nn.Module, path: Path) -> bool:

@@ -58,7 +58,7 @@ def test_missing_data_dir_says_how_to_get_it(tmp_path: Path, capsys: pytest.Capt
 def _run_tiny(tmp_path: Path, *extra: str, method: str = "map", task: str = "tiny-digits") -> dict:
     assert main(["--plugin", str(TINY_TASK), "run", "--method", method, "--task", task,
                  "--out", str(tmp_path), "--quiet", *extra]) == 0
-    (path,) = (tmp_path / "runs").glob(f"*/{method}/seed0.json")
+    (path,) = (tmp_path / "runs").glob("*/*/seed0.json")  # one run per folder
     return json.loads(path.read_text())
 
 
@@ -82,6 +82,54 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path: Path, isolated_cache:
     second = _run_tiny(tmp_path / "b", task="tiny-digits(hidden=17)")  # loads the cached checkpoint
     assert first["timings"]["map_cached"] is False and second["timings"]["map_cached"] is True
     assert first["metrics"] == second["metrics"]
+
+
+def test_a_cached_network_is_charged_what_it_cost_to_train(tmp_path: Path, isolated_cache: Path) -> None:
+    """Costs do not depend on the cache: a cached MAP or ensemble member costs what training it did."""
+    spec = "ensemble(members=3)"
+    first = _run_tiny(tmp_path / "a", method=spec, task="tiny-digits(hidden=23)")
+    second = _run_tiny(tmp_path / "b", method=spec, task="tiny-digits(hidden=23)")
+    assert first["timings"]["models_trained"] == [0, 1, 2] and second["timings"]["models_cached"] == [0, 1, 2]
+    for key in ("map_train_s", "member_train_s"):
+        assert second["timings"][key] == first["timings"][key] > 0
+    assert second["timings"]["fit_s"] >= second["timings"]["member_train_s"]
+    assert second["timings"]["train_costs_recorded"] is True
+
+
+SPLIT_TASK = '''
+import os
+from bench.tasks.base import TASKS, TaskData, register_task
+from torch.utils.data import TensorDataset
+
+Tiny = TASKS.get("tiny-digits")
+
+@register_task("tiny-moving-split")
+class MovingSplit(Tiny):
+    """tiny-digits whose training rows depend on an environment variable, options unchanged."""
+    def load(self) -> TaskData:
+        data = Tiny.load(self)
+        k = int(os.environ.get("TINY_SPLIT_SHIFT", "0"))
+        x, y = data.train.tensors
+        return TaskData(train=TensorDataset(x[k:], y[k:]), val=data.val, test=data.test,
+                        num_classes=10, ood=data.ood, shift=data.shift, info=data.info)
+'''
+
+
+def test_a_changed_split_or_network_never_reuses_a_checkpoint(
+    tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugin = tmp_path / "moving.py"
+    plugin.write_text(SPLIT_TASK)
+
+    def run(out: str) -> dict:
+        assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", "map",
+                     "--task", "tiny-moving-split", "--out", str(tmp_path / out), "--quiet"]) == 0
+        return json.loads((tmp_path / out / "runs" / "tiny-moving-split" / "map" / "seed0.json").read_text())
+
+    assert run("a")["timings"]["map_cached"] is False
+    assert run("b")["timings"]["map_cached"] is True
+    monkeypatch.setenv("TINY_SPLIT_SHIFT", "7")  # same task options, different training rows
+    assert run("c")["timings"]["map_cached"] is False
 
 
 def test_untrained_rerun_matches_cached_rerun(tmp_path: Path, isolated_cache: Path) -> None:
@@ -356,14 +404,14 @@ def test_nan_checkpoint_in_the_cache_is_refused(tmp_path: Path, capsys: pytest.C
 
     from bench.plugins import load_plugin
     from bench.tasks import TASKS
-    from bench.training import checkpoint_path
+    from bench.training import TrainingCost, map_checkpoint, save_cost
 
     load_plugin(TINY_TASK)
     task = TASKS.get("tiny-digits")(TASKS.get("tiny-digits").Options(hidden=29))
-    model = task.make_model(10)
-    path = checkpoint_path(task.cache_key(), task.recipe(), 0)
+    model, path = map_checkpoint(task, task.load(), 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}, path)
+    save_cost(path, TrainingCost(1.0, "cpu"))
     code = main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits(hidden=29)",
                  "--out", str(tmp_path), "--quiet"])
     _one_line_error(code, capsys.readouterr().err, f"cached checkpoint {path} holds NaN or inf weights")

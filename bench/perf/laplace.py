@@ -34,13 +34,11 @@ from bench.profiling import measure
 def _model_and_data(smoke: bool, seed: int, device: torch.device) -> tuple[Any, TensorDataset,
                                                                            torch.Tensor, str]:
     from bench.tasks import TASKS
-    from bench.training import checkpoint_path, load_state
+    from bench.training import load_state, map_checkpoint
 
     task = TASKS.get("fashion-mnist")(smoke=smoke)
     data = task.load()
-    torch.manual_seed(seed)
-    model = task.make_model(data.num_classes)
-    path = checkpoint_path(task.cache_key(), task.recipe(), seed)
+    model, path = map_checkpoint(task, data, seed)
     weights = f"cached MAP checkpoint {path}" if load_state(model, path) else (
         "random initial weights (no cached MAP checkpoint; `python -m bench run --method map "
         f"--task fashion-mnist{' --smoke' if smoke else ''}` makes one)"

@@ -44,13 +44,11 @@ CPU_ROWS = {"fashion-mnist": 2000}
 def _setup(task_name: str, smoke: bool, seed: int, device: torch.device) -> tuple[Any, TaskData, torch.nn.Module, str]:
     """Task, data and its MAP network with provenance (cached checkpoint, else initial weights)."""
     from bench.tasks import TASKS
-    from bench.training import checkpoint_path, load_state
+    from bench.training import load_state, map_checkpoint
 
     task = TASKS.get(task_name)(smoke=smoke)
     data = task.load()
-    torch.manual_seed(seed)
-    model = task.make_model(data.num_classes)
-    path = checkpoint_path(task.cache_key(), task.recipe(), seed)
+    model, path = map_checkpoint(task, data, seed)
     weights = f"cached MAP checkpoint {path}" if load_state(model, path) else "initial weights (no cached MAP)"
     return task, data, model.to(device).eval(), weights
 
