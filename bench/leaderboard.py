@@ -55,6 +55,10 @@ OWN_SCORES = ("variance", "mutual_info")
 PAIRED_REFERENCE = "map"
 PAIRED_MARK = "⊂"
 FLAG_MARK = "⚑"
+# Memory kinds whose figures do not measure a peak: "cpu_rss_growth" (records before the
+# kernel's high-water mark was used) was growth over the block's start inside reused
+# processes, 0 whenever an earlier peak was higher. Shown "–", never as that 0.
+UNMEASURED_MEMORY = {"cpu_rss_growth"}
 
 
 def paired_label(method: str) -> str:
@@ -119,7 +123,8 @@ def collect(root: Path) -> Collected:
         flat.update(_known_costs(record["timings"]))
         flat["timings/predict_per_1k_s"] = record["timings"]["predict_per_1k_s"]
         mem = record["memory"]
-        flat["memory/peak_mib"] = max(mem["fit_peak_bytes"], mem["predict_peak_bytes"]) / 2**20
+        if mem["kind"] not in UNMEASURED_MEMORY:
+            flat["memory/peak_mib"] = max(mem["fit_peak_bytes"], mem["predict_peak_bytes"]) / 2**20
         flat["seed"] = record["seed"]
         flat["subset"] = record.get("data", {}).get("evaluated_subsets", {}).get("test", 0)
         table[record["task"]][record["method"]].append(flat)
@@ -202,7 +207,9 @@ def render(
           "is named in the column. Times are seconds on the machine in each run's JSON. MAP train s: the",
           "shared MAP network's training; fit s: the method's fit plus the training of any further networks",
           "(ensemble members), both charged whether the networks were trained or loaded from the cache",
-          "(– : a run recorded before the cache stored training costs; rerun it to fill the cell).",
+          "(– : a run recorded before the cache stored training costs; rerun it to fill the cell). peak MiB:",
+          "on CPU the peak resident memory of fit or predict above the RSS after data loading (– : recorded",
+          "by an older bench that could not measure it), on a GPU the CUDA peak allocated.",
           f"{FLAG_MARK} = a run of that row carries a warning flag (listed under its table).", ""]
     csv_buffer = io.StringIO()
     writer = csv.writer(csv_buffer, lineterminator="\n")

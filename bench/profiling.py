@@ -1,13 +1,16 @@
 """Wall-clock timing with device synchronisation, and peak memory.
 
-Peak memory means the CUDA peak allocated on a GPU, and on CPU the growth of the process's
-peak resident set (ru_maxrss) over the measured block: the high-water mark cannot be reset on
-Linux, so a block that stays under an earlier peak reports 0 growth. We sample RSS in a thread
-as well so that the figure is the block's own peak above its starting RSS.
+Peak memory is the CUDA peak allocated on a GPU. On CPU it is the block's peak resident set
+above a baseline (by default the RSS at the block's start; the runner passes the RSS after
+data loading): on Linux the kernel's own high-water mark (VmHWM), reset at the block's start
+through /proc/self/clear_refs, so a short spike is never missed and an earlier, higher peak
+of the process never hides the block's (which made the old growth figure read 0). Elsewhere
+a sampling thread approximates it. Nested blocks fold their peaks into the enclosing ones.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import threading
@@ -18,31 +21,53 @@ import torch
 
 from bench.device import synchronize
 
+CPU_KIND = "cpu_peak_rss_above_baseline"
+_active: list[measure] = []  # open CPU measurements, outermost first
+
 
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        import os
-
-        return pages * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):  # non-Linux fallback: the lifetime peak
         scale = 1 if sys.platform == "darwin" else 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _high_water_mark() -> int | None:
+    """The process's peak RSS since the last reset (VmHWM), or None where the kernel has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
 class Measurement:
     seconds: float = 0.0
     peak_bytes: int = 0
-    kind: str = "cpu_rss_growth"
+    kind: str = CPU_KIND
 
 
 @dataclass
 class measure:  # noqa: N801 - used as a context manager: `with measure(device) as m:`
-    """Time a block (synchronised) and record its peak memory."""
+    """Time a block (synchronised) and record its peak memory above ``baseline`` bytes."""
 
     device: torch.device
+    baseline: int | None = None
     result: Measurement = field(default_factory=Measurement)
     interval_s: float = 0.005
 
@@ -50,16 +75,25 @@ class measure:  # noqa: N801 - used as a context manager: `with measure(device) 
         synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
             self.result.kind = "cuda_peak_allocated"
         else:
-            self._base = current_rss_bytes()
-            self._peak = self._base
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._start_cpu()
         self._t0 = time.perf_counter()
         return self.result
+
+    def _start_cpu(self) -> None:
+        mark = _high_water_mark()
+        for outer in _active:  # the reset below must not lose what the enclosing blocks saw
+            outer._peak = max(outer._peak, mark or 0)
+        self._base = self.baseline if self.baseline is not None else current_rss_bytes()
+        self._peak = current_rss_bytes()
+        self._kernel = mark is not None and _reset_high_water_mark()
+        self._stop = threading.Event()
+        self._thread = None
+        if not self._kernel:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        _active.append(self)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -72,8 +106,12 @@ class measure:  # noqa: N801 - used as a context manager: `with measure(device) 
         if self.device.type == "cuda":
             # Peak allocated during the block (includes tensors alive at entry).
             self.result.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._stop.set()
+            return
+        self._stop.set()
+        if self._thread is not None:
             self._thread.join()
-            self._peak = max(self._peak, current_rss_bytes())
-            self.result.peak_bytes = int(self._peak - self._base)
+        self._peak = max(self._peak, current_rss_bytes(), (_high_water_mark() or 0) if self._kernel else 0)
+        _active.remove(self)
+        for outer in _active:
+            outer._peak = max(outer._peak, self._peak)
+        self.result.peak_bytes = int(max(0, self._peak - self._base))

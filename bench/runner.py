@@ -21,7 +21,7 @@ from bench.device import select_device
 from bench.errors import BenchError
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
-from bench.profiling import measure
+from bench.profiling import current_rss_bytes, measure
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.registry import parse_spec
@@ -196,6 +196,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     seed_everything(config.seed)
     with measure(torch.device("cpu")) as data_time:
         data = task.load()
+    baseline = None if device.type == "cuda" else current_rss_bytes()  # memory figures are above this
     cache = ModelCache(task, data, device, config.seed, reporter)
     map_model = cache.get(0) if r.method_cls.uses_map else None
     trained_before_fit = cache.trained_now_s
@@ -213,7 +214,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         make_small_model=lambda: task.make_small_model(data.num_classes),
     )
     seed_everything(derive_seed(config.seed, "fit"))
-    with measure(device) as fit:
+    with measure(device, baseline) as fit:
         method.fit(ctx)
     fit_s = fit.seconds - (cache.trained_now_s - trained_before_fit)  # member training counted below
     member_train_s = cache.member_seconds()  # cached or not: an ensemble costs its members' training
@@ -234,7 +235,7 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     classes = data.num_classes
     x_test, y_test = subset("test", *data.test.tensors)
-    with measure(device) as pred_time:
+    with measure(device, baseline) as pred_time:
         test_pred = _predict(method, x_test, "the test set", classes)
     with measure(device) as rest_time:
         ood_preds = {name: _predict(method, subset(f"ood/{name}", x)[0], f"OOD set {name!r}", classes)
@@ -290,6 +291,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         },
         "memory": {
             "kind": fit.kind,
+            "baseline_bytes": baseline,  # CPU: the RSS after data loading (None on a GPU)
             "fit_peak_bytes": fit.peak_bytes,
             "predict_peak_bytes": pred_time.peak_bytes,
         },

@@ -132,6 +132,44 @@ def test_a_changed_split_or_network_never_reuses_a_checkpoint(
     assert run("c")["timings"]["map_cached"] is False
 
 
+HUNGRY = '''
+from dataclasses import dataclass
+import torch
+from bench.method_api import register_method
+from bench.options import option
+from bench_methods.map import MAP
+
+@dataclass
+class HungryOptions:
+    mib: int = option(0, "MiB held during fit", min=0)
+
+@register_method("hungry-map")
+class Hungry(MAP):
+    """The MAP, holding a known amount of memory while it fits."""
+    Options = HungryOptions
+    def fit(self, ctx):
+        block = torch.ones(self.options.mib * 2**20 // 4)
+        block += 1  # touched: resident
+        super().fit(ctx)
+        del block
+'''
+
+
+def test_peak_memory_moves_by_what_a_method_allocates(tmp_path: Path) -> None:
+    plugin = tmp_path / "hungry.py"
+    plugin.write_text(HUNGRY)
+    peaks = {}
+    for mib in (0, 160):
+        out = tmp_path / f"m{mib}"
+        assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", f"hungry-map(mib={mib})",
+                     "--task", "tiny-digits", "--out", str(out), "--quiet"]) == 0
+        (path,) = (out / "runs").glob("*/*/seed0.json")
+        memory = json.loads(path.read_text())["memory"]
+        assert memory["kind"] == "cpu_peak_rss_above_baseline" and memory["baseline_bytes"] > 0
+        peaks[mib] = memory["fit_peak_bytes"] / 2**20
+    assert 140 < peaks[160] - peaks[0] < 200
+
+
 def test_untrained_rerun_matches_cached_rerun(tmp_path: Path, isolated_cache: Path) -> None:
     """Determinism does not depend on the cache: delete it and the MAP comes out the same."""
     import shutil

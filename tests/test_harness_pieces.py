@@ -89,9 +89,26 @@ def test_measure_sees_time_and_memory_growth() -> None:
     with measure(torch.device("cpu")) as m:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         block += 1
-    assert m.seconds > 0 and m.kind == "cpu_rss_growth"
+    assert m.seconds > 0 and m.kind == "cpu_peak_rss_above_baseline"
     assert m.peak_bytes > 32 * 2**20
     del block
+
+
+def test_measure_sees_a_freed_spike_after_an_earlier_larger_peak_and_nested_blocks() -> None:
+    """The old growth figure read 0 for any block below an earlier peak of the process."""
+    big = torch.ones(256 * 2**20 // 4)
+    big += 1
+    del big  # the process's lifetime peak is now ≥ 256 MiB above what follows
+    with measure(torch.device("cpu")) as outer:
+        with measure(torch.device("cpu")) as inner:
+            spike = torch.ones(96 * 2**20 // 4)
+            spike += 1
+            del spike  # freed before the block ends: only a high-water mark sees it
+        after = torch.ones(16 * 2**20 // 4)
+        after += 1
+    assert 80 * 2**20 < inner.peak_bytes < 200 * 2**20
+    assert outer.peak_bytes >= inner.peak_bytes  # the inner reset did not hide the outer's peak
+    del after
 
 
 @pytest.mark.parametrize(("value", "edge"), [(0.01, "floor"), (0.001, "floor"), (100.0, "ceiling"), (1.0, None)])
