@@ -106,6 +106,50 @@ def test_a_flagged_run_marks_its_row_every_cell_and_is_listed(tmp_path: Path) ->
     assert "- ⚑ flagged-map, seed 0: tuned s=0.0001 is on the floor of its grid" in lines
 
 
+BLURRED = '''
+from bench.method_api import register_method
+from bench.types import Prediction
+from bench_methods.map import MAP
+
+@register_method("blurred-map")
+class Blurred(MAP):
+    """The MAP's probabilities mixed half-and-half with the uniform: worse NLL, same accuracy."""
+    def predict(self, x):
+        p = super().predict(x).probs
+        return Prediction(0.5 * p + 0.5 / p.shape[1], {})
+'''
+
+
+def test_statistics_intervals_significance_bold_and_mean_ranks(tmp_path: Path) -> None:
+    plugin = tmp_path / "blurred.py"
+    plugin.write_text(textwrap.dedent(BLURRED))
+    for method in ("map", "blurred-map"):
+        for seed in ("0", "1"):
+            assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", method,
+                         "--task", "tiny-digits", "--out", str(tmp_path), "--quiet", "--seed", seed]) == 0
+    assert main(["table", "--results", str(tmp_path)]) == 0
+    lines = (tmp_path / "leaderboard.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| method ") and "NLL" in line)
+    nll = [c.strip() for c in header.strip("|").split("|")].index("NLL ↓")
+    acc = [c.strip() for c in header.strip("|").split("|")].index("Acc ↑")
+
+    def cells(method: str) -> list[str]:
+        row = next(line for line in lines if line.startswith(f"| {method} ") and "[" not in line)
+        return [c.strip() for c in row.strip("|").split("|")]
+
+    assert cells("blurred-map")[nll].endswith("†") and "±" in cells("blurred-map")[nll]
+    assert cells("map")[nll].startswith("**") and "†" not in cells("map")[nll]  # significantly best
+    assert cells("map")[acc].startswith("*") and not cells("map")[acc].startswith("**")  # same argmax: a tie
+    assert "†" not in cells("blurred-map")[acc]
+    rank = lines.index("## Mean rank across tasks")
+    ranks = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines[rank:])
+             if c[0] in ("map", "blurred-map")}
+    assert ranks["map"][3] == "1.00" and ranks["blurred-map"][3] == "2.00"  # the NLL column
+    with (tmp_path / "leaderboard.csv").open() as f:
+        row = next(r for r in csv.DictReader(f) if r["method"] == "map" and r["metric"] == "cls/nll")
+    assert float(row["ci95_half_width"]) > 0 and int(row["n_seeds"]) == 2
+
+
 def test_check_passes_when_current_and_fails_when_stale(results: tuple[Path, Path]) -> None:
     root = results[0]
     assert main(["table", "--results", str(root), "--check"]) == 0

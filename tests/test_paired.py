@@ -6,35 +6,42 @@ import numpy as np
 import pytest
 import torch
 
-from bench.metrics import auroc, expected_calibration_error, negative_log_likelihood, predictive_entropy
+from bench.metrics import evaluate
 from bench.paired import _Run, paired_intervals
+from bench.results import unpack_predictions
 
 
 def fake_run(seed: int, n: int = 300, sharp: float = 3.0) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    logits = sharp * torch.randn(n, 4, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 4)
-    probs = logits.double().softmax(1)
+
+    def labelled(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 4, (m,), generator=g)
+        logits = sharp * torch.randn(m, 4, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 4)
+        return logits.double().softmax(1), labels
+
+    probs, labels = labelled(n)
     probs[:5] = torch.nn.functional.one_hot(labels[:5], 4).double()  # confidence exactly 1
     probs[5:9] = 0.25  # ties: the uniform predictive, entropy log 4
     ood = (0.5 * torch.randn(200, 4, generator=g)).double().softmax(1)
     ood[:3] = 0.25
-    return {"test/probs": probs.numpy(), "test/labels": labels.numpy(), "ood/noise/probs": ood.numpy()}
+    shifted, shift_labels = labelled(150)
+    return {"test/probs": probs.numpy(), "test/labels": labels.numpy(), "ood/noise/probs": ood.numpy(),
+            "test/score/variance": 50 + 10 * torch.rand(n, generator=g).double().numpy(),  # outside [0, 1]
+            "ood/noise/score/variance": 55 + 10 * torch.rand(200, generator=g).double().numpy(),
+            "shift/blur/probs": shifted.numpy(), "shift/blur/labels": shift_labels.numpy()}
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_full_sample_metrics_equal_bench_metrics(seed: int) -> None:
     arrays = fake_run(seed)
     run = _Run(arrays)
-    n_test, n_ood = len(arrays["test/labels"]), len(arrays["ood/noise/probs"])
-    got = run.metrics(["cls/nll", "cal/ece", "ood/noise/auroc/entropy"],
-                      {"test": np.arange(n_test)[None], "ood/noise": np.arange(n_ood)[None]})[0]
-    probs, labels = torch.from_numpy(arrays["test/probs"]), torch.from_numpy(arrays["test/labels"])
-    ood = torch.from_numpy(arrays["ood/noise/probs"])
-    expected = [negative_log_likelihood(probs, labels), expected_calibration_error(probs, labels),
-                auroc(predictive_entropy(probs), predictive_entropy(ood))]
-    np.testing.assert_allclose(got[[0, 2]], [expected[0], expected[2]], rtol=1e-12)
-    assert got[1] == pytest.approx(expected[1], rel=1e-6)  # torchmetrics returns its ECE in float32
+    keys = run.keys()
+    expected = evaluate(**unpack_predictions(arrays))
+    assert set(keys) == set(expected) - {"cal/mce", "shift/blur/mce", "shift/blur/brier"}
+    got = run.metrics(keys, {s: np.ones((1, n)) for s, n in run.sizes.items()})[0]
+    for key, value in zip(keys, got, strict=True):
+        # torchmetrics returns its ECE in float32; everything else agrees to round-off
+        assert value == pytest.approx(expected[key], rel=1e-6 if key.endswith("ece") else 1e-12), key
 
 
 def test_a_method_against_itself_differs_by_exactly_zero() -> None:
@@ -51,6 +58,24 @@ def test_a_clearly_worse_method_gets_an_interval_that_excludes_zero_and_is_repro
         bad["test/probs"] = np.roll(good["test/probs"], 1, axis=1)  # confidently wrong
         pairs.append((bad, good))
     out = paired_intervals(pairs, n_boot=300)
-    assert out["cls/nll"].low > 0 and out["cls/nll"].excludes_zero()
+    assert out["cls/nll"].low > 0 and out["cls/acc"].high < 0
     assert out["cls/nll"].low <= out["cls/nll"].diff <= out["cls/nll"].high
+    assert out["shift/blur/nll"].diff == 0.0  # the shift set was left alone
     assert out == paired_intervals(pairs, n_boot=300)
+
+
+def test_runs_on_different_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="same inputs"):
+        paired_intervals([(fake_run(0), fake_run(0, n=299))], n_boot=10)
+
+
+def test_a_resample_given_by_counts_equals_the_metrics_of_the_resampled_arrays() -> None:
+    arrays = fake_run(4)
+    run = _Run(arrays)
+    rng = np.random.default_rng(0)
+    idx = {s: rng.integers(0, n, n) for s, n in run.sizes.items()}
+    counts = {s: np.bincount(i, minlength=run.sizes[s]).astype(float)[None] for s, i in idx.items()}
+    resampled = {k: v[idx["test" if k.startswith("test") else "/".join(k.split("/")[:2])]] for k, v in arrays.items()}
+    expected = evaluate(**unpack_predictions(resampled))
+    for key, value in zip(run.keys(), run.metrics(run.keys(), counts)[0], strict=True):
+        assert value == pytest.approx(expected[key], rel=1e-6 if key.endswith("ece") else 1e-10), key

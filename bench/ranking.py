@@ -1,0 +1,74 @@
+"""The leaderboard's statistics: intervals over seeds, which mean is best, and mean ranks.
+
+Each cell is a mean over seeds with its 95 % t-interval. A column's best mean is bold only when
+a paired bootstrap over the shared inputs (``bench.paired``) says it beats the runner-up;
+otherwise it is in italics, a tie. The aggregate table ranks the full-set rows of every task per
+metric and averages the ranks over tasks (ties share their mean rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scipy.stats import rankdata, t
+
+from bench.paired import Interval
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean over n seeds and the half-width of its t-interval (0 for one seed)."""
+
+    mean: float
+    half_width: float
+    n: int
+    std: float
+
+
+def summarize(values: list[float]) -> Summary:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = float(t.ppf(0.5 + LEVEL / 2, n - 1)) * std / math.sqrt(n) if n > 1 else 0.0
+    return Summary(mean, half, n, std)
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best mean of a column and whether it is significantly ahead of the runner-up."""
+
+    method: str
+    significant: bool
+
+
+def best_of_column(
+    means: dict[str, float], direction: int, key: str, compare: Callable[[str, str], dict[str, Interval]]
+) -> Best | None:
+    """The row with the best mean; ``compare(a, b)`` gives paired intervals of a − b."""
+    if not direction or not means:
+        return None
+    order = sorted(means, key=lambda m: -direction * means[m])
+    if len(order) == 1:
+        return Best(order[0], False)
+    interval = compare(order[0], order[1]).get(key)
+    ahead = interval is not None and (interval.low > 0 if direction > 0 else interval.high < 0)
+    return Best(order[0], ahead)
+
+
+def mean_ranks(
+    per_task: dict[str, dict[str, float]], direction: int
+) -> dict[str, tuple[float, int]]:
+    """method → (mean rank over the tasks it appears in, number of those tasks); rank 1 is best."""
+    ranks: dict[str, list[float]] = {}
+    for means in per_task.values():
+        methods = sorted(means)
+        if not methods:
+            continue
+        order = rankdata([-direction * means[m] for m in methods])
+        for m, r in zip(methods, order, strict=True):
+            ranks.setdefault(m, []).append(float(r))
+    return {m: (sum(r) / len(r), len(r)) for m, r in ranks.items()}
