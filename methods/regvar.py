@@ -539,7 +539,7 @@ class RegVar(Method):
             self.info.update({"val_nll": val_nll, "val_queries": len(pick), "seconds_per_query": elapsed / len(pick)})
             ctx.log(f"{self.name}: scale s={self.scale:.3g} (val NLL {val_nll:.4f}), "
                     f"{self.info['seconds_per_query']:.2f} s/query")
-            if flag := scale_edge_flag(self.scale):
+            if flag := scale_edge_flag(self.scale, self._probit_var(var)):
                 self.info.setdefault(FLAGS_KEY, []).append(flag)
         self.info["scale"] = self.scale
 

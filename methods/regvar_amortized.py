@@ -158,7 +158,7 @@ class RegVarAmortized(Method):
             "validation_nll_grid": {"lambdas": list(o.lam_grid), "scales": list(SCALE_GRID), "nll": nll_grid},
         }
         ctx.log(f"regvar-amortized: λ={self.lam:g}, scale s={self.scale:.3g} (val NLL {val_nll:.4f})")
-        flags = [scale_edge_flag(self.scale),
+        flags = [scale_edge_flag(self.scale, self._mean_var(*self.pair, self.lam_joint, xv)[1]),
                  grid_edge_flag("λ", self.lam, o.lam_grid, "the best λ may lie outside the grid")]
         if flags := [f for f in flags if f]:
             self.info[FLAGS_KEY] = flags

@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from bench.errors import BenchError
-from bench.formulas import nll, probit_probs
+from bench.formulas import PI_OVER_8, nll, probit_probs
 from bench.method_api import grid_edge_flag
 from bench.options import option
 
@@ -102,10 +102,16 @@ def tune_scale(
     return float(grid[best]), scores[best]
 
 
-def scale_edge_flag(scale: float, grid: Sequence[float] = SCALE_GRID) -> str | None:
-    """The flag for a tuned variance scale on an edge of ``grid`` (see ``grid_edge_flag``)."""
-    meaning = ("the variance is switched off, the predictive is the mean's softmax"
-               if scale <= min(grid) else "the best scale may lie above the grid")
+def scale_edge_flag(scale: float, variance: torch.Tensor, grid: Sequence[float] = SCALE_GRID) -> str | None:
+    """The flag for a tuned variance scale on an edge of ``grid`` (see ``grid_edge_flag``),
+    saying how much the variance still acts there: the median factor by which the probit
+    shrinks the logits of the validation inputs (1.0: the variance is switched off)."""
+    shrink = float((1.0 + PI_OVER_8 * scale * variance.double().clamp_min(0.0)).rsqrt().median())
+    if scale <= min(grid):
+        verdict = "i.e. the variance is switched off" if shrink > 0.999 else "so the best scale may lie below the grid"
+        meaning = f"the logits shrink by a median factor {shrink:.6f} there, {verdict}"
+    else:
+        meaning = f"the logits shrink by a median factor {shrink:.4f} there; the best scale may lie above the grid"
     return grid_edge_flag("variance scale s", scale, grid, meaning)
 
 

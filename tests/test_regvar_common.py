@@ -75,9 +75,12 @@ def test_a_scale_on_the_grid_floor_is_flagged_as_variance_switched_off() -> None
     logits = 6.0 * nn.functional.one_hot(labels, 3).double()
     s, _ = tune_scale(logits, torch.full((300,), 5.0), labels)
     assert s == SCALE_GRID[0]
-    assert "switched off" in scale_edge_flag(s) and "floor" in scale_edge_flag(s)
-    assert "ceiling" in scale_edge_flag(SCALE_GRID[-1])
-    assert scale_edge_flag(1.0) is None and scale_edge_flag(SCALE_GRID[1]) is None
+    small, huge = torch.full((300,), 5.0), torch.full((300,), 1e6)
+    assert "switched off" in scale_edge_flag(s, small) and "floor" in scale_edge_flag(s, small)
+    # a huge variance still acts at the floor: then the flag does not claim it is off
+    assert "may lie below the grid" in scale_edge_flag(s, huge) and "switched off" not in scale_edge_flag(s, huge)
+    assert "ceiling" in scale_edge_flag(SCALE_GRID[-1], small)
+    assert scale_edge_flag(1.0, small) is None and scale_edge_flag(SCALE_GRID[1], small) is None
 
 
 def test_flat_model_copies_and_round_trips() -> None:
