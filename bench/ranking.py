@@ -39,24 +39,26 @@ def summarize(values: list[float]) -> Summary:
 
 @dataclass(frozen=True)
 class Best:
-    """The best mean of a column and whether it is significantly ahead of the runner-up."""
+    """The rows sharing the best mean of a column, and whether that mean is significantly ahead
+    of the runner-up (never, when several rows share it)."""
 
-    method: str
+    methods: tuple[str, ...]
     significant: bool
 
 
 def best_of_column(
     means: dict[str, float], direction: int, key: str, compare: Callable[[str, str], dict[str, Interval]]
 ) -> Best | None:
-    """The row with the best mean; ``compare(a, b)`` gives paired intervals of a − b."""
+    """The row(s) with the best mean; ``compare(a, b)`` gives paired intervals of a − b."""
     if not direction or not means:
         return None
-    order = sorted(means, key=lambda m: -direction * means[m])
-    if len(order) == 1:
-        return Best(order[0], False)
+    order = sorted(means, key=lambda m: (-direction * means[m], m))
+    top = tuple(m for m in order if means[m] == means[order[0]])
+    if len(top) > 1 or len(order) == 1:
+        return Best(top, False)
     interval = compare(order[0], order[1]).get(key)
     ahead = interval is not None and (interval.low > 0 if direction > 0 else interval.high < 0)
-    return Best(order[0], ahead)
+    return Best(top, ahead)
 
 
 def mean_ranks(

@@ -84,9 +84,9 @@ def columns_for(runs: dict[str, list[dict[str, float]]]) -> list[tuple[str, str,
     return cols + COST_COLUMNS
 
 
-def _ranked_rows(runs: dict[str, list[dict[str, float]]]) -> set[str]:
-    """Rows evaluated on the full sets: the only ones ranked (bold, ranks)."""
-    return {m for m, rs in runs.items() if not is_paired(m) and not any(r.get("subset") for r in rs)}
+def _ranked_rows(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Rows evaluated on the full sets, sorted: the only ones ranked (bold, ranks)."""
+    return sorted(m for m, rs in runs.items() if not is_paired(m) and not any(r.get("subset") for r in rs))
 
 
 def _cell(values: list[float], key: str) -> str:
@@ -121,7 +121,7 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
             cell = _cell(values, key) + (f" {DIFFERS_MARK}" if key in vs_map and vs_map[key].excludes_zero() else "")
             cell += f" {FLAG_MARK}" if flagged else ""
             win = best.get(key)
-            if win is not None and win.method == method:
+            if win is not None and method in win.methods:
                 cell = f"**{cell}**" if win.significant else f"*{cell}*"
             row.append(cell)
         rows.append(row)

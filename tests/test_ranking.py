@@ -26,9 +26,11 @@ def test_best_is_significant_only_when_the_paired_interval_says_so(low: float, h
         return {"cls/nll": Interval((low + high) / 2, low, high)}
 
     best = best_of_column({"a": 0.30, "b": 0.25, "c": 0.26}, -1, "cls/nll", compare)
-    assert best is not None and best.method == "b" and best.significant is significant
+    assert best is not None and best.methods == ("b",) and best.significant is significant
     assert seen == [("b", "c")]  # against the runner-up
     assert best_of_column({"a": 0.3}, 1, "cls/acc", compare).significant is False
+    tie = best_of_column({"z": 0.9, "a": 0.9, "c": 0.5}, 1, "cls/acc", compare)
+    assert tie == type(tie)(("a", "z"), False)  # exact ties: every tied row, never significant
     assert best_of_column({"a": 0.3, "b": 0.2}, 0, "timings/fit_s", compare) is None
 
 
