@@ -1,4 +1,5 @@
-"""``bench plot``: reliability diagrams, OOD score histograms and the RegVar NLL contour.
+"""``bench plot``: cost against quality, reliability diagrams, OOD score histograms and the
+amortized RegVar NLL contour.
 
 Everything is drawn from the run files (JSON + npz) alone, like the leaderboard.
 """
@@ -17,8 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
+from bench.leaderboard import collect  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
 from bench.metrics.scores import predictive_entropy  # noqa: E402
+from bench.ranking import summarize  # noqa: E402
 from bench.results import (  # noqa: E402
     atomic_write_bytes,
     ensure_writable,
@@ -26,6 +29,7 @@ from bench.results import (  # noqa: E402
     read_predictions,
     read_record,
 )
+from bench.tables import is_paired  # noqa: E402
 
 REGVAR_GRID_KEY = "validation_nll_grid"  # {"lambdas": [...], "scales": [...], "nll": [[...]]}
 
@@ -149,6 +153,38 @@ def plot_regvar_contour(task: str, path: Path, out: Path) -> Path | None:
     return _save(fig, out / f"regvar_contour_{task}_{record['method']}.png")
 
 
+def _cost(run: dict[str, float]) -> tuple[float, bool]:
+    """Seconds a run cost (MAP training + fit + predicting 1,000 inputs) and whether the training
+    part is known (runs recorded before the cache stored training costs lack it)."""
+    known = "timings/map_train_s" in run and "timings/fit_s" in run
+    total = run.get("timings/map_train_s", 0.0) + run.get("timings/fit_s", 0.0) + run["timings/predict_per_1k_s"]
+    return total, known
+
+
+def plot_cost_quality(task: str, runs: dict[str, list[dict[str, float]]], out: Path) -> Path:
+    """NLL and ECE against cost (log seconds), one point per method: mean over seeds, bars the
+    95 % t-interval. Hollow points: the training cost is unknown, so the point sits too far left."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, rows in sorted(runs.items()):
+        if is_paired(method):
+            continue
+        costs = [_cost(r) for r in rows]
+        x = summarize([c for c, _ in costs]).mean
+        known = all(k for _, k in costs)
+        for ax, key in zip(axes, ("cls/nll", "cal/ece"), strict=True):
+            s = summarize([r[key] for r in rows])
+            ax.errorbar(x, s.mean, yerr=s.half_width, fmt="o", ms=7, capsize=3,
+                        mfc=None if known else "none", label=method)
+            ax.annotate(method, (x, s.mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for ax, label in zip(axes, ("test NLL (nats) ↓", "test ECE ↓"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("cost: MAP training + fit + predict 1,000 inputs (s, log)")
+        ax.set_ylabel(label)
+    fig.suptitle(f"{task}: quality against cost (hollow: training cost not recorded; subset rows excluded)")
+    fig.tight_layout()
+    return _save(fig, out / f"cost_quality_{task}.png")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     root: Path = args.results
     runs = _first_seed_runs(root)
@@ -157,7 +193,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = root / "plots"
     ensure_writable(out)
     written: list[Path] = []
+    table = collect(root).table
     for task, methods in sorted(runs.items()):
+        written.append(plot_cost_quality(task, table[task], out))
         written.append(plot_reliability(task, methods, out))
         written += plot_ood_histograms(task, methods, out)
         for method, path in methods.items():

@@ -20,7 +20,8 @@ def test_plot_writes_readable_figures_for_every_task(tmp_path: Path, capsys: pyt
     capsys.readouterr()  # the runs' result tables
     assert main(["plot", "--results", str(tmp_path)]) == 0
     written = {Path(line).name for line in capsys.readouterr().out.split()}
-    assert written == {"reliability_tiny-digits.png", "ood_hist_tiny-digits_shuffled.png"}
+    assert written == {"reliability_tiny-digits.png", "ood_hist_tiny-digits_shuffled.png",
+                       "cost_quality_tiny-digits.png"}
     for name in written:
         image = mpimg.imread(tmp_path / "plots" / name)
         assert image.shape[0] > 200 and image.shape[1] > 400
@@ -39,3 +40,11 @@ def test_reliability_bins_match_a_direct_count() -> None:
 def test_plot_without_runs_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plot", "--results", str(tmp_path)]) == 2
     assert "no successful runs" in capsys.readouterr().err
+
+
+def test_cost_counts_training_only_when_it_is_known() -> None:
+    from bench.plots import _cost
+
+    known = {"timings/map_train_s": 10.0, "timings/fit_s": 2.0, "timings/predict_per_1k_s": 0.5}
+    assert _cost(known) == (12.5, True)
+    assert _cost({"timings/fit_s": 2.0, "timings/predict_per_1k_s": 0.5}) == (2.5, False)
