@@ -195,7 +195,7 @@ class LinearSoftmaxProducts(CurvatureProducts):
                  kind: CurvatureKind = CurvatureKind.HESSIAN) -> None:
         super().__init__(fm, x, y, weight_decay, kind, vectorize=True)
         self.classes, self.features = fm.module.weight.shape
-        self.x = self.x.to(fm.device, fm.dtype)
+        self.x, self.y = self.x.to(fm.device, fm.dtype), self.y.to(fm.device)
 
     def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(Q, D) → weights as a (d, Q·C) matrix and biases (Q, C), or None when not trained."""
