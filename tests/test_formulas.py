@@ -39,7 +39,8 @@ def test_probit_reads_every_variance_shape_the_same_way(shape: str) -> None:
         given = var
     else:
         expected = (logits.double() / torch.sqrt(1 + math.pi / 8 * var.double())).softmax(1)
-        given = var if shape == "per-logit" else torch.diag_embed(var) + 0.3  # off-diagonals do not enter
+        off_diagonal = 0.3 * (1 - torch.eye(4))  # does not enter the probit
+        given = var if shape == "per-logit" else torch.diag_embed(var) + off_diagonal
     torch.testing.assert_close(probit_probs(logits, given), expected)
     torch.testing.assert_close(probit_probs(logits, given, 2.0), probit_probs(logits, 2 * given))
 
