@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p_sweep.add_argument("--force", action="store_true", help="rerun runs whose result exists")
     p_sweep.add_argument("--jobs", type=int, default=1,
-                         help="runs at once, each in its own fresh process, sharing the CPU threads (default 1)")
+                         help="runs executed at once in worker processes, sharing the CPU threads (default 1)")
     _add_run_args(p_sweep)
     p_sweep.set_defaults(seed=None)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,11 +143,16 @@ def worker_run(config: RunConfig) -> tuple[str | None, float]:
     return lifeline.guarded(timed_run, config)
 
 
+def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[int, tuple[str | None, float]]]:
+    for i, config in enumerate(todo):
+        yield i, timed_run(replace(config, quiet=quiet))
+
+
 @contextmanager
 def _in_workers(
     todo: list[RunConfig], jobs: int, plugins: list[str]
 ) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
-    """Runs in ``jobs`` spawned processes, a fresh one per run, started in ``todo`` order; yields (index in
+    """Runs in ``jobs`` spawned processes, started in ``todo`` order; yields (index in
     ``todo``, (error, seconds)) as they finish. Each run is written
     atomically by its worker, so stopping the sweep (Ctrl-C) loses only the unfinished runs."""
     import multiprocessing
@@ -156,11 +160,8 @@ def _in_workers(
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
-    # One fresh process per run (Python ≥ 3.11): its peak memory is its own, not a leftover of
-    # the previous run's allocations, and nothing a run leaves behind reaches the next.
-    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(plugins, threads, os.getpid()), **fresh)
+                               initializer=_init_worker, initargs=(plugins, threads, os.getpid()))
     futures = {pool.submit(worker_run, replace(c, quiet=True)): i for i, c in enumerate(todo)}
 
     def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
@@ -229,7 +230,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     failures: list[tuple[RunConfig, str]] = []
     started = time.perf_counter()
     bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
-    with _in_workers(todo, jobs, list(getattr(args, "plugin", []))) as results:
+    runner = _in_workers(todo, jobs, list(getattr(args, "plugin", []))) if jobs > 1 else nullcontext(
+        _in_process(todo, args.quiet))
+    with runner as results:
         time_left = TimeLeft([(c.method, c.task) for c in todo], weights, jobs)
         for count, (i, (error, seconds)) in enumerate(results, start=1):
             config = todo[i]
