@@ -114,7 +114,10 @@ def test_interrupted_parallel_sweep_keeps_finished_runs_and_stops_its_workers(tm
            "--tasks", "tiny-digits", "--methods", "slow,map", "--seeds", "0", "--smoke", "--jobs", "2",
            "--out", str(out)]
     env = {**os.environ, "SLOW_PID_FILE": str(pid_file)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`pytest ... &`) starts with SIGINT ignored, which children inherit:
+    # give the sweep the default handler, as in a terminal, so that Ctrl-C is what is tested.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     finished = out / "runs" / "tiny-digits@smoke" / "map" / "seed0.json"
     deadline = time.monotonic() + 240
     while not (finished.exists() and pid_file.exists()) and time.monotonic() < deadline:
