@@ -14,20 +14,27 @@ PI_OVER_8 = math.pi / 8
 _TINY = torch.finfo(torch.float64).tiny
 
 
+def _probit_denominator(variance: torch.Tensor, scale: float) -> torch.Tensor:
+    """sqrt(1 + π/8 · s · σ²) in float64; negative variances (round-off) count as 0."""
+    return torch.sqrt(1.0 + PI_OVER_8 * scale * variance.double().clamp_min(0.0))
+
+
+def probit_shrink(variance: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The factor by which the probit shrinks each logit, 1 / sqrt(1 + π/8 · s · σ²)."""
+    return 1.0 / _probit_denominator(variance, scale)
+
+
 def probit_probs(logits: torch.Tensor, variance: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """The GLM probit predictive softmax(f / sqrt(1 + π/8 · s · σ²)) in float64.
 
     ``variance`` is the logit variance per input (N,), per logit (N, C), or the full logit
     covariance (N, C, C), of which only the diagonal enters, as in laplace-torch's
-    ``link_approx="probit"``. Negative variances (round-off) count as 0.
+    ``link_approx="probit"``.
     """
-    var = variance.double()
-    if var.ndim == 3:
-        var = var.diagonal(dim1=1, dim2=2)
-    var = var.clamp_min(0.0)
+    var = variance.diagonal(dim1=1, dim2=2) if variance.ndim == 3 else variance
     if var.ndim == 1:
         var = var[:, None]
-    return (logits.double() / torch.sqrt(1.0 + PI_OVER_8 * scale * var)).softmax(dim=-1)
+    return (logits.double() / _probit_denominator(var, scale)).softmax(dim=-1)
 
 
 def nll_per_input(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.formulas import entropy, nll_per_input
+from bench.formulas import nll_per_input
 from bench.metrics.calibration import N_BINS
+from bench.metrics.scores import max_prob_score, predictive_entropy
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -64,7 +65,7 @@ class _Labelled:
 
 def _scores(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     probs = torch.from_numpy(arrays[f"{prefix}/probs"]).double()
-    out = {"msp": 1.0 - probs.max(1).values.numpy(), "entropy": entropy(probs).numpy()}
+    out = {"msp": max_prob_score(probs).numpy(), "entropy": predictive_entropy(probs).numpy()}
     out.update({k.removeprefix(f"{prefix}/score/"): v.astype(np.float64) for k, v in arrays.items()
                 if k.startswith(f"{prefix}/score/")})
     return out

@@ -124,6 +124,7 @@ class ModelCache:
         self.recipe = task.recipe()
         self.costs: dict[int, TrainingCost] = {}  # member → its training cost (0: the MAP network)
         self.trained_now_s = 0.0  # training done in this process (to separate it from post-hoc time)
+        self.fingerprint: str | None = None  # of architecture and training data, hashed once
         self.loaded: list[int] = []
         self.trained: list[int] = []
 
@@ -131,7 +132,8 @@ class ModelCache:
         return self.task.make_model(self.data.num_classes)
 
     def get(self, member: int = 0) -> torch.nn.Module:
-        model, path = map_checkpoint(self.task, self.data, self.seed, member)
+        model, path = map_checkpoint(self.task, self.data, self.seed, member, self.fingerprint)
+        self.fingerprint = path.parent.name  # every member shares the architecture and the data
         what = "MAP model" if member == 0 else f"ensemble member {member}"
         with cache_lock(path):  # a parallel run training the same model: wait, then load
             if load_state(model, path):

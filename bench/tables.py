@@ -108,8 +108,8 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
     rows = []
     for method in sorted(runs):
         flagged = bool(found.flags.get((task, method)))
-        vs_map = {} if is_paired(method) or method == PAIRED_REFERENCE or (task, PAIRED_REFERENCE) not in \
-            found.arrays else found.compare(task, method, PAIRED_REFERENCE)
+        compared = not is_paired(method) and method != PAIRED_REFERENCE and (task, PAIRED_REFERENCE) in found.arrays
+        vs_map = found.compare(task, method, PAIRED_REFERENCE) if compared else {}
         row = [f"{method} {FLAG_MARK}" if flagged else method, len(runs[method])]
         for _, key, _ in cols:
             values = [r[key] for r in runs[method] if key in r]

@@ -97,11 +97,15 @@ def checkpoint_path(task_key: str, recipe: TrainRecipe, fingerprint_: str, seed:
     return cache_root() / "checkpoints" / task_key / recipe.key() / fingerprint_ / name
 
 
-def map_checkpoint(task: Task, data: TaskData, seed: int, member: int = 0) -> tuple[nn.Module, Path]:
-    """A fresh (seeded) network of ``task`` and the path its trained weights are cached at."""
+def map_checkpoint(
+    task: Task, data: TaskData, seed: int, member: int = 0, fingerprint_: str | None = None
+) -> tuple[nn.Module, Path]:
+    """A fresh (seeded) network of ``task`` and the path its trained weights are cached at;
+    ``fingerprint_`` is the task's (from an earlier call) to save hashing the data again."""
     torch.manual_seed(seed if member == 0 else derive_seed(seed, "member", member))
     model = task.make_model(data.num_classes)
-    return model, checkpoint_path(task.cache_key(), task.recipe(), fingerprint(model, data.train), seed, member)
+    print_ = fingerprint_ if fingerprint_ is not None else fingerprint(model, data.train)
+    return model, checkpoint_path(task.cache_key(), task.recipe(), print_, seed, member)
 
 
 @dataclass(frozen=True)

@@ -130,10 +130,11 @@ class RegVarAmortized(Method):
         refs = thetas[k:] if second is not None else fm.theta0.expand(k, -1)
         # Tune (λ, s) jointly on validation NLL over the whole validation set (2 passes each).
         xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
-        nll_grid = []  # nll_grid[j][i]: λ_j, scale s_i
+        nll_grid, val_vars = [], []  # nll_grid[j][i]: λ_j, scale s_i
         for j in range(k):
             logits, var = self._mean_var(thetas[j], refs[j], float(lams[j]), xv)
             nll_grid.append(scale_nlls(logits, var, yv, SCALE_GRID))
+            val_vars.append(var)
         val_nll, j, i = min((v, j, i) for j, row in enumerate(nll_grid) for i, v in enumerate(row))
         self.scale = float(SCALE_GRID[i])
         table = {
@@ -158,7 +159,7 @@ class RegVarAmortized(Method):
             "validation_nll_grid": {"lambdas": list(o.lam_grid), "scales": list(SCALE_GRID), "nll": nll_grid},
         }
         ctx.log(f"regvar-amortized: λ={self.lam:g}, scale s={self.scale:.3g} (val NLL {val_nll:.4f})")
-        flags = [scale_edge_flag(self.scale, self._mean_var(*self.pair, self.lam_joint, xv)[1]),
+        flags = [scale_edge_flag(self.scale, val_vars[j]),
                  grid_edge_flag("λ", self.lam, o.lam_grid, "the best λ may lie outside the grid")]
         if flags := [f for f in flags if f]:
             self.info[FLAGS_KEY] = flags

@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from bench.errors import BenchError
-from bench.formulas import PI_OVER_8, nll, probit_probs
+from bench.formulas import nll, probit_probs, probit_shrink
 from bench.method_api import grid_edge_flag
 from bench.options import option
 
@@ -106,7 +106,7 @@ def scale_edge_flag(scale: float, variance: torch.Tensor, grid: Sequence[float] 
     """The flag for a tuned variance scale on an edge of ``grid`` (see ``grid_edge_flag``),
     saying how much the variance still acts there: the median factor by which the probit
     shrinks the logits of the validation inputs (1.0: the variance is switched off)."""
-    shrink = float((1.0 + PI_OVER_8 * scale * variance.double().clamp_min(0.0)).rsqrt().median())
+    shrink = float(probit_shrink(variance, scale).median())
     if scale <= min(grid):
         verdict = "i.e. the variance is switched off" if shrink > 0.999 else "so the best scale may lie below the grid"
         meaning = f"the logits shrink by a median factor {shrink:.6f} there, {verdict}"
