@@ -21,7 +21,9 @@ import torch
 
 from bench.device import synchronize
 
-CPU_KIND = "cpu_peak_rss_above_baseline"
+CPU_KIND = "cpu_peak_rss_above_baseline"  # a block in a process that ran other work before
+CPU_FRESH_KIND = "cpu_rss_fresh_process"  # the same figure, in a process that runs nothing else
+CUDA_KIND = "cuda_peak_allocated"
 _active: list[measure] = []  # open CPU measurements, outermost first
 
 
@@ -75,7 +77,7 @@ class measure:  # noqa: N801 - used as a context manager: `with measure(device) 
         synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.result.kind = "cuda_peak_allocated"
+            self.result.kind = CUDA_KIND
         else:
             self._start_cpu()
         self._t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from bench.device import select_device
 from bench.errors import BenchError
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
-from bench.profiling import current_rss_bytes, measure
+from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, current_rss_bytes, measure
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.registry import parse_spec
@@ -119,8 +119,10 @@ class ModelCache:
     """Trains a task's model with its recipe once per (task config, recipe, architecture and
     data fingerprint, seed, member), and knows what each network cost to train, cached or not."""
 
-    def __init__(self, task: Task, data: TaskData, device: torch.device, seed: int, reporter: Reporter):
+    def __init__(self, task: Task, data: TaskData, device: torch.device, seed: int, reporter: Reporter,
+                 baseline: int | None = None):
         self.task, self.data, self.device, self.seed, self.reporter = task, data, device, seed, reporter
+        self.baseline = baseline  # memory figures are above this RSS (None on a GPU)
         self.recipe = task.recipe()
         self.costs: dict[int, TrainingCost] = {}  # member → its training cost (0: the MAP network)
         self.trained_now_s = 0.0  # training done in this process (to separate it from post-hoc time)
@@ -145,9 +147,10 @@ class ModelCache:
             self.reporter.log(f"{what}: training {self.recipe.epochs} epoch(s) on {len(self.data.train)} examples")
             seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
             generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
-            with measure(self.device) as m:
+            with measure(self.device, self.baseline) as m:
                 train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
-            self.costs[member] = TrainingCost(m.seconds, str(self.device))
+            self.costs[member] = TrainingCost(m.seconds, str(self.device), torch.get_num_threads(),
+                                              m.peak_bytes, memory_kind(m, self.device))
             self.trained_now_s += m.seconds
             self.trained.append(member)
             save_cost(path, self.costs[member])  # first: a checkpoint without its cost is never left behind
@@ -157,6 +160,16 @@ class ModelCache:
     def member_seconds(self) -> float:
         """Training seconds of the ensemble members (k > 0) this run used, cached or trained now."""
         return sum(c.seconds for k, c in self.costs.items() if k > 0)
+
+
+_runs_in_this_process = 0  # a CPU peak is only a run's own when nothing ran before it here
+
+
+def memory_kind(m: Measurement, device: torch.device) -> str:
+    """``m``'s memory kind: on CPU, whether this process ran nothing but the current run."""
+    if device.type == "cuda" or m.kind != CPU_KIND:
+        return m.kind
+    return CPU_FRESH_KIND if _runs_in_this_process <= 1 else CPU_KIND
 
 
 def _predict(method: Method, x: torch.Tensor, where: str, classes: int) -> Prediction:
@@ -185,6 +198,8 @@ def _same_scores(method: Method, test: Prediction, others: dict[str, Prediction]
 
 def run(config: RunConfig) -> dict[str, Any]:
     """Execute one run and write its JSON + npz; returns the record."""
+    global _runs_in_this_process
+    _runs_in_this_process += 1
     r = resolve(config)
     reporter = Reporter(config.quiet)
     device = select_device(config.device)
@@ -199,7 +214,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     with measure(torch.device("cpu")) as data_time:
         data = task.load()
     baseline = None if device.type == "cuda" else current_rss_bytes()  # memory figures are above this
-    cache = ModelCache(task, data, device, config.seed, reporter)
+    cache = ModelCache(task, data, device, config.seed, reporter, baseline)
     map_model = cache.get(0) if r.method_cls.uses_map else None
     trained_before_fit = cache.trained_now_s
 
@@ -292,7 +307,7 @@ def run(config: RunConfig) -> dict[str, Any]:
             "predict_other_s": rest_time.seconds,
         },
         "memory": {
-            "kind": fit.kind,
+            "kind": memory_kind(fit, device),
             "baseline_bytes": baseline,  # CPU: the RSS after data loading (None on a GPU)
             "fit_peak_bytes": fit.peak_bytes,
             "predict_peak_bytes": pred_time.peak_bytes,

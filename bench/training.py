@@ -114,6 +114,9 @@ class TrainingCost:
 
     seconds: float
     device: str
+    threads: int | None = None  # CPU threads torch used (None: recorded before threads were kept)
+    peak_bytes: int | None = None  # peak memory of the training, of ``memory_kind``
+    memory_kind: str | None = None
 
 
 def _cost_path(path: Path) -> Path:
