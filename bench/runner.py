@@ -308,6 +308,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         },
         "memory": {
             "kind": memory_kind(fit, device),
+            "runs_in_process": _runs_in_this_process,  # 1: the process ran this run alone
             "baseline_bytes": baseline,  # CPU: the RSS after data loading (None on a GPU)
             "fit_peak_bytes": fit.peak_bytes,
             "predict_peak_bytes": pred_time.peak_bytes,

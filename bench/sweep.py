@@ -7,10 +7,10 @@ import os
 import time
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from bench import lifeline
@@ -113,7 +113,7 @@ def run_or_record(config: RunConfig) -> str | None:
 
 
 def _init_worker(plugins: list[str], threads: int, parent: int) -> None:
-    """A sweep worker: ends with its parent, the parent's plugins registered, and its share of
+    """A sweep's run process: ends with its parent, the parent's plugins registered, and its share of
     the CPU threads."""
     import threading
 
@@ -138,56 +138,81 @@ def timed_run(config: RunConfig) -> tuple[str | None, float]:
     return error, time.perf_counter() - started
 
 
-def worker_run(config: RunConfig) -> tuple[str | None, float]:
-    """``timed_run`` in a worker: unwound and ended if the sweep ends meanwhile."""
-    return lifeline.guarded(timed_run, config)
+def _child(config: RunConfig, plugins: list[str], threads: int, parent: int, conn: Connection) -> None:
+    """One run in its own spawned process: sends back (error, seconds); on Ctrl-C or the end of
+    the sweep it unwinds and sends nothing."""
+    _init_worker(plugins, threads, parent)
+    try:
+        result = lifeline.guarded(timed_run, config)
+    except KeyboardInterrupt:
+        return
+    conn.send(result)
+    conn.close()
 
 
-def _in_process(todo: list[RunConfig], quiet: bool) -> Iterator[tuple[int, tuple[str | None, float]]]:
-    for i, config in enumerate(todo):
-        yield i, timed_run(replace(config, quiet=quiet))
+def _died(config: RunConfig, process: BaseProcess) -> str:
+    """The recorded failure of a run whose process ended without a result."""
+    return record_failure(config, RuntimeError(
+        f"the run's process ended with exit code {process.exitcode} before finishing "
+        "(killed, or out of memory?); rerun the same command to retry it"))
 
 
 @contextmanager
-def _in_workers(
-    todo: list[RunConfig], jobs: int, plugins: list[str]
+def _in_fresh_processes(
+    todo: list[RunConfig], jobs: int, plugins: list[str], quiet: bool
 ) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
-    """Runs in ``jobs`` spawned processes, started in ``todo`` order; yields (index in
-    ``todo``, (error, seconds)) as they finish. Each run is written
-    atomically by its worker, so stopping the sweep (Ctrl-C) loses only the unfinished runs."""
+    """Each run in a fresh spawned process (so its peak memory is its own), ``jobs`` at a time,
+    started in ``todo`` order; yields (index in ``todo``, (error, seconds)) as they finish.
+    Each run is written atomically by its process, so stopping the sweep (Ctrl-C) loses only
+    the unfinished runs, and those processes are stopped before the sweep returns.
+
+    Hand-written rather than a ``ProcessPoolExecutor(max_tasks_per_child=1)``: that pool hangs
+    on Ctrl-C while it replaces a worker (seen on Python 3.12)."""
     import multiprocessing
+    from multiprocessing.connection import wait
 
     import torch
 
+    context = multiprocessing.get_context("spawn")
     threads = max(1, torch.get_num_threads() // jobs)
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(plugins, threads, os.getpid()))
-    futures = {pool.submit(worker_run, replace(c, quiet=True)): i for i, c in enumerate(todo)}
+    live: dict[int, tuple[BaseProcess, Connection]] = {}
+    waiting = iter(range(len(todo)))
+
+    def start_next() -> None:
+        i = next(waiting, None)
+        if i is None:
+            return
+        receive, send = context.Pipe(duplex=False)
+        config = replace(todo[i], quiet=quiet or jobs > 1)  # parallel runs print no bars
+        process = context.Process(target=_child, args=(config, plugins, threads, os.getpid(), send))
+        process.start()
+        send.close()
+        live[i] = (process, receive)
 
     def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except BrokenProcessPool:
-                raise BenchError(
-                    "a sweep worker process died (killed, or out of memory?); finished runs are kept: "
-                    "rerun the same command to resume, with fewer --jobs if memory is short"
-                ) from None
+        for _ in range(jobs):
+            start_next()
+        while live:
+            ended = set(wait([process.sentinel for process, _ in live.values()]))
+            for i, (process, receive) in list(live.items()):
+                if process.sentinel not in ended:
+                    continue
+                process.join()
+                result = receive.recv() if receive.poll() else (_died(todo[i], process), 0.0)
+                receive.close()
+                del live[i]
+                start_next()
+                yield i, result
 
     try:
         yield finished()
-    except BaseException:
-        # Stop the running runs now rather than let them finish unseen after we exit
-        # (ProcessPoolExecutor has no public way to do this before Python 3.14).
-        terminate = getattr(pool, "terminate_workers", None)
-        if terminate is not None:
-            terminate()
-        else:
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    finally:
+        for process, _ in live.values():  # Ctrl-C or an error: stop the runs still going
+            process.terminate()
+        for process, _ in live.values():
+            process.join(lifeline.GRACE_S)
+            if process.is_alive():
+                process.kill()
 
 
 def _expected_seconds(todo: list[RunConfig], out: Path) -> list[float]:
@@ -230,9 +255,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     failures: list[tuple[RunConfig, str]] = []
     started = time.perf_counter()
     bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
-    runner = _in_workers(todo, jobs, list(getattr(args, "plugin", []))) if jobs > 1 else nullcontext(
-        _in_process(todo, args.quiet))
-    with runner as results:
+    with _in_fresh_processes(todo, jobs, list(getattr(args, "plugin", [])), args.quiet) as results:
         time_left = TimeLeft([(c.method, c.task) for c in todo], weights, jobs)
         for count, (i, (error, seconds)) in enumerate(results, start=1):
             config = todo[i]

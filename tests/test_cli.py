@@ -165,7 +165,25 @@ def test_peak_memory_moves_by_what_a_method_allocates(tmp_path: Path) -> None:
                      "--task", "tiny-digits", "--out", str(out), "--quiet"]) == 0
         (path,) = (out / "runs").glob("*/*/seed0.json")
         memory = json.loads(path.read_text())["memory"]
-        assert memory["kind"] == "cpu_peak_rss_above_baseline" and memory["baseline_bytes"] > 0
+        assert memory["baseline_bytes"] > 0
+        # in this (pytest) process only a first run has had the process to itself
+        fresh = memory["runs_in_process"] == 1
+        assert memory["kind"] == ("cpu_rss_fresh_process" if fresh else "cpu_peak_rss_above_baseline")
+        peaks[mib] = memory["fit_peak_bytes"] / 2**20
+    assert 140 < peaks[160] - peaks[0] < 200
+
+
+def test_sweep_runs_each_run_in_a_fresh_process_whose_peak_is_its_own(tmp_path: Path) -> None:
+    plugin = tmp_path / "hungry.py"
+    plugin.write_text(HUNGRY)
+    out = tmp_path / "out"
+    assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep", "--methods",
+                 "hungry-map(mib=0),hungry-map(mib=160)", "--tasks", "tiny-digits", "--seeds", "0",
+                 "--out", str(out), "--quiet"]) == 0
+    peaks = {}
+    for mib, label in ((0, "hungry-map"), (160, "hungry-map@mib=160")):
+        memory = json.loads((out / "runs" / "tiny-digits" / label / "seed0.json").read_text())["memory"]
+        assert memory["kind"] == "cpu_rss_fresh_process" and memory["runs_in_process"] == 1
         peaks[mib] = memory["fit_peak_bytes"] / 2**20
     assert 140 < peaks[160] - peaks[0] < 200
 
