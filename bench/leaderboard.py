@@ -11,15 +11,14 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from bench.errors import BenchError
 from bench.metrics import evaluate
 from bench.paired import Interval, paired_intervals
+from bench.record import RunRecord
 from bench.results import (
-    SCHEMA_VERSION,
     atomic_write_bytes,
     ensure_writable,
     iter_failures,
@@ -31,12 +30,6 @@ from bench.results import (
     unpack_predictions,
 )
 from bench.tables import PAIRED_REFERENCE, is_paired, paired_label, render
-
-# Memory kinds whose figures do not measure a peak: "cpu_rss_growth" (records before the
-# kernel's high-water mark was used) was growth over the block's start inside reused
-# processes, 0 whenever an earlier peak was higher. Shown "–", never as that 0.
-UNMEASURED_MEMORY = {"cpu_rss_growth"}
-
 
 # The JSON's metrics must come back from the npz to within this (they are computed from the
 # same float64 arrays by the same code, so they normally agree exactly).
@@ -60,8 +53,9 @@ class Collected:
 
     def __init__(self) -> None:
         self.table: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
-        self.failed: list[dict[str, Any]] = []
-        self.old_format: list[Path] = []  # schema < SCHEMA_VERSION: metrics not checkable
+        self.failed: list[RunRecord] = []
+        self.old_format: list[Path] = []  # schema 1: metrics not checkable
+        self.devices: dict[tuple[str, str], set[str]] = defaultdict(set)  # where costs were measured
         self.flags: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # (task, method) → (seed, flag)
         self.arrays: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # → seed → npz
         self.indices: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # capped runs
@@ -86,32 +80,29 @@ def collect(root: Path) -> Collected:
     table = out.table
     for path in iter_runs(root):
         record = read_record(path)
-        if record["status"] != "ok":
+        if not record.ok:
             out.failed.append(record)
             continue
         arrays = read_predictions(path, record)
         metrics = evaluate(**unpack_predictions(arrays))
-        if record.get("schema", 1) >= SCHEMA_VERSION:
-            verify_metrics(path, record["metrics"], metrics)
+        if record.checkable:
+            verify_metrics(path, record.metrics, metrics)
         else:
             out.old_format.append(path)
-        out.arrays[(record["task"], record["method"])][record["seed"]] = arrays
+        key = (record.task, record.method)
+        out.arrays[key][record.seed] = arrays
         if indices := subset_indices(arrays):
-            out.indices[(record["task"], record["method"])][record["seed"]] = indices
-        flat = dict(metrics)
-        flat.update(_known_costs(record["timings"]))
-        flat["timings/predict_per_1k_s"] = record["timings"]["predict_per_1k_s"]
-        mem = record["memory"]
-        if mem["kind"] not in UNMEASURED_MEMORY:
-            flat["memory/peak_mib"] = max(mem["fit_peak_bytes"], mem["predict_peak_bytes"]) / 2**20
-        flat["seed"] = record["seed"]
-        flat["subset"] = record.get("data", {}).get("evaluated_subsets", {}).get("test", 0)
-        table[record["task"]][record["method"]].append(flat)
-        out.flags[(record["task"], record["method"])] += [(record["seed"], f) for f in record.get("flags", [])]
+            out.indices[key][record.seed] = indices
+        table[record.task][record.method].append(
+            {**metrics, **cost_cells(record), "seed": record.seed,
+             "subset": record.data.evaluated_subsets.get("test", 0)})
+        out.flags[key] += [(record.seed, f) for f in record.flags]
+        out.devices[key].add(str(record.provenance.machine.get("device", "?")) if record.provenance else "?")
     for path in iter_failures(root):
         record = read_record(path)
-        kept = path.with_name(path.name.replace(".failed.json", ".json")).exists()
-        out.failed.append({**record, "error": record["error"] + (" (the earlier result is kept)" if kept else "")})
+        if path.with_name(path.name.replace(".failed.json", ".json")).exists():
+            record.error = f"{record.error} (the earlier result is kept)"
+        out.failed.append(record)
     for (task, method), by_seed in sorted(out.indices.items()):
         reference = out.arrays.get((task, PAIRED_REFERENCE), {})
         for seed, indices in sorted(by_seed.items()):
@@ -123,21 +114,16 @@ def collect(root: Path) -> Collected:
     return out
 
 
-def _known_costs(timings: dict[str, Any]) -> dict[str, float]:
-    """The training and fit seconds a record can vouch for.
-
-    Migration of records written before checkpoints stored their training cost
-    (no ``train_costs_recorded``): a network loaded from the cache was charged 0 s there, so
-    the MAP's training time and an ensemble's fit time (which includes its members' training)
-    are unknown for them and left out (shown "–"), never shown as the 0 they recorded."""
-    recorded = timings.get("train_costs_recorded", False)
-    cached = set(timings.get("models_cached", []))
-    out = {}
-    if recorded or 0 not in cached:
-        out["timings/map_train_s"] = timings["map_train_s"]
-    if recorded or not cached - {0}:
-        out["timings/fit_s"] = timings["fit_s"]
-    return out
+def cost_cells(record: RunRecord) -> dict[str, float]:
+    """The cost columns a record can vouch for; an unknown one (a migrated old record) is left
+    out and shown "–", never as the 0 it once recorded."""
+    costs, memory = record.costs, record.memory
+    cells = {"costs/fit_posthoc_s": costs.fit_posthoc_s, "costs/predict_per_1k_s": costs.predict_per_1k_s}
+    if costs.train_s is not None:
+        cells["costs/train_s"] = costs.train_s
+    if memory.peak_bytes is not None:
+        cells["memory/peak_mib"] = memory.peak_bytes / 2**20
+    return cells
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -150,7 +136,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     md, csv_text = render(found)
     md_path, csv_path = root / "leaderboard.md", root / "leaderboard.csv"
     old = (f"{len(found.old_format)} run file(s) (e.g. {found.old_format[0]}) were written by an older bench "
-           f"(schema < {SCHEMA_VERSION}: float32 probabilities, no checksum), so their JSON metrics cannot be "
+           f"(schema 1: float32 probabilities, no checksum), so their JSON metrics cannot be "
            "checked against their predictions; regenerate them (`python -m bench sweep --force`)"
            if found.old_format else "")
     if args.check:

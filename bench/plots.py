@@ -48,11 +48,11 @@ def _first_seed_runs(root: Path) -> dict[str, dict[str, Path]]:
     runs: dict[str, dict[str, tuple[int, Path]]] = defaultdict(dict)
     for path in iter_runs(root):
         record = read_record(path)
-        if record["status"] != "ok":
+        if not record.ok:
             continue
-        current = runs[record["task"]].get(record["method"])
-        if current is None or current[0] > record["seed"]:
-            runs[record["task"]][record["method"]] = (record["seed"], path)
+        current = runs[record.task].get(record.method)
+        if current is None or current[0] > record.seed:
+            runs[record.task][record.method] = (record.seed, path)
     return {task: {m: path for m, (_, path) in methods.items()} for task, methods in runs.items()}
 
 
@@ -131,7 +131,7 @@ def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[
 
 def plot_regvar_contour(task: str, path: Path, out: Path) -> Path | None:
     record = read_record(path)
-    grid = record.get("method_summary", {}).get(REGVAR_GRID_KEY)
+    grid = record.method_summary.get(REGVAR_GRID_KEY)
     if not grid:
         return None
     try:  # null (a non-finite NLL, see bench.results.dumps_json) reads back as NaN
@@ -147,17 +147,17 @@ def plot_regvar_contour(task: str, path: Path, out: Path) -> Path | None:
     ax.plot(np.log10(scales[j]), np.log10(lambdas[i]), "r*", ms=12, label="chosen", clip_on=False, zorder=5)
     ax.set_xlabel("log10 variance scale s")
     ax.set_ylabel("log10 λ")
-    ax.set_title(f"{record['method']} on {task}: validation NLL")
+    ax.set_title(f"{record.method} on {task}: validation NLL")
     ax.legend()
     fig.tight_layout()
-    return _save(fig, out / f"regvar_contour_{task}_{record['method']}.png")
+    return _save(fig, out / f"regvar_contour_{task}_{record.method}.png")
 
 
 def _cost(run: dict[str, float]) -> tuple[float, bool]:
-    """Seconds a run cost (MAP training + fit + predicting 1,000 inputs) and whether the training
-    part is known (runs recorded before the cache stored training costs lack it)."""
-    known = "timings/map_train_s" in run and "timings/fit_s" in run
-    total = run.get("timings/map_train_s", 0.0) + run.get("timings/fit_s", 0.0) + run["timings/predict_per_1k_s"]
+    """Seconds a run cost (training its networks + post-hoc fit + predicting 1,000 inputs) and
+    whether the training part is known (runs recorded before the cache stored training costs lack it)."""
+    known = "costs/train_s" in run
+    total = run.get("costs/train_s", 0.0) + run["costs/fit_posthoc_s"] + run["costs/predict_per_1k_s"]
     return total, known
 
 
@@ -178,7 +178,7 @@ def plot_cost_quality(task: str, runs: dict[str, list[dict[str, float]]], out: P
             ax.annotate(method, (x, s.mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
     for ax, label in zip(axes, ("test NLL (nats) ↓", "test ECE ↓"), strict=True):
         ax.set_xscale("log")
-        ax.set_xlabel("cost: MAP training + fit + predict 1,000 inputs (s, log)")
+        ax.set_xlabel("cost: training + post-hoc fit + predict 1,000 inputs (s, log)")
         ax.set_ylabel(label)
     fig.suptitle(f"{task}: quality against cost (hollow: training cost not recorded; subset rows excluded)")
     fig.tight_layout()

@@ -10,8 +10,8 @@ A run that fails (in a sweep) is recorded in ``seed<S>.failed.json`` beside, nev
 ``seed<S>.json``: a failed rerun (``sweep --force``) keeps the earlier good result, and the next
 successful run of it removes the failure record.
 
-Schema versions: 1 stored probabilities in float32 and no checksum; 2 (current) float64 and the
-checksum. Readers accept both; only version 2 results can be checked against their JSON metrics.
+Schema versions (``bench.record``): 1 stored probabilities in float32 and no checksum; from 2 on
+float64 and the checksum, so only those results can be checked against their JSON metrics.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.record import RunRecord, load_record
 from bench.types import Prediction
-from bench.validation import arrays_problem, record_problem
-
-SCHEMA_VERSION = 2
-CHECKSUM_KEY = "predictions_sha256"
+from bench.validation import arrays_problem
 
 
 def run_paths(root: Path, task: str, label: str, seed: int) -> tuple[Path, Path]:
@@ -161,21 +159,22 @@ def subset_indices(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k.removeprefix("index/"): v for k, v in arrays.items() if k.startswith("index/")}
 
 
-def write_run(json_path: Path, npz_path: Path, record: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+def write_run(json_path: Path, npz_path: Path, record: RunRecord, arrays: dict[str, np.ndarray]) -> None:
     """Write a run's npz, then its JSON (with the npz's checksum); then drop a stale failure record."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     data = buffer.getvalue()
-    text = dumps_json({**record, CHECKSUM_KEY: hashlib.sha256(data).hexdigest()})
+    record.predictions_sha256 = hashlib.sha256(data).hexdigest()
+    text = dumps_json(record.to_json())
     atomic_write_bytes(npz_path, data)
     atomic_write_bytes(json_path, text.encode())
     failure_path(json_path).unlink(missing_ok=True)
 
 
-def write_failure(json_path: Path, record: dict[str, Any]) -> Path:
+def write_failure(json_path: Path, record: RunRecord) -> Path:
     """Record a failed attempt beside the run's files, leaving any earlier good result in place."""
     path = failure_path(json_path)
-    atomic_write_bytes(path, dumps_json(record).encode())
+    atomic_write_bytes(path, dumps_json(record.to_json()).encode())
     return path
 
 
@@ -204,12 +203,9 @@ def read_json(path: Path) -> dict[str, Any]:
         raise BenchError(f"result file {path} is unreadable ({exc}); delete it and rerun that run") from None
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """A run's JSON with every field the readers use (else a BenchError naming the file)."""
-    record = read_json(path)
-    if problem := record_problem(record):
-        raise BenchError(f"result file {path} is damaged: {problem}; delete it and rerun that run")
-    return record
+def read_record(path: Path) -> RunRecord:
+    """A run's JSON as a (migrated) :class:`RunRecord` (else a BenchError naming the file)."""
+    return load_record(read_json(path), str(path))
 
 
 def read_npz(path: Path, sha256: str | None = None) -> dict[str, np.ndarray]:
@@ -228,10 +224,10 @@ def read_npz(path: Path, sha256: str | None = None) -> dict[str, np.ndarray]:
         raise BenchError(f"predictions file {path} is unreadable ({reason}); delete the run and rerun it") from None
 
 
-def read_predictions(json_path: Path, record: dict[str, Any]) -> dict[str, np.ndarray]:
+def read_predictions(json_path: Path, record: RunRecord) -> dict[str, np.ndarray]:
     """The npz beside a run's JSON, checked against its checksum and for consistent arrays."""
     npz_path = json_path.with_suffix(".npz")
-    arrays = read_npz(npz_path, record.get(CHECKSUM_KEY))
+    arrays = read_npz(npz_path, record.predictions_sha256)
     if problem := arrays_problem(arrays):
         raise BenchError(f"predictions file {npz_path} is damaged: {problem}; delete the run and rerun it")
     return arrays

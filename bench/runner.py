@@ -24,12 +24,25 @@ from bench.metrics import evaluate
 from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, current_rss_bytes, measure
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
+from bench.record import Config as RecordConfig
+from bench.record import Costs, Data, Memory, NetworkCost, Provenance, RunRecord, Status
 from bench.registry import parse_spec
-from bench.results import SCHEMA_VERSION, ensure_writable, pack_predictions, run_paths, write_run
+from bench.results import ensure_writable, pack_predictions, run_paths, write_run
 from bench.seeding import check_seed, derive_seed, seed_everything
 from bench.subsets import draw_subset
 from bench.tasks import TASKS, Task, TaskData
-from bench.training import TrainingCost, load_state, map_checkpoint, read_cost, save_cost, save_state, train
+from bench.training import (
+    TrainingCost,
+    fingerprint_parts,
+    load_state,
+    map_checkpoint,
+    read_cost,
+    save_cost,
+    save_parts,
+    save_state,
+    train,
+    why_not_cached,
+)
 from bench.types import InvalidPrediction, Prediction
 from bench.validation import prediction_problem
 
@@ -144,7 +157,9 @@ class ModelCache:
                 self.reporter.log(f"{what}: loaded cached checkpoint {path} (trained in "
                                   f"{self.costs[member].seconds:.1f} s; charged as if trained now)")
                 return model.to(self.device).eval()
-            self.reporter.log(f"{what}: training {self.recipe.epochs} epoch(s) on {len(self.data.train)} examples")
+            parts = fingerprint_parts(model, self.data.train)
+            self.reporter.log(f"{what}: {why_not_cached(path, parts)}; training {self.recipe.epochs} epoch(s) "
+                              f"on {len(self.data.train)} examples")
             seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
             generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
             with measure(self.device, self.baseline) as m:
@@ -155,6 +170,7 @@ class ModelCache:
             self.trained.append(member)
             save_cost(path, self.costs[member])  # first: a checkpoint without its cost is never left behind
             save_state(model, path)
+            save_parts(path, parts)
         return model.eval()
 
     def member_seconds(self) -> float:
@@ -196,46 +212,78 @@ def _same_scores(method: Method, test: Prediction, others: dict[str, Prediction]
                              f"but {names} for the test set; return the same scores for every input")
 
 
-def run(config: RunConfig) -> dict[str, Any]:
-    """Execute one run and write its JSON + npz; returns the record."""
-    global _runs_in_this_process
-    _runs_in_this_process += 1
-    r = resolve(config)
+@dataclass
+class Prepared:
+    """A run's inputs once data is loaded and its MAP network exists (stage 2)."""
+
+    resolved: Resolved
+    task: Task
+    data: TaskData
+    device: torch.device
+    reporter: Reporter
+    baseline: int | None  # CPU memory figures are above this RSS (after data loading)
+    cache: ModelCache
+    map_model: torch.nn.Module | None
+    data_s: float
+    paths: tuple[Path, Path]
+
+
+@dataclass
+class Fitted:
+    method: Method
+    posthoc_s: float  # the method's own fitting, without the networks it trained meanwhile
+    peak: Measurement
+
+
+@dataclass
+class Predicted:
+    """Predictions on every evaluation set, with the subsets a capped method saw."""
+
+    test: Prediction
+    y_test: torch.Tensor
+    ood: dict[str, Prediction]
+    shift: dict[str, tuple[Prediction, torch.Tensor]]
+    subsets: dict[str, int]
+    indices: dict[str, np.ndarray]
+    test_time: Measurement
+    other_s: float
+
+
+def prepare(config: RunConfig, r: Resolved) -> Prepared:
+    """Check the outputs are writable, load the data, get (train or load) the MAP network."""
     reporter = Reporter(config.quiet)
     device = select_device(config.device)
-    json_path, npz_path = run_paths(config.out, r.task_label, r.method_label, config.seed)
-    ensure_writable(json_path.parent)  # before any compute, not after it
+    paths = run_paths(config.out, r.task_label, r.method_label, config.seed)
+    ensure_writable(paths[0].parent)  # before any compute, not after it
     ensure_writable(cache_root(), "set BENCH_CACHE_DIR to a writable directory")
     task = r.task_cls(r.task_options, smoke=config.smoke, data_dir=config.data_dir)
-    method = r.method_cls(r.method_options)
     reporter.log(f"run {r.method_label} on {r.task_label}, seed {config.seed}, device {device}")
-
     seed_everything(config.seed)
     with measure(torch.device("cpu")) as data_time:
         data = task.load()
-    baseline = None if device.type == "cuda" else current_rss_bytes()  # memory figures are above this
+    baseline = None if device.type == "cuda" else current_rss_bytes()
     cache = ModelCache(task, data, device, config.seed, reporter, baseline)
     map_model = cache.get(0) if r.method_cls.uses_map else None
-    trained_before_fit = cache.trained_now_s
+    return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_time.seconds, paths)
 
+
+def fit(config: RunConfig, p: Prepared) -> Fitted:
+    method = p.resolved.method_cls(p.resolved.method_options)
     ctx = FitContext(
-        data=data,
-        make_model=cache.make_model,
-        recipe=cache.recipe,
-        device=device,
-        seed=config.seed,
-        map_model=copy.deepcopy(map_model) if map_model is not None else None,
-        train_model=cache.get,
-        progress=reporter.progress,
-        log=reporter.log,
-        make_small_model=lambda: task.make_small_model(data.num_classes),
+        data=p.data, make_model=p.cache.make_model, recipe=p.cache.recipe, device=p.device, seed=config.seed,
+        map_model=copy.deepcopy(p.map_model) if p.map_model is not None else None,
+        train_model=p.cache.get, progress=p.reporter.progress, log=p.reporter.log,
+        make_small_model=lambda: p.task.make_small_model(p.data.num_classes),
     )
+    trained_before = p.cache.trained_now_s
     seed_everything(derive_seed(config.seed, "fit"))
-    with measure(device, baseline) as fit:
+    with measure(p.device, p.baseline) as peak:
         method.fit(ctx)
-    fit_s = fit.seconds - (cache.trained_now_s - trained_before_fit)  # member training counted below
-    member_train_s = cache.member_seconds()  # cached or not: an ensemble costs its members' training
+    return Fitted(method, peak.seconds - (p.cache.trained_now_s - trained_before), peak)
 
+
+def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
+    """Predict every evaluation set (a capped method: this seed's subset of each)."""
     seed_everything(derive_seed(config.seed, "predict"))
     limit = getattr(method, "eval_limit", None)
     subsets: dict[str, int] = {}
@@ -246,77 +294,77 @@ def run(config: RunConfig) -> dict[str, Any]:
         if limit is None or len(tensors[0]) <= limit:
             return tensors
         pick = draw_subset(len(tensors[0]), int(limit), config.seed, name, tensors[1] if len(tensors) > 1 else None)
-        subsets[name] = int(limit)
-        indices[name] = pick
+        subsets[name], indices[name] = int(limit), pick
         return tuple(t[torch.from_numpy(pick)] for t in tensors)
 
-    classes = data.num_classes
-    x_test, y_test = subset("test", *data.test.tensors)
-    with measure(device, baseline) as pred_time:
+    classes = p.data.num_classes
+    x_test, y_test = subset("test", *p.data.test.tensors)
+    with measure(p.device, p.baseline) as test_time:
         test_pred = _predict(method, x_test, "the test set", classes)
-    with measure(device) as rest_time:
-        ood_preds = {name: _predict(method, subset(f"ood/{name}", x)[0], f"OOD set {name!r}", classes)
-                     for name, x in data.ood.items()}
-        shift_preds = {}
-        for name, ds in data.shift.items():
+    with measure(p.device) as rest_time:
+        ood = {name: _predict(method, subset(f"ood/{name}", x)[0], f"OOD set {name!r}", classes)
+               for name, x in p.data.ood.items()}
+        shift = {}
+        for name, ds in p.data.shift.items():
             xs, ys = subset(f"shift/{name}", *ds.tensors)
-            shift_preds[name] = (_predict(method, xs, f"shift set {name!r}", classes), ys)
+            shift[name] = (_predict(method, xs, f"shift set {name!r}", classes), ys)
+    _same_scores(method, test_pred, {**{f"OOD set {k!r}": v for k, v in ood.items()},
+                                     **{f"shift set {k!r}": v for k, (v, _) in shift.items()}})
+    return Predicted(test_pred, y_test, ood, shift, subsets, indices, test_time, rest_time.seconds)
 
-    _same_scores(method, test_pred, {**{f"OOD set {k!r}": p for k, p in ood_preds.items()},
-                                     **{f"shift set {k!r}": p for k, (p, _) in shift_preds.items()}})
-    metrics = evaluate(
-        test_pred.probs, y_test, test_pred.scores,
-        ood={k: (p.probs, p.scores) for k, p in ood_preds.items()},
-        shift={k: (p.probs, y) for k, (p, y) in shift_preds.items()},
+
+def score(pred: Predicted) -> dict[str, float]:
+    return evaluate(
+        pred.test.probs, pred.y_test, pred.test.scores,
+        ood={k: (v.probs, v.scores) for k, v in pred.ood.items()},
+        shift={k: (v.probs, y) for k, (v, y) in pred.shift.items()},
     )
-    summary = method.summary()
-    flags = [str(f) for f in summary.get(FLAGS_KEY, [])]
-    for flag in flags:
-        reporter.log(f"WARNING {r.method_label}: {flag}")
-    record = {
-        "schema": SCHEMA_VERSION,
-        "task": r.task_label,
-        "method": r.method_label,
-        "seed": config.seed,
-        "status": "ok",
-        "config": {
-            "method": r.method_cls.name,
-            "method_options": opts.as_dict(r.method_options),
-            "task": r.task_cls.name,
-            "task_options": opts.as_dict(r.task_options),
-            "smoke": config.smoke,
-            "recipe": dataclasses.asdict(cache.recipe),
-            "device_requested": config.device,
-        },
-        "data": {"sizes": data.sizes(), "evaluated_subsets": subsets, **data.info},
-        "method_summary": summary,
-        "flags": flags,
-        "metrics": metrics,
-        "timings": {
-            "data_s": data_time.seconds,
-            "map_train_s": cache.costs[0].seconds if 0 in cache.costs else 0.0,
-            "train_costs_recorded": True,  # cached networks charged their stored training cost
-            "map_cached": bool(cache.loaded and 0 in cache.loaded),
-            "fit_s": fit_s + member_train_s,
-            "fit_posthoc_s": fit_s,
-            "member_train_s": member_train_s,
-            "models_cached": sorted(cache.loaded),  # 0 is the MAP network, k > 0 ensemble members
-            "models_trained": sorted(cache.trained),
-            "predict_test_s": pred_time.seconds,
-            "predict_per_1k_s": pred_time.seconds / max(len(x_test), 1) * 1000.0,
-            "predict_other_s": rest_time.seconds,
-        },
-        "memory": {
-            "kind": memory_kind(fit, device),
-            "runs_in_process": _runs_in_this_process,  # 1: the process ran this run alone
-            "baseline_bytes": baseline,  # CPU: the RSS after data loading (None on a GPU)
-            "fit_peak_bytes": fit.peak_bytes,
-            "predict_peak_bytes": pred_time.peak_bytes,
-        },
-        "provenance": {"git": git_commit(), "versions": versions(), "machine": machine(device)},
-    }
-    arrays = pack_predictions(test_pred, y_test, ood_preds, shift_preds)
-    arrays.update({f"index/{name}": idx for name, idx in indices.items()})  # which inputs, for paired tables
+
+
+def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
+                metrics: dict[str, float]) -> RunRecord:
+    r, cache = p.resolved, p.cache
+    summary = fitted.method.summary()
+    networks = [NetworkCost(member, member in cache.loaded, **dataclasses.asdict(cost))
+                for member, cost in sorted(cache.costs.items())]
+    n_test = max(len(pred.y_test), 1)
+    return RunRecord(
+        task=r.task_label, method=r.method_label, seed=config.seed, status=Status.OK,
+        config=RecordConfig(
+            method=r.method_cls.name, method_options=opts.as_dict(r.method_options), task=r.task_cls.name,
+            task_options=opts.as_dict(r.task_options), smoke=config.smoke,
+            recipe=dataclasses.asdict(cache.recipe), device_requested=config.device,
+        ),
+        data=Data(p.data.sizes(), pred.subsets, dict(p.data.info)),
+        costs=Costs(
+            data_s=p.data_s, networks=networks, fit_posthoc_s=fitted.posthoc_s,
+            predict_test_s=pred.test_time.seconds, predict_per_1k_s=pred.test_time.seconds / n_test * 1000.0,
+            predict_other_s=pred.other_s,
+        ),
+        memory=Memory(
+            kind=memory_kind(fitted.peak, p.device), fit_peak_bytes=fitted.peak.peak_bytes,
+            predict_peak_bytes=pred.test_time.peak_bytes, baseline_bytes=p.baseline,
+            runs_in_process=_runs_in_this_process,
+        ),
+        metrics=metrics, method_summary=summary, flags=[str(f) for f in summary.get(FLAGS_KEY, [])],
+        provenance=Provenance(git_commit(), versions(), machine(p.device)),
+    )
+
+
+def run(config: RunConfig) -> RunRecord:
+    """One run, in named stages: resolve → prepare (data, MAP) → fit → predict → evaluate → write."""
+    global _runs_in_this_process
+    _runs_in_this_process += 1
+    r = resolve(config)
+    prepared = prepare(config, r)
+    fitted = fit(config, prepared)
+    predicted = predict(config, prepared, fitted.method)
+    record = make_record(config, prepared, fitted, predicted, score(predicted))
+    for flag in record.flags:
+        prepared.reporter.log(f"WARNING {r.method_label}: {flag}")
+    arrays = pack_predictions(predicted.test, predicted.y_test, predicted.ood, predicted.shift)
+    arrays.update({f"index/{name}": idx for name, idx in predicted.indices.items()})  # for paired tables
+    json_path, npz_path = prepared.paths
     write_run(json_path, npz_path, record, arrays)
-    reporter.log(f"wrote {json_path} and {npz_path.name}")
+    prepared.reporter.log(f"wrote {json_path} and {npz_path.name}")
     return record

@@ -16,9 +16,9 @@ import statistics
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
+from bench.record import RunRecord
 from bench.results import run_paths
 
-TIMED_PARTS = ("data_s", "map_train_s", "fit_s", "predict_test_s", "predict_other_s")
 DEFAULT_HISTORY = Path("results")
 
 
@@ -26,13 +26,12 @@ def recorded_seconds(path: Path, smoke: bool) -> float | None:
     """Wall seconds of one finished run with this smoke flag, from its result file; None when
     there is no such run (missing, failed, corrupt or of the other flag)."""
     try:
-        record = json.loads(path.read_text())
-        if bool(record["config"]["smoke"]) != smoke:
-            return None
-        timings = record["timings"]
-        return float(sum(float(timings.get(k, 0.0)) for k in TIMED_PARTS))
-    except (OSError, ValueError, KeyError, TypeError):
+        record = RunRecord.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError):
         return None  # no usable history for this run: it is scheduled as an unknown
+    if not record.ok or record.config.smoke != smoke:
+        return None
+    return record.costs.total_s
 
 
 def estimate_seconds(

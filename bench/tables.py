@@ -28,9 +28,9 @@ BASE_COLUMNS = [
     ("Brier ↓", "cls/brier", -1),
 ]
 COST_COLUMNS = [
-    ("MAP train s", "timings/map_train_s", 0),
-    ("fit s", "timings/fit_s", 0),
-    ("predict s/1k", "timings/predict_per_1k_s", 0),
+    ("train s", "costs/train_s", 0),
+    ("post-hoc fit s", "costs/fit_posthoc_s", 0),
+    ("predict s/1k", "costs/predict_per_1k_s", 0),
     ("peak MiB", "memory/peak_mib", 0),
 ]
 OWN_SCORES = ("variance", "mutual_info")
@@ -50,12 +50,13 @@ HEADER = [
     "every evaluation set, the same draw for both rows). **Bold** = the column's best mean, significantly",
     "better than the runner-up by the same paired test; *italic* = the best mean but not significantly",
     "ahead (a tie). ECE: top-label, 15 equal-width bins, L1. NLL in nats. OOD AUROC: OOD is the positive",
-    "class; the score is named in the column. Times are seconds on the machine in each run's JSON. MAP",
-    "train s: the shared MAP network's training; fit s: the method's fit plus the training of any further",
-    "networks (ensemble members), both charged whether the networks were trained or loaded from the cache",
-    "(– : a run recorded before the cache stored training costs; rerun it to fill the cell). peak MiB: on",
-    "CPU the peak resident memory of fit or predict above the RSS after data loading (– : recorded by an",
-    "older bench that could not measure it), on a GPU the CUDA peak allocated.",
+    "class; the score is named in the column. Times are seconds on the device named under each table.",
+    "train s: training of every network the method needs, summed (the MAP; an ensemble of 5: five",
+    "trainings), charged whether the networks were trained or loaded from the cache (– : a run recorded",
+    "before the cache stored training costs). post-hoc fit s: the method's own fitting after that. peak",
+    "MiB: on CPU the peak resident memory of fit or predict above the RSS after data loading, each run in",
+    "its own process (– : recorded by an older bench that could not measure it); on a GPU the CUDA peak",
+    "allocated.",
     f"{FLAG_MARK} = a run of that row carries a warning flag (listed under its table).", "",
 ]
 
@@ -91,7 +92,7 @@ def _ranked_rows(runs: dict[str, list[dict[str, float]]]) -> list[str]:
 
 def _cell(values: list[float], key: str) -> str:
     s = summarize(values)
-    digits = 1 if key.startswith(("memory", "timings")) else 4
+    digits = 1 if key.startswith(("memory", "costs")) else 4
     return f"{s.mean:.{digits}f}" + (f" ± {s.half_width:.{digits}f}" if s.n > 1 else "")
 
 
@@ -140,6 +141,9 @@ def _notes(task: str, found: Collected) -> list[str]:
               f"compare it with `{paired_label(m)}`, the {PAIRED_REFERENCE} predictions on the same "
               "inputs and seeds. Subset rows are not ranked (no bold)."
               for m, k in capped]
+    devices = sorted({d for m in runs if not is_paired(m) for d in found.devices.get((task, m), ())})
+    if devices:
+        notes.append(f"- costs measured on: {', '.join(devices)}")
     return notes + ([""] if notes else [])
 
 
@@ -215,6 +219,6 @@ def render(found: Collected) -> tuple[str, str]:
     md += _rank_table(found)
     if found.failed:
         md += ["## Failed runs", ""]
-        md += [f"- {r['task']} / {r['method']} / seed {r['seed']}: {r.get('error', '?')}" for r in found.failed]
+        md += [f"- {r.task} / {r.method} / seed {r.seed}: {r.error}" for r in found.failed]
         md.append("")
     return "\n".join(md), buffer.getvalue()

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,18 +78,61 @@ def weights_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
-def fingerprint(model: nn.Module, train: TensorDataset) -> str:
-    """What a checkpoint was trained for: the network's architecture (its repr and every state
-    entry's name, shape and dtype) and the exact training tensors. A changed data split or a
-    changed network gets its own checkpoint instead of silently reusing one trained for another."""
-    digest = hashlib.sha256(repr(model).encode())
+def _feed_architecture(digest: Any, model: nn.Module) -> Any:
+    digest.update(repr(model).encode())
     for name, value in model.state_dict().items():
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+    return digest
+
+
+def _feed_data(digest: Any, train: TensorDataset) -> Any:
     for tensor in train.tensors:
         array = tensor.detach().cpu().contiguous().numpy()
         digest.update(f"{array.shape}:{array.dtype};".encode())
         digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()[:12]
+    return digest
+
+
+def fingerprint(model: nn.Module, train: TensorDataset) -> str:
+    """What a checkpoint was trained for: the network's architecture (its repr and every state
+    entry's name, shape and dtype) and the exact training tensors. A changed data split or a
+    changed network gets its own checkpoint instead of silently reusing one trained for another."""
+    return _feed_data(_feed_architecture(hashlib.sha256(), model), train).hexdigest()[:12]
+
+
+def fingerprint_parts(model: nn.Module, train: TensorDataset) -> dict[str, str]:
+    """The architecture and the training data hashed apart, kept beside a checkpoint so that a
+    later miss can say which of the two changed."""
+    return {"architecture": _feed_architecture(hashlib.sha256(), model).hexdigest()[:12],
+            "data": _feed_data(hashlib.sha256(), train).hexdigest()[:12]}
+
+
+PARTS_FILE = "fingerprint.json"
+
+
+def save_parts(path: Path, parts: dict[str, str]) -> None:
+    atomic_write_bytes(path.parent / PARTS_FILE, json.dumps(parts).encode())
+
+
+def why_not_cached(path: Path, parts: dict[str, str]) -> str:
+    """Why checkpoint ``path`` is absent: what differs from the cached networks of the same task,
+    recipe, seed and member (which are never used for another architecture or data)."""
+    others = [p for p in path.parent.parent.glob(f"*/{path.name}") if p.parent != path.parent]
+    if not others:
+        return "no cached checkpoint"
+    names = {"architecture": "architecture", "data": "training data"}
+    differences = []  # per cached checkpoint, what differs; the closest one explains the miss
+    for other in others:
+        try:
+            theirs = json.loads((other.parent / PARTS_FILE).read_text())
+        except (OSError, ValueError):  # trained before the parts were kept
+            theirs = {}
+        unknown = ["architecture or training data"]
+        changed = [names[k] for k in names if theirs.get(k) != parts[k]] if theirs else unknown
+        differences.append((changed, other))
+    changed, closest = min(differences, key=lambda d: len(d[0]))
+    what = " and ".join(changed)
+    return f"the network's {what} changed since the cached checkpoint {closest} was trained; not reusing it"
 
 
 def checkpoint_path(task_key: str, recipe: TrainRecipe, fingerprint_: str, seed: int, member: int = 0) -> Path:

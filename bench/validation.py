@@ -8,7 +8,6 @@ number is then an error naming its source, never a metric (a NaN score once beca
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -110,45 +109,4 @@ def arrays_problem(arrays: dict[str, np.ndarray]) -> str | None:
             problem = f"index/{name} has shape {index.shape} and type {index.dtype}, expected {n} integers"
         if problem:
             return f"{name}: {problem}"
-    return None
-
-
-# The fields every reader uses, by status. A missing one makes the file unreadable, by name.
-_OK_FIELDS = {
-    "task": str, "method": str, "seed": int, "metrics": dict, "config": dict, "timings": dict, "memory": dict,
-}
-_NESTED = {
-    "config": {"smoke": bool},
-    "timings": {"fit_s": float, "predict_per_1k_s": float},
-    "memory": {"fit_peak_bytes": float, "predict_peak_bytes": float},
-}
-_FAILED_FIELDS = {"task": str, "method": str, "seed": int, "error": str}
-
-
-def _is(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def record_problem(record: Any) -> str | None:
-    """Why a run's JSON record lacks what readers need, or None."""
-    if not isinstance(record, dict):
-        return f"it holds a {type(record).__name__}, not a run record"
-    status = record.get("status")
-    if status not in ("ok", "failed"):
-        return f"its status is {status!r}, not 'ok' or 'failed'"
-    for field, kind in (_OK_FIELDS if status == "ok" else _FAILED_FIELDS).items():
-        if not _is(record.get(field), kind):
-            return f"its field {field!r} is missing or not a {kind.__name__}"
-    if status == "failed":
-        return None
-    for parent, fields in _NESTED.items():
-        for field, kind in fields.items():
-            if not _is(record[parent].get(field), kind):
-                return f"its field '{parent}.{field}' is missing or not a {kind.__name__}"
-    if bad := [k for k, v in record["metrics"].items() if not _is(v, float)]:
-        return f"its metric {bad[0]!r} is not a finite number"
     return None

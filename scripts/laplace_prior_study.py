@@ -4,11 +4,13 @@ Reads every ``laplace`` and ``laplace-ll`` run (any options) under the given res
 prints, per task and configuration, mean ± std over seeds of test NLL, ECE, the entropy OOD
 AUROC averaged over the task's OOD sets, and the chosen prior precision.
 
-    python scripts/laplace_prior_study.py results /tmp/prior > results/studies/laplace-prior.md
+    python scripts/laplace_prior_study.py results results/studies/laplace-prior > results/studies/laplace-prior.md
 
-The runs for the two non-default configurations come from
-``bench sweep --methods laplace,laplace-ll --tasks all --seeds 0,1,2 --set prior_structure=layerwise``
-and the same with ``--set prior_method=gridsearch``.
+``results/`` holds the leaderboard's rows (``laplace`` = marglik with the layerwise prior,
+``laplace-ll`` = scalar marglik, and both with ``prior_method=gridsearch``);
+``results/studies/laplace-prior/`` the configuration the leaderboard does not show
+(``laplace@prior_structure=scalar``), from ``bench sweep --methods "laplace(prior_structure=scalar)"
+--tasks all --seeds 0,1,2 --out results/studies/laplace-prior``.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
+from bench.record import RunRecord
 from bench.results import iter_runs, read_record
 
 METHODS = ("laplace", "laplace-ll")
 
 
-def config_name(label: str) -> str:
-    """``laplace-ll@prior_method=gridsearch`` -> ``gridsearch``; the default label -> ``marglik (scalar)``."""
-    options = label.partition("@")[2]
-    if "prior_method=gridsearch" in options:
+def config_name(record: RunRecord) -> str:
+    """The prior configuration a run used, as it resolved it: ``gridsearch (val NLL)``,
+    ``marglik (scalar)`` or ``marglik (layerwise)``. Runs made before ``prior_structure=auto``
+    recorded no resolved structure; their option is the structure they used."""
+    method = record.method_summary.get("prior_method", record.config.method_options.get("prior_method"))
+    if method == "gridsearch":
         return "gridsearch (val NLL)"
-    if "prior_structure=layerwise" in options:
-        return "marglik (layerwise)"
-    return "marglik (scalar)" if not options else options
+    structure = record.method_summary.get("prior_structure", record.config.method_options.get("prior_structure"))
+    return f"{method} ({structure})"
 
 
 def ood_entropy_auroc(metrics: dict[str, float]) -> float:
@@ -45,13 +49,12 @@ def summarise(roots: list[Path]) -> list[list[str]]:
     for root in roots:
         for path in iter_runs(root):
             record = read_record(path)
-            method = record["config"]["method"]
-            if method not in METHODS or record["config"]["smoke"]:
+            if not record.ok or record.config.method not in METHODS or record.config.smoke:
                 continue
-            m = record["metrics"]
-            prior = record["method_summary"].get("prior_precision")
+            m = record.metrics
+            prior = record.method_summary.get("prior_precision")
             prior = float(np.mean(prior)) if prior is not None else float("nan")
-            cells[(record["task"], method, config_name(record["method"]))].append(
+            cells[(record.task, record.config.method, config_name(record))].append(
                 (m["cls/nll"], m["cal/ece"], ood_entropy_auroc(m), prior)
             )
     rows = []

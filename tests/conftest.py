@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.record import Config, Costs, Data, Memory, NetworkCost, Provenance, RunRecord, Status
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_TASK = REPO / "tests" / "fixtures" / "tiny_task.py"
 
@@ -85,3 +87,22 @@ def read_only(monkeypatch: pytest.MonkeyPatch):
     yield apply
     for path in chmodded:
         path.chmod(0o755)
+
+
+def make_record(networks: list[NetworkCost] | None = None) -> RunRecord:
+    """A complete run record of an ensemble of 3 (members 0 and 2 loaded from the cache)."""
+    return RunRecord(
+        task="t", method="ensemble", seed=1, status=Status.OK,
+        config=Config("ensemble", {"members": 3}, "t", {}, False, {"epochs": 2}, "auto"),
+        data=Data({"train": 10, "test": 5}, {"test": 3}, {"source": "x"}),
+        costs=Costs(data_s=0.5, networks=networks if networks is not None else [
+            NetworkCost(0, True, 10.0, "cpu", 1, 2**20, "cpu_rss_fresh_process"),
+            NetworkCost(1, False, 11.0, "cpu", 1, 2**20, "cpu_rss_fresh_process"),
+            NetworkCost(2, True, 12.0, "cpu", 1, 2**20, "cpu_rss_fresh_process"),
+        ], fit_posthoc_s=1.0, predict_test_s=2.0, predict_per_1k_s=400.0, predict_other_s=3.0),
+        memory=Memory("cpu_rss_fresh_process", 5 * 2**20, 7 * 2**20, 2**30, 1),
+        metrics={"cls/acc": 0.5, "cls/nll": 0.7},
+        method_summary={"members": 3}, flags=["a flag"],
+        provenance=Provenance("abc", {"torch": "2"}, {"device": "cpu"}),
+        predictions_sha256="0" * 64,
+    )

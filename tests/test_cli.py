@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import TINY_TASK, run_cli
 
 from bench import cli
 from bench.cli import main
+from bench.record import RunRecord
 
 
 def test_list_names_methods_and_tasks(capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,7 +61,7 @@ def _run_tiny(tmp_path: Path, *extra: str, method: str = "map", task: str = "tin
     assert main(["--plugin", str(TINY_TASK), "run", "--method", method, "--task", task,
                  "--out", str(tmp_path), "--quiet", *extra]) == 0
     (path,) = (tmp_path / "runs").glob("*/*/seed0.json")  # one run per folder
-    return json.loads(path.read_text())
+    return RunRecord.from_json(json.loads(path.read_text()))
 
 
 def test_run_writes_json_and_npz_with_everything(tmp_path: Path) -> None:
@@ -68,11 +70,11 @@ def test_run_writes_json_and_npz_with_everything(tmp_path: Path) -> None:
     assert npz.exists()
     for key in ("cls/acc", "cls/nll", "cls/brier", "cal/ece", "cal/mce", "ood/shuffled/auroc/msp",
                 "ood/shuffled/auroc/entropy", "shift/noisy/acc"):
-        assert key in record["metrics"]
-    assert record["metrics"]["cls/acc"] > 0.8
-    assert record["provenance"]["versions"]["torch"]
-    assert record["timings"]["predict_per_1k_s"] > 0
-    assert {"fit_peak_bytes", "predict_peak_bytes", "kind"} <= record["memory"].keys()
+        assert key in record.metrics
+    assert record.metrics["cls/acc"] > 0.8
+    assert record.provenance.versions["torch"]
+    assert record.costs.predict_per_1k_s > 0
+    assert record.memory.peak_bytes > 0 and record.memory.kind
     with np.load(npz) as data:
         assert data["test/probs"].shape == (497, 10)
 
@@ -80,8 +82,8 @@ def test_run_writes_json_and_npz_with_everything(tmp_path: Path) -> None:
 def test_same_seed_twice_gives_identical_metrics(tmp_path: Path, isolated_cache: Path) -> None:
     first = _run_tiny(tmp_path / "a", task="tiny-digits(hidden=17)")  # fresh config: trains the MAP
     second = _run_tiny(tmp_path / "b", task="tiny-digits(hidden=17)")  # loads the cached checkpoint
-    assert first["timings"]["map_cached"] is False and second["timings"]["map_cached"] is True
-    assert first["metrics"] == second["metrics"]
+    assert not first.costs.networks[0].cached and second.costs.networks[0].cached
+    assert first.metrics == second.metrics
 
 
 def test_a_cached_network_is_charged_what_it_cost_to_train(tmp_path: Path, isolated_cache: Path) -> None:
@@ -89,11 +91,12 @@ def test_a_cached_network_is_charged_what_it_cost_to_train(tmp_path: Path, isola
     spec = "ensemble(members=3)"
     first = _run_tiny(tmp_path / "a", method=spec, task="tiny-digits(hidden=23)")
     second = _run_tiny(tmp_path / "b", method=spec, task="tiny-digits(hidden=23)")
-    assert first["timings"]["models_trained"] == [0, 1, 2] and second["timings"]["models_cached"] == [0, 1, 2]
-    for key in ("map_train_s", "member_train_s"):
-        assert second["timings"][key] == first["timings"][key] > 0
-    assert second["timings"]["fit_s"] >= second["timings"]["member_train_s"]
-    assert second["timings"]["train_costs_recorded"] is True
+    assert [(n.member, n.cached) for n in first.costs.networks] == [(0, False), (1, False), (2, False)]
+    assert [(n.member, n.cached) for n in second.costs.networks] == [(0, True), (1, True), (2, True)]
+    assert second.costs.networks == [replace(n, cached=True) for n in first.costs.networks]
+    assert second.costs.map_train_s == first.costs.map_train_s > 0
+    assert second.costs.train_s == first.costs.train_s > 2 * first.costs.map_train_s / 2  # three trainings
+    assert all(n.peak_bytes is not None and n.threads for n in second.costs.networks)
 
 
 SPLIT_TASK = '''
@@ -105,7 +108,13 @@ Tiny = TASKS.get("tiny-digits")
 
 @register_task("tiny-moving-split")
 class MovingSplit(Tiny):
-    """tiny-digits whose training rows depend on an environment variable, options unchanged."""
+    """tiny-digits whose training rows and network width depend on environment variables,
+    its options unchanged (as a user's edited plugin would)."""
+    def make_model(self, num_classes):
+        import torch.nn as nn
+        h = int(os.environ.get("TINY_WIDTH", "32"))
+        return nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, num_classes))
+
     def load(self) -> TaskData:
         data = Tiny.load(self)
         k = int(os.environ.get("TINY_SPLIT_SHIFT", "0"))
@@ -116,76 +125,31 @@ class MovingSplit(Tiny):
 
 
 def test_a_changed_split_or_network_never_reuses_a_checkpoint(
-    tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plugin = tmp_path / "moving.py"
     plugin.write_text(SPLIT_TASK)
 
-    def run(out: str) -> dict:
+    def cached(out: str) -> tuple[bool, str]:
+        capsys.readouterr()
         assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", "map",
-                     "--task", "tiny-moving-split", "--out", str(tmp_path / out), "--quiet"]) == 0
-        return json.loads((tmp_path / out / "runs" / "tiny-moving-split" / "map" / "seed0.json").read_text())
+                     "--task", "tiny-moving-split", "--out", str(tmp_path / out)]) == 0
+        raw = json.loads((tmp_path / out / "runs" / "tiny-moving-split" / "map" / "seed0.json").read_text())
+        log = [line for line in capsys.readouterr().err.splitlines() if "MAP model:" in line]
+        return RunRecord.from_json(raw).costs.networks[0].cached, log[0]
 
-    assert run("a")["timings"]["map_cached"] is False
-    assert run("b")["timings"]["map_cached"] is True
+    loaded, line = cached("a")
+    assert not loaded and "no cached checkpoint; training" in line
+    loaded, line = cached("b")
+    assert loaded and "loaded cached checkpoint" in line
     monkeypatch.setenv("TINY_SPLIT_SHIFT", "7")  # same task options, different training rows
-    assert run("c")["timings"]["map_cached"] is False
-
-
-HUNGRY = '''
-from dataclasses import dataclass
-import torch
-from bench.method_api import register_method
-from bench.options import option
-from bench_methods.map import MAP
-
-@dataclass
-class HungryOptions:
-    mib: int = option(0, "MiB held during fit", min=0)
-
-@register_method("hungry-map")
-class Hungry(MAP):
-    """The MAP, holding a known amount of memory while it fits."""
-    Options = HungryOptions
-    def fit(self, ctx):
-        block = torch.ones(self.options.mib * 2**20 // 4)
-        block += 1  # touched: resident
-        super().fit(ctx)
-        del block
-'''
-
-
-def test_peak_memory_moves_by_what_a_method_allocates(tmp_path: Path) -> None:
-    plugin = tmp_path / "hungry.py"
-    plugin.write_text(HUNGRY)
-    peaks = {}
-    for mib in (0, 160):
-        out = tmp_path / f"m{mib}"
-        assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", f"hungry-map(mib={mib})",
-                     "--task", "tiny-digits", "--out", str(out), "--quiet"]) == 0
-        (path,) = (out / "runs").glob("*/*/seed0.json")
-        memory = json.loads(path.read_text())["memory"]
-        assert memory["baseline_bytes"] > 0
-        # in this (pytest) process only a first run has had the process to itself
-        fresh = memory["runs_in_process"] == 1
-        assert memory["kind"] == ("cpu_rss_fresh_process" if fresh else "cpu_peak_rss_above_baseline")
-        peaks[mib] = memory["fit_peak_bytes"] / 2**20
-    assert 140 < peaks[160] - peaks[0] < 200
-
-
-def test_sweep_runs_each_run_in_a_fresh_process_whose_peak_is_its_own(tmp_path: Path) -> None:
-    plugin = tmp_path / "hungry.py"
-    plugin.write_text(HUNGRY)
-    out = tmp_path / "out"
-    assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep", "--methods",
-                 "hungry-map(mib=0),hungry-map(mib=160)", "--tasks", "tiny-digits", "--seeds", "0",
-                 "--out", str(out), "--quiet"]) == 0
-    peaks = {}
-    for mib, label in ((0, "hungry-map"), (160, "hungry-map@mib=160")):
-        memory = json.loads((out / "runs" / "tiny-digits" / label / "seed0.json").read_text())["memory"]
-        assert memory["kind"] == "cpu_rss_fresh_process" and memory["runs_in_process"] == 1
-        peaks[mib] = memory["fit_peak_bytes"] / 2**20
-    assert 140 < peaks[160] - peaks[0] < 200
+    loaded, line = cached("c")
+    assert not loaded and "the network's training data changed since the cached checkpoint" in line
+    monkeypatch.delenv("TINY_SPLIT_SHIFT")
+    monkeypatch.setenv("TINY_WIDTH", "20")  # same options and data, another network
+    loaded, line = cached("d")
+    assert not loaded and "the network's architecture changed since the cached checkpoint" in line
+    assert "not reusing it; training" in line
 
 
 def test_untrained_rerun_matches_cached_rerun(tmp_path: Path, isolated_cache: Path) -> None:
@@ -195,8 +159,8 @@ def test_untrained_rerun_matches_cached_rerun(tmp_path: Path, isolated_cache: Pa
     first = _run_tiny(tmp_path / "a", method="map-ts", task="tiny-digits(hidden=19)")
     shutil.rmtree(isolated_cache / "checkpoints")
     second = _run_tiny(tmp_path / "b", method="map-ts", task="tiny-digits(hidden=19)")
-    assert second["timings"]["map_cached"] is False
-    assert first["metrics"] == second["metrics"]
+    assert not second.costs.networks[0].cached
+    assert first.metrics == second.metrics
 
 
 def test_plugin_method_from_outside_the_repo_runs(tmp_path: Path) -> None:
@@ -250,7 +214,7 @@ def test_interrupted_run_writes_nothing_and_keeps_earlier_results(tmp_path: Path
     assert not (tmp_path / "runs" / "tiny-digits" / "interrupted").exists() or not any(
         (tmp_path / "runs" / "tiny-digits" / "interrupted").iterdir()
     )
-    again = json.loads((tmp_path / "runs" / "tiny-digits" / "map" / "seed0.json").read_text())
+    again = RunRecord.from_json(json.loads((tmp_path / "runs" / "tiny-digits" / "map" / "seed0.json").read_text()))
     assert again == earlier
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY_TASK
 
 from bench.cli import main
-from bench.results import CHECKSUM_KEY
+from bench.record import CHECKSUM_KEY
 
 CAPPED = '''
 from bench.method_api import register_method
@@ -202,8 +202,8 @@ DAMAGE = {
     "NaN probabilities": (lambda j, n: _rewrite_npz(j, {**_arrays(n), "test/probs":
                                                         np.full_like(_arrays(n)["test/probs"], np.nan)}),
                           "test: probabilities are NaN or inf"),
-    "JSON missing a field": (lambda j, n: _edit_json(j, lambda r: r.pop("timings")),
-                             "is damaged: its field 'timings' is missing"),
+    "JSON missing a field": (lambda j, n: _edit_json(j, lambda r: r.pop("costs")),
+                             "is damaged: its field 'costs' is missing"),
     "JSON not JSON": (lambda j, n: j.write_text("{"), "is unreadable"),
     "JSON metric edited": (lambda j, n: _edit_json(j, lambda r: r["metrics"].update({"cls/acc": 0.123})),
                            "cls/acc is 0.123 but its predictions give"),
@@ -236,7 +236,7 @@ def test_results_of_an_older_format_are_named_by_check(
     assert "1 run file(s) (e.g. " in capsys.readouterr().err
     assert main(["table", "--results", str(root), "--check"]) == 1
     out = capsys.readouterr().out
-    assert "written by an older bench (schema < 2: float32 probabilities" in out and "regenerate" in out
+    assert "written by an older bench (schema 1: float32 probabilities" in out and "regenerate" in out
 
 
 def test_read_only_results_are_one_line_for_table_and_plot(

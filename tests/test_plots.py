@@ -45,6 +45,6 @@ def test_plot_without_runs_is_a_one_line_error(tmp_path: Path, capsys: pytest.Ca
 def test_cost_counts_training_only_when_it_is_known() -> None:
     from bench.plots import _cost
 
-    known = {"timings/map_train_s": 10.0, "timings/fit_s": 2.0, "timings/predict_per_1k_s": 0.5}
+    known = {"costs/train_s": 10.0, "costs/fit_posthoc_s": 2.0, "costs/predict_per_1k_s": 0.5}
     assert _cost(known) == (12.5, True)
-    assert _cost({"timings/fit_s": 2.0, "timings/predict_per_1k_s": 0.5}) == (2.5, False)
+    assert _cost({"costs/fit_posthoc_s": 2.0, "costs/predict_per_1k_s": 0.5}) == (2.5, False)

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_record
 
 from bench.errors import BenchError
 from bench.metrics import evaluate
+from bench.record import RunRecord, Status
 from bench.results import (
-    CHECKSUM_KEY,
     atomic_write_bytes,
     ensure_writable,
     failure_path,
@@ -22,6 +23,7 @@ from bench.results import (
     read_json,
     read_npz,
     read_predictions,
+    read_record,
     unpack_predictions,
     write_failure,
     write_run,
@@ -43,7 +45,9 @@ def _write(tmp_path: Path, name: str = "seed0", seed: int = 0) -> tuple[dict, di
     metrics = evaluate(test.probs, labels, test.scores, ood={"far": (ood["far"].probs, ood["far"].scores)},
                        shift={"rot": (shift["rot"][0].probs, labels[:20])})
     arrays = pack_predictions(test, labels, ood, shift)
-    write_run(tmp_path / f"{name}.json", tmp_path / f"{name}.npz", {"metrics": metrics}, arrays)
+    record = make_record()
+    record.metrics = metrics
+    write_run(tmp_path / f"{name}.json", tmp_path / f"{name}.npz", record, arrays)
     return metrics, arrays
 
 
@@ -51,18 +55,18 @@ def test_metrics_recompute_exactly_from_the_npz(tmp_path: Path) -> None:
     """float64 in, float64 stored: the JSON's metrics come back bit for bit (float32 storage
     changed msp AUROCs by up to 6.5e-5)."""
     metrics, _ = _write(tmp_path)
-    record = read_json(tmp_path / "seed0.json")
+    record = read_record(tmp_path / "seed0.json")
     args = unpack_predictions(read_predictions(tmp_path / "seed0.json", record))
     assert args["test_probs"].dtype == torch.float64
-    assert evaluate(**args) == metrics == record["metrics"]
+    assert evaluate(**args) == metrics == record.metrics
 
 
 def test_an_npz_that_is_not_its_jsons_is_refused(tmp_path: Path) -> None:
     _write(tmp_path, "seed0", 0)
     _write(tmp_path, "seed1", 5)
     (tmp_path / "seed0.npz").write_bytes((tmp_path / "seed1.npz").read_bytes())
-    record = read_json(tmp_path / "seed0.json")
-    assert len(record[CHECKSUM_KEY]) == 64
+    record = read_record(tmp_path / "seed0.json")
+    assert len(record.predictions_sha256) == 64
     with pytest.raises(BenchError, match="does not belong to its JSON"):
         read_predictions(tmp_path / "seed0.json", record)
 
@@ -75,14 +79,16 @@ def test_damaged_npz_is_one_error_naming_the_file(tmp_path: Path, damage: str) -
         npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
     else:
         arrays.pop("shift/rot/labels")
-        write_run(tmp_path / "seed0.json", npz, {"metrics": {}}, arrays)
+        write_run(tmp_path / "seed0.json", npz, make_record(), arrays)
+    unchecked = make_record()
+    unchecked.predictions_sha256 = None
     with pytest.raises(BenchError, match=f"predictions file {npz} is (unreadable|damaged)"):
-        read_predictions(tmp_path / "seed0.json", {})
+        read_predictions(tmp_path / "seed0.json", unchecked)
 
 
 def test_json_is_strict_nan_becomes_null(tmp_path: Path) -> None:
-    record = {"metrics": {}, "method_summary": {"grid": [1.0, float("nan"), float("inf")],
-                                                  "t": torch.tensor([0.5]), "n": np.float32(2.0)}}
+    record = make_record()
+    record.method_summary = {"grid": [1.0, float("nan"), float("inf")], "t": torch.tensor([0.5]), "n": np.float32(2.0)}
     write_run(tmp_path / "r.json", tmp_path / "r.npz", record, {"x": np.zeros(1)})
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
@@ -94,7 +100,7 @@ def test_failures_are_recorded_beside_and_never_replace_a_result(tmp_path: Path)
     runs = tmp_path / "runs" / "task" / "method"
     metrics, _ = _write(runs)
     good = (runs / "seed0.json").read_bytes(), (runs / "seed0.npz").read_bytes()
-    written = write_failure(runs / "seed0.json", {"status": "failed", "error": "boom"})
+    written = write_failure(runs / "seed0.json", RunRecord("task", "method", 0, Status.FAILED, error="boom"))
     assert written == failure_path(runs / "seed0.json") == runs / "seed0.failed.json"
     assert ((runs / "seed0.json").read_bytes(), (runs / "seed0.npz").read_bytes()) == good
     assert iter_runs(tmp_path) == [runs / "seed0.json"]
@@ -160,15 +166,15 @@ def _sklearn_auroc_mismatches(root: Path) -> tuple[int, int, list[str]]:
 
     checked, old, wrong = 0, 0, []
     for path in iter_runs(root):
-        record = read_json(path)
-        if record.get("status") != "ok":
+        record = read_record(path)
+        if not record.ok:
             continue
-        if record.get("schema", 1) < 2:
+        if not record.checkable:
             old += 1  # float32 probabilities: msp/entropy AUROCs cannot be recomputed exactly
             continue
         arrays = read_predictions(path, record)
         test = scores(arrays, "test")
-        for key, value in record["metrics"].items():
+        for key, value in record.metrics.items():
             if key.startswith("ood/"):
                 _, ood, _, score = key.split("/")
                 s_in, s_out = test[score], scores(arrays, f"ood/{ood}")[score]

@@ -4,27 +4,39 @@ from __future__ import annotations
 
 import heapq
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import make_record
 
+from bench.record import NetworkCost
 from bench.results import run_paths
 from bench.schedule import TimeLeft, estimate_seconds, fill_unknown, longest_first, recorded_seconds
 
 
 def _write_run(root: Path, task: str, method: str, seed: int, seconds: dict, smoke: bool = False) -> Path:
+    """A record whose only time is ``fit_posthoc_s`` (and ``seconds``' other cost fields)."""
+    record = make_record(networks=[])
+    record.config.smoke = smoke
+    zero = {"data_s": 0.0, "fit_posthoc_s": 0.0, "predict_test_s": 0.0, "predict_other_s": 0.0}
+    record.costs = replace(record.costs, **{**zero, **seconds})
     path, _ = run_paths(root, task, method, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": "ok", "config": {"smoke": smoke}, "timings": seconds}))
+    path.write_text(json.dumps(record.to_json()))
     return path
 
 
-def test_recorded_seconds_sums_the_timed_parts_only(tmp_path: Path) -> None:
-    timings = {"data_s": 1.0, "map_train_s": 2.0, "fit_s": 10.0, "fit_posthoc_s": 10.0,
-               "predict_test_s": 3.0, "predict_other_s": 4.0, "predict_per_1k_s": 300.0, "map_cached": True}
-    path = _write_run(tmp_path, "t", "m", 0, timings)
-    assert recorded_seconds(path, smoke=False) == pytest.approx(20.0)
+def test_recorded_seconds_sums_the_wall_time_parts_only(tmp_path: Path) -> None:
+    path = _write_run(tmp_path, "t", "m", 0, {"data_s": 1.0, "fit_posthoc_s": 10.0, "predict_test_s": 3.0,
+                                              "predict_other_s": 4.0, "predict_per_1k_s": 300.0})
+    assert recorded_seconds(path, smoke=False) == pytest.approx(18.0)
     assert recorded_seconds(path, smoke=True) is None  # a smoke run says nothing about a full one
+
+
+def test_recorded_seconds_count_networks_trained_in_the_run_not_loaded_ones(tmp_path: Path) -> None:
+    path = _write_run(tmp_path, "t", "m", 0, {"networks": [NetworkCost(0, False, 2.0), NetworkCost(1, True, 5.0)]})
+    assert recorded_seconds(path, smoke=False) == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("content", ["", "{not json", '{"status": "failed", "error": "x"}', "[]"])
@@ -38,10 +50,10 @@ def test_unusable_records_give_no_estimate(tmp_path: Path, content: str) -> None
 
 def test_estimate_is_the_seed_mean_of_the_first_root_with_history(tmp_path: Path) -> None:
     out, history = tmp_path / "out", tmp_path / "history"
-    _write_run(history, "t", "m", 0, {"fit_s": 10.0})
-    _write_run(history, "t", "m", 2, {"fit_s": 30.0})
+    _write_run(history, "t", "m", 0, {"fit_posthoc_s": 10.0})
+    _write_run(history, "t", "m", 2, {"fit_posthoc_s": 30.0})
     assert estimate_seconds("t", "m", False, [out, history]) == pytest.approx(20.0)
-    _write_run(out, "t", "m", 1, {"fit_s": 5.0})
+    _write_run(out, "t", "m", 1, {"fit_posthoc_s": 5.0})
     assert estimate_seconds("t", "m", False, [out, history]) == pytest.approx(5.0)
     assert estimate_seconds("t", "other", False, [out, history]) is None
 

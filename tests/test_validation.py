@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.validation import arrays_problem, prediction_problem, probs_problem, record_problem, score_problem
+from bench.validation import arrays_problem, prediction_problem, probs_problem, score_problem
 
 N, C = 6, 3
 
@@ -76,31 +76,3 @@ def test_inconsistent_arrays_are_named(change, message: str) -> None:
     change(arrays)
     problem = arrays_problem(arrays)
     assert problem is not None and message in problem
-
-
-OK_RECORD = {"status": "ok", "task": "t", "method": "m", "seed": 0, "schema": 2, "metrics": {"cls/acc": 0.5},
-             "config": {"smoke": False}, "timings": {"fit_s": 1.0, "predict_per_1k_s": 0.1},
-             "memory": {"fit_peak_bytes": 0, "predict_peak_bytes": 10}}
-
-
-def test_complete_records_have_no_problem() -> None:
-    assert record_problem(OK_RECORD) is None
-    assert record_problem({"status": "failed", "task": "t", "method": "m", "seed": 0, "error": "boom"}) is None
-
-
-@pytest.mark.parametrize("edit,message", [
-    (lambda r: r.pop("metrics"), "'metrics' is missing"),
-    (lambda r: r.pop("status"), "status is None"),
-    (lambda r: r.update(seed="0"), "'seed' is missing or not a int"),
-    (lambda r: r["timings"].pop("fit_s"), "'timings.fit_s' is missing"),
-    (lambda r: r["config"].pop("smoke"), "'config.smoke' is missing"),
-    (lambda r: r["metrics"].update({"cls/nll": None}), "metric 'cls/nll' is not a finite number"),
-])
-def test_incomplete_records_are_named(edit, message: str) -> None:
-    import copy
-
-    record = copy.deepcopy(OK_RECORD)
-    edit(record)
-    problem = record_problem(record)
-    assert problem is not None and message in problem
-    assert "not a run record" in record_problem([1, 2])
