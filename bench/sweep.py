@@ -19,8 +19,9 @@ from bench.device import select_device
 from bench.errors import BenchError
 from bench.method_api import METHODS
 from bench.progress import Reporter
+from bench.record import RunRecord, Status
 from bench.registry import parse_assignment
-from bench.results import SCHEMA_VERSION, ensure_writable, read_json, write_failure
+from bench.results import ensure_writable, read_record, write_failure
 from bench.runner import RunConfig, resolve, result_paths, run
 from bench.schedule import DEFAULT_HISTORY, TimeLeft, estimate_seconds, fill_unknown, longest_first
 from bench.seeding import check_seed
@@ -75,14 +76,13 @@ def is_done(config: RunConfig) -> bool:
     json_path, npz_path = result_paths(config)
     if not (json_path.exists() and npz_path.exists()):
         return False
-    record = read_json(json_path)
+    record = read_record(json_path)
     r = resolve(config)
-    cfg = record.get("config", {})
     return (
-        record.get("status") == "ok"
-        and cfg.get("method_options") == opts.as_dict(r.method_options)
-        and cfg.get("task_options") == opts.as_dict(r.task_options)
-        and cfg.get("smoke") == config.smoke
+        record.ok
+        and record.config.method_options == opts.as_dict(r.method_options)
+        and record.config.task_options == opts.as_dict(r.task_options)
+        and record.config.smoke == config.smoke
     )
 
 
@@ -92,10 +92,8 @@ def record_failure(config: RunConfig, exc: BaseException) -> str:
     message = f"{type(exc).__name__}: {exc}".splitlines()[0]
     json_path, _ = result_paths(config)
     r = resolve(config)
-    record = {
-        "schema": SCHEMA_VERSION, "task": r.task_label, "method": r.method_label, "seed": config.seed,
-        "status": "failed", "error": message[:300], "traceback": traceback.format_exc()[-4000:],
-    }
+    record = RunRecord(task=r.task_label, method=r.method_label, seed=config.seed, status=Status.FAILED,
+                       error=message[:300], traceback=traceback.format_exc()[-4000:])
     try:
         write_failure(json_path, record)
     except BenchError as unwritable:
@@ -159,12 +157,13 @@ def _died(config: RunConfig, process: BaseProcess) -> str:
 
 @contextmanager
 def _in_fresh_processes(
-    todo: list[RunConfig], jobs: int, plugins: list[str], quiet: bool
+    todo: list[RunConfig], jobs: int, plugins: list[str], quiet: bool, skip_done: bool = True
 ) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
     """Each run in a fresh spawned process (so its peak memory is its own), ``jobs`` at a time,
     started in ``todo`` order; yields (index in ``todo``, (error, seconds)) as they finish.
     Each run is written atomically by its process, so stopping the sweep (Ctrl-C) loses only
-    the unfinished runs, and those processes are stopped before the sweep returns.
+    the unfinished runs, and those processes are stopped before the sweep returns. With
+    ``skip_done``, a run that another sweep into the same folder finished meanwhile is skipped.
 
     Hand-written rather than a ``ProcessPoolExecutor(max_tasks_per_child=1)``: that pool hangs
     on Ctrl-C while it replaces a worker (seen on Python 3.12)."""
@@ -178,8 +177,13 @@ def _in_fresh_processes(
     live: dict[int, tuple[BaseProcess, Connection]] = {}
     waiting = iter(range(len(todo)))
 
+    skipped: list[int] = []
+
     def start_next() -> None:
         i = next(waiting, None)
+        while i is not None and skip_done and is_done(todo[i]):  # another sweep finished it meanwhile
+            skipped.append(i)
+            i = next(waiting, None)
         if i is None:
             return
         receive, send = context.Pipe(duplex=False)
@@ -192,7 +196,11 @@ def _in_fresh_processes(
     def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
         for _ in range(jobs):
             start_next()
-        while live:
+        while live or skipped:
+            while skipped:
+                yield skipped.pop(0), (None, 0.0)
+            if not live:
+                break
             ended = set(wait([process.sentinel for process, _ in live.values()]))
             for i, (process, receive) in list(live.items()):
                 if process.sentinel not in ended:
@@ -255,7 +263,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     failures: list[tuple[RunConfig, str]] = []
     started = time.perf_counter()
     bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
-    with _in_fresh_processes(todo, jobs, list(getattr(args, "plugin", [])), args.quiet) as results:
+    plugins = list(getattr(args, "plugin", []))
+    with _in_fresh_processes(todo, jobs, plugins, args.quiet, skip_done=not args.force) as results:
         time_left = TimeLeft([(c.method, c.task) for c in todo], weights, jobs)
         for count, (i, (error, seconds)) in enumerate(results, start=1):
             config = todo[i]

@@ -275,3 +275,45 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_runs_another_sweep_finished_meanwhile_are_skipped_not_rerun(monkeypatch, tmp_path: Path) -> None:
+    """Two sweeps into one folder share the work: a run is checked again just before it starts."""
+    from bench import sweep
+    from bench.runner import RunConfig
+
+    todo = [RunConfig(method="map", task="tiny-digits", seed=s, out=tmp_path) for s in range(3)]
+    monkeypatch.setattr(sweep, "is_done", lambda config: config.seed != 1)
+    started = []
+    monkeypatch.setattr(sweep, "_child", lambda config, *rest: started.append(config.seed))
+
+    class FakeProcess:  # runs the (patched) child inline and reports it ended with a result
+        def __init__(self, target, args):
+            target(*args)
+            self.sentinel, self.exitcode = None, 0
+            args[-1].send((None, 1.0))
+
+        def start(self):
+            pass
+
+        def join(self, timeout=None):
+            pass
+
+        def is_alive(self):
+            return False
+
+        def terminate(self):
+            pass
+
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    monkeypatch.setattr(context, "Process", FakeProcess, raising=False)
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: context)
+    monkeypatch.setattr("multiprocessing.connection.wait", lambda objects, timeout=None: objects)
+    with sweep._in_fresh_processes(todo, 1, [], quiet=True) as results:
+        finished = list(results)
+    assert started == [1]
+    assert sorted(finished) == [(0, (None, 0.0)), (1, (None, 1.0)), (2, (None, 0.0))]
+    with sweep._in_fresh_processes(todo, 1, [], quiet=True, skip_done=False) as results:
+        assert len(list(results)) == 3 and started == [1, 0, 1, 2]
