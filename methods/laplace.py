@@ -101,7 +101,7 @@ class Predictive(str, Enum):
 class _Shared:
     prior_method: PriorMethod = option(PriorMethod.MARGLIK, "how the prior precision is chosen")
     prior_structure: PriorStructure = option(
-        PriorStructure.SCALAR, "marglik: one precision or one per parameter tensor"
+        PriorStructure.AUTO, "marglik: one precision or one per parameter tensor (auto: see the enum)"
     )
     prior_precision: float = option(1.0, "initial value (marglik) or the value (fixed)", min=1e-12)
     marglik_steps: int = option(100, "Adam steps on the log marginal likelihood", min=1)
@@ -175,6 +175,7 @@ class _LaplaceBase(Method):
 
     desc = "laplace"
     model_hint: str | None = None  # advice when laplace-torch refuses the model with a ValueError
+    has_layerwise_prior = True  # laplace-torch's last-layer posteriors have none
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -216,8 +217,9 @@ class _LaplaceBase(Method):
             raise BenchError(f"{self.name}: laplace-torch cannot use this model ({err}); {self.model_hint}") from None
         t1 = time.perf_counter()
         self._after_fit()
+        structure = self._prior_structure()
         flag = tune_prior(
-            self.la, o.prior_method, o.prior_structure, o.prior_precision,
+            self.la, o.prior_method, structure, o.prior_precision,
             marglik_steps=o.marglik_steps, marglik_lr=o.marglik_lr,
             grid=log_grid(o.grid_min, o.grid_max, o.grid_size), val=ctx.data.val,
             batch_size=self._pred_batch(), link=o.link, n_samples=o.n_samples,
@@ -229,6 +231,7 @@ class _LaplaceBase(Method):
         self.info = {
             "structure": o.structure.value,
             "prior_method": o.prior_method.value,
+            "prior_structure": structure.value,
             "prior_precision": prior_summary(self.la),
             "link": o.link.value,
             "n_params": int(self.la.n_params),
@@ -242,6 +245,14 @@ class _LaplaceBase(Method):
 
     def _after_fit(self) -> None:
         pass
+
+    def _prior_structure(self) -> PriorStructure:
+        """``auto`` resolved: layerwise for marglik where the method has it, else scalar."""
+        chosen, method = self.options.prior_structure, self.options.prior_method
+        if chosen is not PriorStructure.AUTO:
+            return chosen
+        layerwise = self.has_layerwise_prior and method is PriorMethod.MARGLIK
+        return PriorStructure.LAYERWISE if layerwise else PriorStructure.SCALAR
 
     def _link(self, f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
         o = self.options
@@ -263,13 +274,14 @@ class LastLayerLaplace(_LaplaceBase):
 
     Options = LastLayerOptions
     desc = "laplace-ll"
+    has_layerwise_prior = False
     # laplace-torch finds the last layer itself: it must be an nn.Linear after other modules.
     model_hint = "last-layer Laplace needs a model whose last module is an nn.Linear after others; use laplace"
 
     def _build(self, ctx: FitContext) -> Any:
         from laplace import Laplace
 
-        if self.options.prior_structure is not PriorStructure.SCALAR:
+        if self.options.prior_structure is PriorStructure.LAYERWISE:
             raise BenchError(
                 "laplace-ll takes prior_structure=scalar only (laplace-torch's last-layer "
                 "posteriors have no per-layer prior); use laplace for a layerwise prior"

@@ -51,6 +51,10 @@ class PriorMethod(str, Enum):
 class PriorStructure(str, Enum):
     """Shape of the prior precision tuned by marglik."""
 
+    AUTO = "auto"
+    """layerwise where the method has it and the prior is tuned by marglik (all-weights
+    ``laplace``: it matched or beat scalar on NLL, ECE and OOD AUROC on all three tasks, see the
+    README's prior study); scalar otherwise (``laplace-ll``, gridsearch, fixed)"""
     SCALAR = "scalar"
     """one precision for all weights"""
     LAYERWISE = "layerwise"

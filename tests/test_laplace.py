@@ -188,6 +188,18 @@ def test_gridsearch_with_layerwise_prior_refused(setup):
         run(setup, "laplace", prior_method="gridsearch", prior_structure="layerwise")
 
 
+@pytest.mark.parametrize("name,settings,expected", [
+    ("laplace", {"structure": "diag"}, "layerwise"),  # auto, marglik: the evidence's choice
+    ("laplace", {"structure": "diag", "prior_method": "gridsearch"}, "scalar"),  # grid search tunes one value
+    ("laplace-ll", {}, "scalar"),  # laplace-torch's last layer has no layerwise prior
+])
+def test_auto_prior_structure_resolves_and_is_recorded(setup, name, settings, expected):
+    method, _ = run(setup, name, **settings)
+    assert method.summary()["prior_structure"] == expected
+    prior = method.summary()["prior_precision"]
+    assert isinstance(prior, list) == (expected == "layerwise")
+
+
 def test_last_layer_layerwise_prior_refused(setup):
     with pytest.raises(BenchError, match="prior_structure=scalar"):
         run(setup, "laplace-ll", prior_structure="layerwise")
