@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.derived_rows import derive, derived_label, has_gaussian, is_derived
 from bench.errors import BenchError
 from bench.metrics import evaluate
 from bench.paired import Interval, paired_intervals
@@ -56,6 +57,7 @@ class Collected:
         self.failed: list[RunRecord] = []
         self.old_format: list[Path] = []  # schema 1: metrics not checkable
         self.devices: dict[tuple[str, str], set[str]] = defaultdict(set)  # where costs were measured
+        self.same_as_own: dict[tuple[str, str], set[str]] = defaultdict(set)  # derived rows not repeated
         self.flags: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # (task, method) → (seed, flag)
         self.arrays: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # → seed → npz
         self.indices: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # capped runs
@@ -97,6 +99,8 @@ def collect(root: Path) -> Collected:
             {**metrics, **cost_cells(record), "seed": record.seed,
              "subset": record.data.evaluated_subsets.get("test", 0)})
         out.flags[key] += [(record.seed, f) for f in record.flags]
+        if has_gaussian(arrays):
+            _add_derived(out, record, arrays, indices)
         out.devices[key].add(str(record.provenance.machine.get("device", "?")) if record.provenance else "?")
     for path in iter_failures(root):
         record = read_record(path)
@@ -112,6 +116,25 @@ def collect(root: Path) -> Collected:
                 flat["subset"] = len(indices.get("test", ()))
                 table[task][paired_label(method)].append(flat)
     return out
+
+
+def _add_derived(out: Collected, record: RunRecord, arrays: dict[str, np.ndarray],
+                 indices: dict[str, np.ndarray]) -> None:
+    """The run's ``[s=1]`` and ``[s tuned]`` rows (``bench.derived_rows``); one identical to the
+    method's own predictive is not repeated, only named."""
+    for kind, (derived, scale, flag) in derive(arrays).items():
+        label = derived_label(record.method, kind)
+        if np.allclose(derived["test/probs"], arrays["test/probs"], rtol=0.0, atol=1e-6):
+            out.same_as_own[(record.task, record.method)].add(kind)
+            continue
+        metrics = evaluate(**unpack_predictions(derived))
+        out.table[record.task][label].append({**metrics, "seed": record.seed, "subset": len(indices.get("test", ())),
+                                              "scale": scale})
+        out.arrays[(record.task, label)][record.seed] = derived
+        if indices:
+            out.indices[(record.task, label)][record.seed] = indices
+        if flag:
+            out.flags[(record.task, label)].append((record.seed, flag))
 
 
 def cost_cells(record: RunRecord) -> dict[str, float]:
@@ -148,7 +171,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         if stale:
             print(f"bench: stale tables: {', '.join(map(str, stale))}; run `python -m bench table`")
             return 1
-        runs = sum(len(v) for t in found.table.values() for m, v in t.items() if not is_paired(m))
+        runs = sum(len(v) for t in found.table.values() for m, v in t.items() if not is_paired(m) and not is_derived(m))
         print(f"tables are up to date with {runs} runs, each run's JSON metrics recomputed from its npz")
         return 0
     if old:

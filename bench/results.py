@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.logit_gaussian import diagonal
 from bench.record import RunRecord, load_record
 from bench.types import Prediction
 from bench.validation import arrays_problem
@@ -90,8 +91,10 @@ def pack_predictions(
     test_labels: torch.Tensor,
     ood: dict[str, Prediction],
     shift: dict[str, tuple[Prediction, torch.Tensor]],
+    val: tuple[Prediction, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Flatten predictions into named arrays: ``test/probs``, ``ood/<set>/score/<name>``...
+    """Flatten predictions into named arrays: ``test/probs``, ``ood/<set>/score/<name>``, and
+    for a method with a logit Gaussian ``<set>/logit_mean``, ``<set>/logit_var`` and ``val/...``.
 
     Everything in float64, as the metrics compute it, so the JSON's metrics recompute exactly."""
     arrays: dict[str, np.ndarray] = {
@@ -107,7 +110,23 @@ def pack_predictions(
     for set_name, (pred, labels) in shift.items():
         arrays[f"shift/{set_name}/probs"] = pred.probs.double().numpy()
         arrays[f"shift/{set_name}/labels"] = labels.numpy()
+    sets = {"test": test, **{f"ood/{k}": v for k, v in ood.items()}, **{f"shift/{k}": v for k, (v, _) in shift.items()}}
+    if val is not None:
+        sets["val"] = val[0]
+        arrays["val/labels"] = val[1].numpy()
+    for prefix, pred in sets.items():
+        arrays.update(pack_gaussian(prefix, pred))
     return arrays
+
+
+def pack_gaussian(prefix: str, pred: Prediction) -> dict[str, np.ndarray]:
+    """A set's logit Gaussian as the table needs it (mean and per-logit variances), float32:
+    the derived rows are computed from exactly these stored values, so float32 loses nothing
+    a recompute could notice and halves the file."""
+    if not pred.has_gaussian:
+        return {}
+    return {f"{prefix}/logit_mean": pred.logit_mean.float().numpy(),
+            f"{prefix}/logit_var": diagonal(pred.logit_cov).float().numpy()}
 
 
 def unpack_predictions(arrays: dict[str, np.ndarray]) -> dict[str, Any]:

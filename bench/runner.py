@@ -19,6 +19,7 @@ from bench import options as opts
 from bench.cache import cache_lock, cache_root
 from bench.device import select_device
 from bench.errors import BenchError
+from bench.logit_gaussian import gaussian_scores
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
 from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, current_rss_bytes, measure
@@ -188,9 +189,11 @@ def memory_kind(m: Measurement, device: torch.device) -> str:
     return CPU_FRESH_KIND if _runs_in_this_process <= 1 else CPU_KIND
 
 
-def _predict(method: Method, x: torch.Tensor, where: str, classes: int) -> Prediction:
+def _predict(method: Method, x: torch.Tensor, where: str, classes: int, seed: int = 0) -> Prediction:
     """The method's prediction for ``x``, checked (one row per input, ``classes`` columns, finite,
-    normalised, finite scores) and in float64 on CPU; anything else is a one-line error."""
+    normalised, finite scores) and in float64 on CPU; anything else is a one-line error. With a
+    logit Gaussian, the harness's own scores of it are added (``bench.logit_gaussian``, MI draws
+    seeded by ``seed``)."""
     try:
         pred = method.predict(x)
     except InvalidPrediction as exc:  # a Prediction built with inconsistent shapes
@@ -200,7 +203,16 @@ def _predict(method: Method, x: torch.Tensor, where: str, classes: int) -> Predi
     if problem := prediction_problem(pred.probs, pred.scores, len(x), classes):
         raise BenchError(f"method {method.name} returned an invalid prediction for {where}: {problem}")
     scores = {k: v.detach().double().cpu() for k, v in pred.scores.items()}
-    return Prediction(pred.probs.detach().double().cpu(), scores)
+    if not pred.has_gaussian:
+        return Prediction(pred.probs.detach().double().cpu(), scores)
+    mean, cov = pred.logit_mean.detach().double().cpu(), pred.logit_cov.detach().double().cpu()
+    if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+        raise BenchError(f"method {method.name} returned a logit Gaussian with NaN or inf for {where}")
+    harness = gaussian_scores(mean, cov, seed)
+    if clash := sorted(harness.keys() & scores.keys()):
+        raise BenchError(f"method {method.name} returned a score named {clash[0]!r}, which the harness derives "
+                         "from its logit Gaussian; rename the method's score")
+    return Prediction(pred.probs.detach().double().cpu(), scores | harness, mean, cov)
 
 
 def _same_scores(method: Method, test: Prediction, others: dict[str, Prediction]) -> None:
@@ -247,6 +259,7 @@ class Predicted:
     indices: dict[str, np.ndarray]
     test_time: Measurement
     other_s: float
+    val: tuple[Prediction, torch.Tensor] | None = None  # with a logit Gaussian: for scale tuning
 
 
 def prepare(config: RunConfig, r: Resolved) -> Prepared:
@@ -297,20 +310,28 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
         subsets[name], indices[name] = int(limit), pick
         return tuple(t[torch.from_numpy(pick)] for t in tensors)
 
-    classes = p.data.num_classes
+    def on(name: str, x: torch.Tensor, where: str) -> Prediction:
+        return _predict(method, x, where, p.data.num_classes, derive_seed(config.seed, "logit-draws", name))
+
     x_test, y_test = subset("test", *p.data.test.tensors)
     with measure(p.device, p.baseline) as test_time:
-        test_pred = _predict(method, x_test, "the test set", classes)
+        test_pred = on("test", x_test, "the test set")
     with measure(p.device) as rest_time:
-        ood = {name: _predict(method, subset(f"ood/{name}", x)[0], f"OOD set {name!r}", classes)
+        ood = {name: on(f"ood/{name}", subset(f"ood/{name}", x)[0], f"OOD set {name!r}")
                for name, x in p.data.ood.items()}
         shift = {}
         for name, ds in p.data.shift.items():
             xs, ys = subset(f"shift/{name}", *ds.tensors)
-            shift[name] = (_predict(method, xs, f"shift set {name!r}", classes), ys)
+            shift[name] = (on(f"shift/{name}", xs, f"shift set {name!r}"), ys)
+        val = None
+        if test_pred.has_gaussian and len(p.data.val):  # for the harness's one scale-tuning rule
+            xv, yv = subset("val", *p.data.val.tensors)
+            val = (on("val", xv, "the validation set"), yv)
     _same_scores(method, test_pred, {**{f"OOD set {k!r}": v for k, v in ood.items()},
                                      **{f"shift set {k!r}": v for k, (v, _) in shift.items()}})
-    return Predicted(test_pred, y_test, ood, shift, subsets, indices, test_time, rest_time.seconds)
+    if val is not None and not val[0].has_gaussian:
+        raise BenchError(f"method {method.name} returned a logit Gaussian for the test set but not for validation")
+    return Predicted(test_pred, y_test, ood, shift, subsets, indices, test_time, rest_time.seconds, val)
 
 
 def score(pred: Predicted) -> dict[str, float]:
@@ -362,7 +383,7 @@ def run(config: RunConfig) -> RunRecord:
     record = make_record(config, prepared, fitted, predicted, score(predicted))
     for flag in record.flags:
         prepared.reporter.log(f"WARNING {r.method_label}: {flag}")
-    arrays = pack_predictions(predicted.test, predicted.y_test, predicted.ood, predicted.shift)
+    arrays = pack_predictions(predicted.test, predicted.y_test, predicted.ood, predicted.shift, predicted.val)
     arrays.update({f"index/{name}": idx for name, idx in predicted.indices.items()})  # for paired tables
     json_path, npz_path = prepared.paths
     write_run(json_path, npz_path, record, arrays)

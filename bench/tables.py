@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from bench.derived_rows import TUNED, UNTUNED
 from bench.paired import N_BOOT
 from bench.ranking import best_of_column, mean_ranks, summarize
 
@@ -33,7 +34,10 @@ COST_COLUMNS = [
     ("predict s/1k", "costs/predict_per_1k_s", 0),
     ("peak MiB", "memory/peak_mib", 0),
 ]
-OWN_SCORES = ("variance", "mutual_info")
+# OOD score columns beside entropy: the method's own variance (defined per method, so not
+# comparable across rows), and the two defined once for every method that has them:
+# mutual_info (members, masks, or draws of the logit Gaussian) and centred_var (bench.logit_gaussian).
+OWN_SCORES = ("variance", "mutual_info", "centred_var")
 # A method evaluated on a subset (its cost cap) is shown beside this method's predictions cut to
 # the same inputs and seed, so that the comparison is paired: a 100-input subset can differ from
 # the full test set by more than the methods differ from each other.
@@ -57,7 +61,13 @@ HEADER = [
     "MiB: on CPU the peak resident memory of fit or predict above the RSS after data loading, each run in",
     "its own process (– : recorded by an older bench that could not measure it); on a GPU the CUDA peak",
     "allocated.",
-    f"{FLAG_MARK} = a run of that row carries a warning flag (listed under its table).", "",
+    f"{FLAG_MARK} = a run of that row carries a warning flag (listed under its table).",
+    f"`M {UNTUNED}` / `M {TUNED}`: method M's own Gaussian over logits through the probit at s = 1 (untuned)",
+    "and at the s with the lowest validation NLL on one grid (1e-4 … 1e4) over the validation inputs the run",
+    "predicted; the same rule for every method with a logit Gaussian (bench/derived_rows.py). OOD score",
+    "columns: entropy of the predictive; the method's own variance (defined per method, not comparable",
+    "across rows); mutual_info (ensemble members, dropout masks, or 100 draws of the logit Gaussian);",
+    "centred_var, the trace of the softmax-centred logit covariance (bench/logit_gaussian.py).", "",
 ]
 
 
@@ -141,6 +151,10 @@ def _notes(task: str, found: Collected) -> list[str]:
               f"compare it with `{paired_label(m)}`, the {PAIRED_REFERENCE} predictions on the same "
               "inputs and seeds. Subset rows are not ranked (no bold)."
               for m, k in capped]
+    notes += [f"- {m}: tuned s per seed " + ", ".join(format(r["scale"], ".3g") for r in runs[m])
+              for m in sorted(runs) if m.endswith(TUNED)]
+    notes += [f"- {m}: its own predictive is its {' and '.join(sorted(kinds))} row (not repeated)"
+              for (t, m), kinds in sorted(found.same_as_own.items()) if t == task]
     devices = sorted({d for m in runs if not is_paired(m) for d in found.devices.get((task, m), ())})
     if devices:
         notes.append(f"- costs measured on: {', '.join(devices)}")

@@ -78,7 +78,9 @@ def labels_problem(key: str, labels: np.ndarray, n: int, classes: int) -> str | 
     return None
 
 
-_KEY = re.compile(r"^(test|ood/[^/]+|shift/[^/]+)/(probs|labels|score/[^/]+)$|^index/(test|(ood|shift)/[^/]+)$")
+GAUSSIAN_KEY = re.compile(r"^(test|val|ood/[^/]+|shift/[^/]+)/logit_(mean|var)$")
+_KEY = re.compile(r"^(test|ood/[^/]+|shift/[^/]+)/(probs|labels|score/[^/]+|logit_mean|logit_var)$"
+                  r"|^val/(labels|logit_mean|logit_var)$|^index/(test|val|(ood|shift)/[^/]+)$")
 
 
 def arrays_problem(arrays: dict[str, np.ndarray]) -> str | None:
@@ -88,9 +90,11 @@ def arrays_problem(arrays: dict[str, np.ndarray]) -> str | None:
     if unknown := [k for k in arrays if not _KEY.match(k)]:
         return f"it holds an unexpected array {unknown[0]!r}"
     classes = arrays["test/probs"].shape[-1] if arrays["test/probs"].ndim == 2 else 0
-    sets = {k.rsplit("/", 1)[0] for k in arrays if k.endswith(("/probs", "/labels"))}
+    if problem := _gaussian_problem(arrays, classes):
+        return problem
+    sets = {k.rsplit("/", 1)[0] for k in arrays if k.endswith(("/probs", "/labels")) and not k.startswith("val/")}
     sets |= {k.split("/score/")[0] for k in arrays if "/score/" in k}
-    sets |= {k.removeprefix("index/") for k in arrays if k.startswith("index/")}
+    sets |= {k.removeprefix("index/") for k in arrays if k.startswith("index/") and k != "index/val"}
     for name in sorted(sets):
         if f"{name}/probs" not in arrays:
             return f"it lacks {name}/probs"
@@ -109,4 +113,23 @@ def arrays_problem(arrays: dict[str, np.ndarray]) -> str | None:
             problem = f"index/{name} has shape {index.shape} and type {index.dtype}, expected {n} integers"
         if problem:
             return f"{name}: {problem}"
+    return None
+
+
+def _gaussian_problem(arrays: dict[str, np.ndarray], classes: int) -> str | None:
+    """The logit Gaussians stored beside a set's probabilities (and for the validation set):
+    mean and variance together, N × C like the set, finite, variances non-negative."""
+    sets = {m.group(1) for k in arrays if (m := GAUSSIAN_KEY.match(k))}
+    for name in sorted(sets):
+        mean, var = arrays.get(f"{name}/logit_mean"), arrays.get(f"{name}/logit_var")
+        if mean is None or var is None:
+            return f"{name}: it has only one of logit_mean and logit_var"
+        rows = len(arrays["val/labels"]) if name == "val" and "val/labels" in arrays else len(
+            arrays.get(f"{name}/probs", mean))
+        if mean.shape != (rows, classes) or var.shape != (rows, classes):
+            return f"{name}: logit_mean {mean.shape} and logit_var {var.shape} are not {rows} x {classes}"
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var < 0).any():
+            return f"{name}: its logit Gaussian has NaN, inf or negative variances"
+    if "val/labels" in arrays and "val" not in sets:
+        return "val: it has labels but no logit Gaussian"
     return None

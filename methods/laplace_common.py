@@ -212,13 +212,17 @@ def predict_batched(
     desc: str,
 ) -> Prediction:
     """Run ``functional`` (→ f_mu, f_var) and ``link`` batch by batch; CPU float64 outputs."""
-    probs, variance = [], []
+    probs, variance, means, covs = [], [], [], []
     starts = range(0, len(x), batch_size)
     for s in progress(starts, desc=desc, unit="batch", total=len(starts)):
         f_mu, f_var = functional(x[s : s + batch_size])
         probs.append(link(f_mu, f_var).double().cpu())
         variance.append(f_var.diagonal(dim1=1, dim2=2).mean(1).double().cpu())
+        means.append(f_mu.detach().double().cpu())
+        covs.append(f_var.detach().double().cpu())
     if not probs:
         empty = torch.empty(0, dtype=torch.float64)
         return Prediction(empty.reshape(0, 0), {"variance": empty})
-    return Prediction(torch.cat(probs), {"variance": torch.cat(variance)})
+    # The logit Gaussian itself (full C x C covariance) goes to the harness too, which derives
+    # the scores and the s=1 / s-tuned predictives shared by every Gaussian method.
+    return Prediction(torch.cat(probs), {"variance": torch.cat(variance)}, torch.cat(means), torch.cat(covs))

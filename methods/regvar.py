@@ -88,8 +88,10 @@ from torch.func import grad, vmap
 from torch.utils.data import TensorDataset
 
 from bench.errors import BenchError
+from bench.formulas import probit_probs
 from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
 from bench.options import option
+from bench.scale_tuning import scale_edge_flag, tune_scale
 from bench.seeding import derive_seed
 from bench.types import Prediction
 
@@ -101,11 +103,8 @@ from .regvar_common import (
     SolverSettings,
     StackedObjective,
     polish,
-    probit_probs,
-    scale_edge_flag,
     solve,
     train_tensors,
-    tune_scale,
 )
 from .regvar_newton import batched_cg, curvature_products
 
@@ -649,8 +648,12 @@ class RegVar(Method):
                 f"max_queries={self.options.max_queries}; raise it (--set max_queries=N) or evaluate a subset"
             )
         logits, var = self.moments(x)
-        probs = probit_probs(logits, self._probit_var(var), self.scale)
-        return Prediction(probs.float(), {"variance": var.mean(1).float()})
+        probit_var = self._probit_var(var)
+        probs = probit_probs(logits, probit_var, self.scale)
+        # The Gaussian it estimates, for the harness: per-logit variances (output=logits), or the
+        # one read-out's variance on every logit, exactly as its own probit applies it.
+        per_logit = probit_var if probit_var.ndim == 2 else probit_var[:, None].expand_as(logits)
+        return Prediction(probs.float(), {"variance": var.mean(1).float()}, logits.double(), per_logit.double())
 
     def summary(self) -> dict[str, Any]:
         failures = self.stats.failures()

@@ -40,23 +40,21 @@ from typing import Any
 import torch
 
 from bench.errors import BenchError
+from bench.formulas import probit_probs
 from bench.method_api import FLAGS_KEY, FitContext, Method, grid_edge_flag, register_method
 from bench.options import option
+from bench.scale_tuning import SCALE_GRID, scale_edge_flag, scale_nlls
 from bench.seeding import derive_seed
 from bench.types import Prediction
 
 from .regvar_common import (
-    SCALE_GRID,
     FlatModel,
     Optimizer,
     Regularizer,
     SolverOptions,
     StackedObjective,
     polish,
-    probit_probs,
     resolve,
-    scale_edge_flag,
-    scale_nlls,
     solve,
     train_tensors,
 )
@@ -186,7 +184,7 @@ class RegVarAmortized(Method):
         logits, var = self._mean_var(*self.pair, self.lam_joint, x)
         probs = probit_probs(logits, var, self.scale)
         top = var.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
-        return Prediction(probs.float(), {"variance": top.float()})
+        return Prediction(probs.float(), {"variance": top.float()}, logits.double(), var.double())
 
     def summary(self) -> dict[str, Any]:
         return dict(self.info)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench import formulas
 from bench.formulas import entropy
 from bench.types import Prediction
 
@@ -41,12 +42,8 @@ def expected_entropy(samples: torch.Tensor) -> torch.Tensor:
 
 
 def mutual_information(samples: torch.Tensor) -> torch.Tensor:
-    """Entropy of the mean minus mean entropy → (N,), ≥ 0 (Jensen), exactly 0 when samples agree.
-
-    Rounding can make the difference ~-1e-16 when all samples agree: clamped at 0.
-    """
-    samples = _check(samples)
-    return (entropy(samples.mean(dim=0)) - entropy(samples).mean(dim=0)).clamp_min(0.0)
+    """Entropy of the mean minus mean entropy → (N,) (``bench.formulas.mutual_information``)."""
+    return formulas.mutual_information(_check(samples))
 
 
 def summarize(samples: torch.Tensor) -> Prediction:
@@ -57,7 +54,7 @@ def summarize(samples: torch.Tensor) -> Prediction:
     samples = _check(samples)
     mean = samples.mean(dim=0)
     exp_ent = entropy(samples).mean(dim=0)
-    mi = (entropy(mean) - exp_ent).clamp_min(0.0)
+    mi = formulas.mutual_information(samples)
     return Prediction(mean.cpu(), {"mutual_info": mi.cpu(), "expected_entropy": exp_ent.cpu()})
 
 

@@ -1,4 +1,4 @@
-"""Shared RegVar pieces: probit predictive, scale tuning, flat model, batched solvers."""
+"""Shared RegVar pieces: probit predictive as RegVar uses it, flat model, batched solvers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.errors import BenchError
+from bench.formulas import probit_probs
 from bench_methods.regvar_common import (
-    SCALE_GRID,
     FlatModel,
     Optimizer,
     Precision,
@@ -18,11 +17,8 @@ from bench_methods.regvar_common import (
     SolverSettings,
     StackedObjective,
     mean_cross_entropy,
-    probit_probs,
     resolve,
-    scale_edge_flag,
     solve,
-    tune_scale,
 )
 
 CPU = torch.device("cpu")
@@ -54,33 +50,6 @@ def test_probit_is_softmax_without_variance_and_flattens_with_it() -> None:
     assert (p.max(1).values < logits.double().softmax(1).max(1).values).all()
     per_logit = probit_probs(logits, var[:, None].expand(2, 3), 2.0)
     torch.testing.assert_close(per_logit, probit_probs(logits, 2.0 * var, 1.0))
-
-
-def test_tune_scale_prefers_large_scale_for_overconfident_logits() -> None:
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 3, (200,), generator=g)
-    logits = 8.0 * torch.randn(200, 3, generator=g)  # confident and unrelated to the labels
-    s, nll = tune_scale(logits, torch.ones(200), labels)
-    assert s >= 100
-    s0, nll0 = tune_scale(logits, torch.ones(200), labels, grid=(1e-4,))
-    assert nll < nll0 and s0 == 1e-4
-    with pytest.raises(BenchError):
-        tune_scale(logits, torch.ones(200), labels, grid=())
-
-
-def test_a_scale_on_the_grid_floor_is_flagged_as_variance_switched_off() -> None:
-    # a well-calibrated, confident MAP: any variance only hurts, so the floor wins on validation
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 3, (300,), generator=g)
-    logits = 6.0 * nn.functional.one_hot(labels, 3).double()
-    s, _ = tune_scale(logits, torch.full((300,), 5.0), labels)
-    assert s == SCALE_GRID[0]
-    small, huge = torch.full((300,), 5.0), torch.full((300,), 1e6)
-    assert "switched off" in scale_edge_flag(s, small) and "floor" in scale_edge_flag(s, small)
-    # a huge variance still acts at the floor: then the flag does not claim it is off
-    assert "may lie below the grid" in scale_edge_flag(s, huge) and "switched off" not in scale_edge_flag(s, huge)
-    assert "ceiling" in scale_edge_flag(SCALE_GRID[-1], small)
-    assert scale_edge_flag(1.0, small) is None and scale_edge_flag(SCALE_GRID[1], small) is None
 
 
 def test_flat_model_copies_and_round_trips() -> None:
@@ -205,11 +174,3 @@ def test_first_order_copies_are_independent_and_deterministic(optimizer: Optimiz
     assert not torch.equal(a[0], fm.theta0)
 
 
-def test_scale_tuning_refuses_a_nan_objective() -> None:
-    """A NaN validation NLL (NaN variances) is an error, never a chosen scale (issue 17 item 3)."""
-    logits = torch.tensor([[2.0, -1.0], [0.5, 0.1]])
-    variance = torch.tensor([float("nan"), 0.3])
-    with pytest.raises(BenchError, match="not finite"):
-        tune_scale(logits, variance, torch.tensor([0, 1]))
-    scale, value = tune_scale(logits, torch.tensor([0.1, 0.3]), torch.tensor([0, 1]))
-    assert math.isfinite(value) and scale > 0

@@ -1,0 +1,68 @@
+"""The leaderboard rows every method with a logit Gaussian gets by one rule: ``[s=1]`` and
+``[s tuned]``.
+
+A run of such a method stores, beside its own predictive, its Gaussian over logits (mean and
+per-logit variances) for every evaluation set and for the validation inputs it predicted. From
+those arrays alone this module derives the probit predictive at s = 1 (the untuned Bayesian
+predictive) and at the s with the lowest validation NLL on the shared grid
+(``bench.scale_tuning``); a tuned s on the grid's edge is flagged. Laplace and RegVar are then
+compared on the same terms, whatever their own predictive does (Laplace's is s = 1, RegVar's
+tunes s on its own validation inputs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bench.formulas import probit_probs
+from bench.scale_tuning import scale_edge_flag, tune_scale
+from bench.validation import GAUSSIAN_KEY as _GAUSSIAN_KEY
+
+UNTUNED, TUNED = "[s=1]", "[s tuned]"
+# Scores whose ranking a scale s cannot change are kept in the [s tuned] row; mutual_info was
+# drawn from the s = 1 Gaussian, so it stays with [s=1] only.
+S_DEPENDENT_SCORES = ("mutual_info",)
+
+
+def derived_label(method: str, kind: str) -> str:
+    return f"{method} {kind}"
+
+
+def is_derived(label: str) -> bool:
+    return label.endswith((UNTUNED, TUNED))
+
+
+def has_gaussian(arrays: dict[str, np.ndarray]) -> bool:
+    return "test/logit_mean" in arrays and "val/logit_mean" in arrays
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(array, dtype=np.float64))
+
+
+def _with_scale(arrays: dict[str, np.ndarray], scale: float, drop: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The run's evaluation arrays with every set's probabilities replaced by the probit
+    predictive of its stored Gaussian at ``scale``."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if key.startswith("val/") or _GAUSSIAN_KEY.match(key):
+            continue
+        if any(key.endswith(f"/score/{name}") for name in drop):
+            continue
+        if key.endswith("/probs"):
+            prefix = key.removesuffix("/probs")
+            mean, var = _tensor(arrays[f"{prefix}/logit_mean"]), _tensor(arrays[f"{prefix}/logit_var"])
+            value = probit_probs(mean, var, scale).numpy()
+        out[key] = value
+    return out
+
+
+def derive(arrays: dict[str, np.ndarray]) -> dict[str, tuple[dict[str, np.ndarray], float, str | None]]:
+    """kind → (the derived row's arrays, its scale s, its flag or None)."""
+    val_var = _tensor(arrays["val/logit_var"])
+    scale, _ = tune_scale(_tensor(arrays["val/logit_mean"]), val_var, torch.from_numpy(arrays["val/labels"]))
+    return {
+        UNTUNED: (_with_scale(arrays, 1.0, ()), 1.0, None),
+        TUNED: (_with_scale(arrays, scale, S_DEPENDENT_SCORES), scale, scale_edge_flag(scale, val_var)),
+    }

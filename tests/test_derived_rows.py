@@ -1,0 +1,63 @@
+"""``bench.derived_rows``: the [s=1] and [s tuned] rows, from a run's stored logit Gaussian."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bench.derived_rows import TUNED, UNTUNED, derive, has_gaussian
+from bench.formulas import nll, probit_probs
+from bench.scale_tuning import SCALE_GRID
+from bench.validation import arrays_problem
+
+
+def _arrays(overconfident: float) -> dict[str, np.ndarray]:
+    """Logits ``overconfident`` times too large with unit variances: a larger s helps."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, n in (("test", 300), ("val", 400), ("ood/far", 50)):
+        true = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        labels = torch.multinomial(true.softmax(-1), 1, generator=g).squeeze(1)
+        mean, var = (overconfident * true).float(), torch.ones(n, 3)
+        out[f"{name}/logit_mean"], out[f"{name}/logit_var"] = mean.numpy(), var.numpy()
+        if name != "val":
+            out[f"{name}/probs"] = mean.double().softmax(-1).numpy()  # the method's own: variance ignored
+            out[f"{name}/score/variance"] = var.mean(1).double().numpy()
+            out[f"{name}/score/mutual_info"] = np.zeros(n)
+        if name != "ood/far":
+            out[f"{name}/labels"] = labels.numpy()
+    return out
+
+
+def test_derived_rows_are_the_probit_at_one_and_at_the_validation_best_scale() -> None:
+    arrays = _arrays(4.0)
+    assert has_gaussian(arrays) and arrays_problem(arrays) is None
+    rows = derive(arrays)
+    untuned, s1, flag1 = rows[UNTUNED]
+    mean, var = (torch.from_numpy(arrays[f"test/logit_{k}"]).double() for k in ("mean", "var"))
+    np.testing.assert_array_equal(untuned["test/probs"], probit_probs(mean, var, 1.0).numpy())
+    assert s1 == 1.0 and flag1 is None and "val/labels" not in untuned and "test/logit_mean" not in untuned
+    tuned, s, _ = rows[TUNED]
+    val_mean, val_var = (torch.from_numpy(arrays[f"val/logit_{k}"]).double() for k in ("mean", "var"))
+    val_y = torch.from_numpy(arrays["val/labels"])
+    best = min(SCALE_GRID, key=lambda g: nll(probit_probs(val_mean, val_var, g), val_y))
+    assert s == best > 1.0
+    np.testing.assert_array_equal(tuned["ood/far/probs"], probit_probs(
+        torch.from_numpy(arrays["ood/far/logit_mean"]).double(), torch.ones(50, 3, dtype=torch.float64), s).numpy())
+    assert "test/score/mutual_info" in untuned and "test/score/mutual_info" not in tuned  # drawn at s = 1
+    assert "test/score/variance" in tuned
+
+
+def test_a_tuned_scale_on_the_grid_floor_is_flagged() -> None:
+    arrays = _arrays(0.05)  # underconfident already: any variance hurts, s goes to the floor
+    _, s, flag = derive(arrays)[TUNED]
+    assert s == SCALE_GRID[0] and "floor" in flag
+
+
+def test_bad_gaussian_arrays_are_named() -> None:
+    arrays = _arrays(1.0)
+    arrays["test/logit_var"] = -arrays["test/logit_var"]
+    assert "negative" in arrays_problem(arrays)
+    arrays = _arrays(1.0)
+    del arrays["val/logit_var"]
+    assert "only one of" in arrays_problem(arrays)
