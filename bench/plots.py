@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.derived_rows import is_derived
 from bench.errors import BenchError  # noqa: E402
 from bench.leaderboard import collect  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
@@ -166,7 +167,7 @@ def plot_cost_quality(task: str, runs: dict[str, list[dict[str, float]]], out: P
     95 % t-interval. Hollow points: the training cost is unknown, so the point sits too far left."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method, rows in sorted(runs.items()):
-        if is_paired(method):
+        if is_paired(method) or is_derived(method):  # derived rows cost what their method does
             continue
         costs = [_cost(r) for r in rows]
         x = summarize([c for c, _ in costs]).mean
