@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep = sub.add_parser("sweep", help="run a grid of methods × tasks × seeds, resuming")
     p_sweep.add_argument("--methods", default="all", help="comma-separated names or 'all'")
     p_sweep.add_argument("--tasks", default="all", help="comma-separated names or 'all'")
+    p_sweep.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="local: fresh processes on this machine (default); ray: Ray tasks, local or on a cluster")
+    p_sweep.add_argument("--address", default=None,
+                         help="--engine ray: the cluster to join (auto, or HOST:PORT); default: start Ray here")
     p_sweep.add_argument("--seeds", default="0,1,2,3,4",
                          help="comma-separated seeds (default 0,1,2,3,4: five, for intervals that mean something)")
     p_sweep.add_argument("--force", action="store_true", help="rerun runs whose result exists")

@@ -237,7 +237,6 @@ class Prepared:
     cache: ModelCache
     map_model: torch.nn.Module | None
     data_s: float
-    paths: tuple[Path, Path]
 
 
 @dataclass
@@ -262,12 +261,12 @@ class Predicted:
     val: tuple[Prediction, torch.Tensor] | None = None  # with a logit Gaussian: for scale tuning
 
 
-def prepare(config: RunConfig, r: Resolved) -> Prepared:
+def prepare(config: RunConfig, r: Resolved, check_output: bool = True) -> Prepared:
     """Check the outputs are writable, load the data, get (train or load) the MAP network."""
     reporter = Reporter(config.quiet)
     device = select_device(config.device)
-    paths = run_paths(config.out, r.task_label, r.method_label, config.seed)
-    ensure_writable(paths[0].parent)  # before any compute, not after it
+    if check_output:
+        ensure_writable(run_paths(config.out, r.task_label, r.method_label, config.seed)[0].parent)  # before compute
     ensure_writable(cache_root(), "set BENCH_CACHE_DIR to a writable directory")
     task = r.task_cls(r.task_options, smoke=config.smoke, data_dir=config.data_dir)
     reporter.log(f"run {r.method_label} on {r.task_label}, seed {config.seed}, device {device}")
@@ -277,7 +276,7 @@ def prepare(config: RunConfig, r: Resolved) -> Prepared:
     baseline = None if device.type == "cuda" else current_rss_bytes()
     cache = ModelCache(task, data, device, config.seed, reporter, baseline)
     map_model = cache.get(0) if r.method_cls.uses_map else None
-    return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_time.seconds, paths)
+    return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_time.seconds)
 
 
 def fit(config: RunConfig, p: Prepared) -> Fitted:
@@ -372,12 +371,14 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
     )
 
 
-def run(config: RunConfig) -> RunRecord:
-    """One run, in named stages: resolve → prepare (data, MAP) → fit → predict → evaluate → write."""
+def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, dict[str, np.ndarray]]:
+    """One run's stages without the write: resolve → prepare (data, MAP) → fit → predict →
+    evaluate; returns the record and its prediction arrays (a Ray task returns them to the
+    driver, which writes). ``check_output``: prove the results folder writable first."""
     global _runs_in_this_process
     _runs_in_this_process += 1
     r = resolve(config)
-    prepared = prepare(config, r)
+    prepared = prepare(config, r, check_output)
     fitted = fit(config, prepared)
     predicted = predict(config, prepared, fitted.method)
     record = make_record(config, prepared, fitted, predicted, score(predicted))
@@ -385,7 +386,19 @@ def run(config: RunConfig) -> RunRecord:
         prepared.reporter.log(f"WARNING {r.method_label}: {flag}")
     arrays = pack_predictions(predicted.test, predicted.y_test, predicted.ood, predicted.shift, predicted.val)
     arrays.update({f"index/{name}": idx for name, idx in predicted.indices.items()})  # for paired tables
-    json_path, npz_path = prepared.paths
+    return record, arrays
+
+
+def write(config: RunConfig, record: RunRecord, arrays: dict[str, np.ndarray]) -> Path:
+    """Write a run's npz and JSON atomically where ``config`` puts them; returns the JSON path."""
+    json_path, npz_path = run_paths(config.out, record.task, record.method, config.seed)
     write_run(json_path, npz_path, record, arrays)
-    prepared.reporter.log(f"wrote {json_path} and {npz_path.name}")
+    return json_path
+
+
+def run(config: RunConfig) -> RunRecord:
+    """One run: :func:`execute`, then :func:`write`."""
+    record, arrays = execute(config)
+    json_path = write(config, record, arrays)
+    Reporter(config.quiet).log(f"wrote {json_path} and {json_path.with_suffix('.npz').name}")
     return record

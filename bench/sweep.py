@@ -241,6 +241,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     methods = _names(args.methods, METHODS, "method")
     tasks = _names(args.tasks, TASKS, "task")
     seeds = _seeds(args.seeds)
+    if getattr(args, "engine", "local") == "ray":
+        from bench.ray_engine import require_ray
+
+        require_ray()  # a missing Ray stops here, before anything runs
+    elif getattr(args, "address", None):
+        raise BenchError("--address is for --engine ray; add --engine ray or drop --address")
     if args.jobs < 1:
         raise BenchError(f"bad --jobs {args.jobs}; give the number of runs to execute at once (1 or more)")
     select_device(args.device)  # an unusable device stops the sweep here, not once per grid cell
@@ -264,7 +270,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
     plugins = list(getattr(args, "plugin", []))
-    with _in_fresh_processes(todo, jobs, plugins, args.quiet, skip_done=not args.force) as results:
+    if getattr(args, "engine", "local") == "ray":
+        from bench.ray_engine import in_ray
+
+        engine = in_ray(todo, args.address, plugins)
+    else:
+        engine = _in_fresh_processes(todo, jobs, plugins, args.quiet, skip_done=not args.force)
+    with engine as results:
         time_left = TimeLeft([(c.method, c.task) for c in todo], weights, jobs)
         for count, (i, (error, seconds)) in enumerate(results, start=1):
             config = todo[i]

@@ -15,4 +15,5 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch is left unpinned on purpose: a plain resolution gives a torch/torchvision pair that
 # import together (pinning the CPU-only torch 2.13.0 wheel breaks torchvision, see README).
-.venv/bin/pip install -q -e ".[test]"
+# The ray extra is optional for users; set-up installs it so the test suite covers --engine ray.
+.venv/bin/pip install -q -e ".[test,ray]"

@@ -1,0 +1,132 @@
+"""``bench sweep --engine ray``: the grid's runs as Ray tasks, on one machine or a cluster.
+
+Each run is one Ray task that declares its resources (one CPU, and one GPU when the run asks for
+``--device cuda``) and is retried by Ray when its worker or node dies (``MAX_RETRIES``); an
+exception inside the run is not retried but recorded as the run's failure, as locally. The task
+returns the run's record and prediction arrays to the driver, which writes them (one atomic
+JSON + npz, exactly as a local run), so the nodes need not share a filesystem for results.
+
+Shared inputs (MAP checkpoints, ensemble members, text features) live in ``BENCH_CACHE_DIR``.
+On a cluster, point it at storage every node mounts (an NFS or Lustre home, as on SLURM): a first
+wave of one task per (task, seed) makes sure the MAP network exists there before the runs that
+need it start, so it is trained once per grid and then loaded by every run (under the cache's file
+lock). Without shared storage each node trains its own, identical copy once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from bench.errors import BenchError
+from bench.runner import RunConfig
+
+MAX_RETRIES = 3  # a worker or node that dies: Ray reruns the task elsewhere
+INSTALL_HINT = 'pip install -e ".[ray]"'
+_plugins_loaded: set[str] = set()
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise BenchError(f"--engine ray needs Ray, which is not installed; install it with {INSTALL_HINT}") from None
+    return ray
+
+
+def _worker_setup(plugins: list[str]) -> None:
+    import torch
+
+    from bench.plugins import load_plugins
+
+    torch.set_num_threads(1)  # the task declared one CPU
+    if new := [p for p in plugins if p not in _plugins_loaded]:
+        load_plugins(new)
+        _plugins_loaded.update(new)
+
+
+def run_task(config: RunConfig, plugins: list[str]) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The body of one Ray task: the run's record (as JSON values), its arrays and its seconds."""
+    from bench.runner import execute
+
+    _worker_setup(plugins)
+    started = time.perf_counter()
+    record, arrays = execute(replace(config, quiet=True), check_output=False)
+    return record.to_json(), arrays, time.perf_counter() - started
+
+
+def warm_task(config: RunConfig, plugins: list[str]) -> None:
+    """First wave: load the task's data and get its MAP network into the cache (trained once)."""
+    from bench.runner import prepare, resolve
+
+    _worker_setup(plugins)
+    resolved = resolve(replace(config, quiet=True))
+    if resolved.method_cls.uses_map:
+        prepare(replace(config, quiet=True), resolved, check_output=False)
+
+
+def _warm_groups(todo: list[RunConfig]) -> list[RunConfig]:
+    """One run per (task, seed, smoke, data) whose MAP the grid needs: the first wave's work."""
+    seen, firsts = set(), []
+    for config in todo:
+        key = (config.task, config.seed, config.smoke, str(config.data_dir), tuple(sorted(config.settings.items())))
+        if key not in seen:
+            seen.add(key)
+            firsts.append(config)
+    return firsts
+
+
+def _failure_of(exc: BaseException) -> BaseException:
+    """The run's own exception inside Ray's wrapper (so its record reads like a local one)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+@contextmanager
+def in_ray(
+    todo: list[RunConfig], address: str | None, plugins: list[str]
+) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
+    """Runs as Ray tasks; yields (index in ``todo``, (error, seconds)) as they finish, after the
+    driver has written each finished run."""
+    from bench.record import RunRecord
+    from bench.runner import write
+    from bench.sweep import record_failure
+
+    ray = require_ray()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False}
+    runs = ray.remote(run_task)
+    warm = ray.remote(warm_task).options(**options)
+    for ref in [warm.remote(c, plugins) for c in _warm_groups(todo)]:  # MAP networks once per grid
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001, S110 - the runs that need it fail and are recorded themselves
+            pass
+    refs = {}
+    for i, config in enumerate(todo):
+        gpus = 1 if config.device.startswith("cuda") else 0
+        refs[runs.options(**options, num_gpus=gpus).remote(config, plugins)] = i
+
+    def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
+        pending = list(refs)
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            i = refs[ref]
+            try:
+                record_json, arrays, seconds = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the run failed (or its retries ran out)
+                yield i, (record_failure(todo[i], _failure_of(exc)), 0.0)
+                continue
+            write(todo[i], RunRecord.from_json(record_json), arrays)
+            yield i, (None, seconds)
+
+    try:
+        yield finished()
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        ray.shutdown()

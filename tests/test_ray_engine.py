@@ -1,0 +1,139 @@
+"""``bench sweep --engine ray``: same results as the local engine, on a real two-node Ray cluster
+started here, with a worker node killed mid-sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_TASK, run_cli
+
+from bench.cli import main
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+RAY = str(Path(sys.executable).with_name("ray"))
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+NAP_METHOD = '''
+import os, time
+from pathlib import Path
+from bench_methods.map import MAP
+from bench.method_api import register_method
+
+@register_method("nap-map")
+class NapMap(MAP):
+    """The MAP, after marking which process runs it and sleeping, so that a node can die meanwhile."""
+    def fit(self, ctx):
+        Path(os.environ["NAP_DIR"], str(os.getpid())).write_text("")
+        time.sleep(float(os.environ.get("NAP_S", "4")))
+        super().fit(ctx)
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """A Ray node in its own session (``--block``: it lives as long as this process group)."""
+    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill(node: subprocess.Popen) -> None:
+    try:
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    node.wait(30)
+
+
+def _metrics(out: Path) -> dict[str, dict]:
+    return {str(p.relative_to(out)): json.loads(p.read_text())["metrics"] for p in sorted(out.rglob("seed*.json"))}
+
+
+def test_without_ray_the_flag_is_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails
+    code = main(["--plugin", str(TINY_TASK), "sweep", "--engine", "ray", "--methods", "map", "--tasks", "tiny-digits",
+                 "--seeds", "0", "--smoke", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and 'pip install -e ".[ray]"' in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and Ray's node CLI")
+def test_cluster_sweep_survives_a_killed_worker_node_and_matches_the_local_engine(tmp_path: Path) -> None:
+    plugin = tmp_path / "nap.py"
+    plugin.write_text(NAP_METHOD)
+    naps = tmp_path / "naps"
+    naps.mkdir()
+    port = _free_port()
+    env = {**os.environ, **ONE_THREAD, "NAP_DIR": str(naps), "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    short = tempfile.mkdtemp(prefix="bray", dir="/tmp")  # Ray's socket paths must stay under 108 characters
+    head = _node("--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={short}",
+                 env=env)
+    worker = None
+    try:
+        _wait_for_cpus(port, 1, env)
+        worker = _node(f"--address=127.0.0.1:{port}", "--num-cpus=2", env=env)
+        _wait_for_cpus(port, 3, env)
+        grid = ["--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep", "--methods", "nap-map,laplace-ll",
+                "--tasks", "tiny-digits", "--seeds", "0,1,2", "--smoke", "--quiet"]
+        sweep = subprocess.Popen([sys.executable, "-m", "bench", *grid, "--engine", "ray",
+                                  "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "ray-out")],
+                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and sweep.poll() is None:  # a nap running on the worker node
+            on_worker = [p for p in naps.iterdir() if _session(int(p.name)) == worker.pid]
+            if on_worker:
+                _kill(worker)
+                break
+            time.sleep(0.2)
+        else:
+            sweep.kill()
+            pytest.fail(f"no run reached the worker node: {sweep.communicate()[1][-1000:]}")
+        out, err = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, err[-2000:]
+        assert "sweep finished: 6 run(s) done" in out
+    finally:
+        if worker is not None:
+            _kill(worker)
+        _kill(head)
+        shutil.rmtree(short, ignore_errors=True)
+    ray_out = tmp_path / "ray-out"
+    assert not [p for p in ray_out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert len(list(ray_out.rglob("seed*.json"))) == 6 and len(list(ray_out.rglob("seed*.npz"))) == 6
+    local = run_cli(*grid, "--out", str(tmp_path / "local-out"), env={**ONE_THREAD, "NAP_DIR": str(naps), "NAP_S": "0"})
+    assert local.returncode == 0, local.stderr
+    assert _metrics(ray_out) == _metrics(tmp_path / "local-out")  # same metrics as the local engine
+    assert main(["table", "--results", str(ray_out)]) == 0  # every JSON's metrics recompute from its npz
+
+
+def _wait_for_cpus(port: int, cpus: int, env: dict[str, str], timeout: float = 180) -> None:
+    """Until the cluster at ``port`` counts ``cpus`` CPUs (nodes start slowly on a busy machine)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env,
+                                capture_output=True, text=True)
+        if f"/{cpus}.0 CPU" in status.stdout:
+            return
+        time.sleep(1)
+    pytest.fail(f"the Ray cluster never reached {cpus} CPUs")
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
