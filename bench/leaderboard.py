@@ -108,6 +108,8 @@ def collect(root: Path) -> Collected:
             record.error = f"{record.error} (the earlier result is kept)"
         out.failed.append(record)
     for (task, method), by_seed in sorted(out.indices.items()):
+        if is_derived(method):  # same inputs as its method's own row, whose map ⊂ row serves both
+            continue
         reference = out.arrays.get((task, PAIRED_REFERENCE), {})
         for seed, indices in sorted(by_seed.items()):
             if seed in reference:

@@ -152,7 +152,7 @@ def _notes(task: str, found: Collected) -> list[str]:
               "inputs and seeds. Subset rows are not ranked (no bold)."
               for m, k in capped]
     notes += [f"- {m}: tuned s per seed " + ", ".join(format(r["scale"], ".3g") for r in runs[m])
-              for m in sorted(runs) if m.endswith(TUNED)]
+              for m in sorted(runs) if m.endswith(TUNED) and not is_paired(m)]
     notes += [f"- {m}: its own predictive is its {' and '.join(sorted(kinds))} row (not repeated)"
               for (t, m), kinds in sorted(found.same_as_own.items()) if t == task]
     devices = sorted({d for m in runs if not is_paired(m) for d in found.devices.get((task, m), ())})

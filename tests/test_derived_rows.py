@@ -61,3 +61,38 @@ def test_bad_gaussian_arrays_are_named() -> None:
     arrays = _arrays(1.0)
     del arrays["val/logit_var"]
     assert "only one of" in arrays_problem(arrays)
+
+
+CAPPED_GAUSSIAN = '''
+import torch
+from bench.method_api import register_method
+from bench.types import Prediction
+from bench_methods.map import MAP
+
+@register_method("capped-gauss")
+class CappedGauss(MAP):
+    """The MAP with a unit-variance logit Gaussian, evaluated on 50 inputs per set."""
+    eval_limit = 50
+    def predict(self, x):
+        own = super().predict(x)
+        logits = own.probs.clamp_min(1e-12).log()
+        return Prediction(own.probs, {}, logits, torch.ones_like(logits))
+'''
+
+
+def test_a_capped_gaussian_method_gets_derived_rows_in_the_leaderboard(tmp_path) -> None:
+    from conftest import TINY_TASK
+
+    from bench.cli import main
+
+    plugin = tmp_path / "capped_gauss.py"
+    plugin.write_text(CAPPED_GAUSSIAN)
+    for method in ("map", "capped-gauss"):
+        assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", method,
+                     "--task", "tiny-digits", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["table", "--results", str(tmp_path)]) == 0
+    md = (tmp_path / "leaderboard.md").read_text()
+    rows = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")}
+    assert {"capped-gauss [s=1]", "capped-gauss [s tuned]", "map ⊂ capped-gauss"} <= rows
+    assert not [r for r in rows if r.startswith("map ⊂") and r.endswith("]")]  # one paired row per subset
+    assert "- capped-gauss [s tuned]: tuned s per seed " in md
