@@ -203,3 +203,14 @@ def test_committed_ood_aurocs_equal_sklearn_on_the_npz_scores() -> None:
     if not checked:
         pytest.skip(f"all {old} committed runs use the older result format (schema 1); regenerate results/")
     assert old == 0, f"{old} committed runs still use the older result format (schema 1)"
+
+
+def test_logit_gaussians_are_stored_in_half_precision_unless_out_of_range() -> None:
+    from bench.results import pack_gaussian
+
+    probs = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    small = pack_gaussian("test", Prediction(probs, {}, torch.zeros(2, 3), torch.eye(3).expand(2, 3, 3)))
+    assert small["test/logit_mean"].dtype == np.float16 and small["test/logit_var"].tolist() == [[1, 1, 1]] * 2
+    huge = pack_gaussian("test", Prediction(probs, {}, torch.zeros(2, 3), torch.full((2, 3), 1e6)))
+    assert huge["test/logit_var"].dtype == np.float32 and huge["test/logit_mean"].dtype == np.float16
+    assert pack_gaussian("test", Prediction(probs)) == {}
