@@ -189,7 +189,8 @@ def memory_kind(m: Measurement, device: torch.device) -> str:
     return CPU_FRESH_KIND if _runs_in_this_process <= 1 else CPU_KIND
 
 
-def _predict(method: Method, x: torch.Tensor, where: str, classes: int, seed: int = 0) -> Prediction:
+def _predict(method: Method, x: torch.Tensor, where: str, classes: int, seed: int = 0,
+             negatives: list[str] | None = None) -> Prediction:
     """The method's prediction for ``x``, checked (one row per input, ``classes`` columns, finite,
     normalised, finite scores) and in float64 on CPU; anything else is a one-line error. With a
     logit Gaussian, the harness's own scores of it are added (``bench.logit_gaussian``, MI draws
@@ -208,6 +209,10 @@ def _predict(method: Method, x: torch.Tensor, where: str, classes: int, seed: in
     mean, cov = pred.logit_mean.detach().double().cpu(), pred.logit_cov.detach().double().cpu()
     if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
         raise BenchError(f"method {method.name} returned a logit Gaussian with NaN or inf for {where}")
+    if cov.ndim == 2 and (bad := int((cov < 0).sum())):  # a finite-difference estimate below 0
+        cov = cov.clamp_min(0.0)  # as the probit treats it; counted in the run's flags, never quiet
+        if negatives is not None:
+            negatives.append(f"{bad} of {cov.numel()} variance estimates for {where}")
     harness = gaussian_scores(mean, cov, seed)
     if clash := sorted(harness.keys() & scores.keys()):
         raise BenchError(f"method {method.name} returned a score named {clash[0]!r}, which the harness derives "
@@ -259,6 +264,7 @@ class Predicted:
     test_time: Measurement
     other_s: float
     val: tuple[Prediction, torch.Tensor] | None = None  # with a logit Gaussian: for scale tuning
+    flags: list[str] = field(default_factory=list)  # the harness's own warnings about the predictions
 
 
 def prepare(config: RunConfig, r: Resolved, check_output: bool = True) -> Prepared:
@@ -309,8 +315,10 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
         subsets[name], indices[name] = int(limit), pick
         return tuple(t[torch.from_numpy(pick)] for t in tensors)
 
+    negatives: list[str] = []
+
     def on(name: str, x: torch.Tensor, where: str) -> Prediction:
-        return _predict(method, x, where, p.data.num_classes, derive_seed(config.seed, "logit-draws", name))
+        return _predict(method, x, where, p.data.num_classes, derive_seed(config.seed, "logit-draws", name), negatives)
 
     x_test, y_test = subset("test", *p.data.test.tensors)
     with measure(p.device, p.baseline) as test_time:
@@ -330,7 +338,8 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
                                      **{f"shift set {k!r}": v for k, (v, _) in shift.items()}})
     if val is not None and not val[0].has_gaussian:
         raise BenchError(f"method {method.name} returned a logit Gaussian for the test set but not for validation")
-    return Predicted(test_pred, y_test, ood, shift, subsets, indices, test_time, rest_time.seconds, val)
+    flags = [f"negative variances clamped at 0 (as its probit does): {'; '.join(negatives)}"] if negatives else []
+    return Predicted(test_pred, y_test, ood, shift, subsets, indices, test_time, rest_time.seconds, val, flags)
 
 
 def score(pred: Predicted) -> dict[str, float]:
@@ -366,7 +375,7 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
             predict_peak_bytes=pred.test_time.peak_bytes, baseline_bytes=p.baseline,
             runs_in_process=_runs_in_this_process,
         ),
-        metrics=metrics, method_summary=summary, flags=[str(f) for f in summary.get(FLAGS_KEY, [])],
+        metrics=metrics, method_summary=summary, flags=[str(f) for f in summary.get(FLAGS_KEY, [])] + pred.flags,
         provenance=Provenance(git_commit(), versions(), machine(p.device)),
     )
 

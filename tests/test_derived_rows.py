@@ -96,3 +96,40 @@ def test_a_capped_gaussian_method_gets_derived_rows_in_the_leaderboard(tmp_path)
     assert {"capped-gauss [s=1]", "capped-gauss [s tuned]", "map ⊂ capped-gauss"} <= rows
     assert not [r for r in rows if r.startswith("map ⊂") and r.endswith("]")]  # one paired row per subset
     assert "- capped-gauss [s tuned]: tuned s per seed " in md
+
+
+NEGATIVE_GAUSSIAN = '''
+import torch
+from bench.method_api import register_method
+from bench.types import Prediction
+from bench_methods.map import MAP
+
+@register_method("negative-gauss")
+class NegativeGauss(MAP):
+    """The MAP with per-logit variances, the first input's below 0 (a finite difference's noise)."""
+    def predict(self, x):
+        own = super().predict(x)
+        var = torch.ones_like(own.probs)
+        var[0] = -0.5
+        return Prediction(own.probs, {}, own.probs.clamp_min(1e-12).log(), var)
+'''
+
+
+def test_negative_variance_estimates_are_clamped_and_flagged_not_quiet(tmp_path) -> None:
+    import json
+
+    from conftest import TINY_TASK
+
+    from bench.cli import main
+
+    plugin = tmp_path / "negative.py"
+    plugin.write_text(NEGATIVE_GAUSSIAN)
+    assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", "negative-gauss",
+                 "--task", "tiny-digits", "--out", str(tmp_path), "--quiet"]) == 0
+    record = json.loads((tmp_path / "runs" / "tiny-digits" / "negative-gauss" / "seed0.json").read_text())
+    (flag,) = record["flags"]
+    assert flag.startswith("negative variances clamped at 0")
+    assert "10 of 4970 variance estimates for the test set" in flag
+    with np.load(tmp_path / "runs" / "tiny-digits" / "negative-gauss" / "seed0.npz") as arrays:
+        assert arrays["test/logit_var"].min() == 0.0
+    assert main(["table", "--results", str(tmp_path)]) == 0

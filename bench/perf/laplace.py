@@ -31,17 +31,17 @@ from bench.perf import register_perf
 from bench.profiling import measure
 
 
-def _model_and_data(smoke: bool, seed: int, device: torch.device) -> tuple[Any, TensorDataset,
-                                                                           torch.Tensor, str]:
+def _model_and_data(smoke: bool, seed: int, device: torch.device, task_name: str = "fashion-mnist"
+                    ) -> tuple[Any, TensorDataset, torch.Tensor, str]:
     from bench.tasks import TASKS
     from bench.training import load_state, map_checkpoint
 
-    task = TASKS.get("fashion-mnist")(smoke=smoke)
+    task = TASKS.get(task_name)(smoke=smoke)
     data = task.load()
     model, path = map_checkpoint(task, data, seed)
     weights = f"cached MAP checkpoint {path}" if load_state(model, path) else (
         "random initial weights (no cached MAP checkpoint; `python -m bench run --method map "
-        f"--task fashion-mnist{' --smoke' if smoke else ''}` makes one)"
+        f"--task {task_name}{' --smoke' if smoke else ''}` makes one)"
     )
     return model.to(device).eval(), data.train, data.test.tensors[0], weights
 
@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=256, help="inputs per batch, ours")
     parser.add_argument("--ref-batch", type=int, default=32, help="inputs per batch, laplace-torch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", default="fashion-mnist", help="the task whose model and data to use")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--smoke", action="store_true", help="tiny quick version (n=40, fit-n=200)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -76,11 +77,11 @@ def main(argv: list[str]) -> int:
     from bench_methods.kfac_predictive import FastGLMPredictive
 
     device = select_device(args.device)
-    model, train, x_test, weights = _model_and_data(args.smoke, args.seed, device)
+    model, train, x_test, weights = _model_and_data(args.smoke, args.seed, device, args.task)
     x = x_test[: args.n]
     fit_data = TensorDataset(*(t[: args.fit_n] for t in train.tensors))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"fashion-mnist CNN, {n_params} params, {weights}", file=sys.stderr)
+    print(f"{args.task} model, {n_params} params, {weights}", file=sys.stderr)
     print(f"fitting all-weights KFAC on {len(fit_data)} images ...", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
