@@ -180,10 +180,22 @@ def read_cost(path: Path) -> TrainingCost:
                          "delete the checkpoint and rerun") from None
 
 
+def frozen_names(model: nn.Module) -> set[str]:
+    """State entries of parameters that training never changes (a pretrained backbone's)."""
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores: the state without frozen parameters, which come with the model
+    (a LoRA network's checkpoint is its adapters and head, not 22M backbone weights again)."""
+    frozen = frozen_names(model)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+
+
 def save_state(model: nn.Module, path: Path) -> None:
     """Atomic save (``bench.results.atomic_write_bytes``): a crash never leaves half a checkpoint."""
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    torch.save(trained_state(model), buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -193,7 +205,9 @@ def load_state(model: nn.Module, path: Path) -> bool:
         return False
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or set(result.missing_keys) - frozen_names(model):
+            raise KeyError("the checkpoint's entries do not match the model's trainable state")
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         raise BenchError(
             f"cached checkpoint {path} is unreadable ({type(exc).__name__}); delete it and rerun"

@@ -272,7 +272,7 @@ class Problem:
         self.x, self.y = train_tensors(TensorDataset(x, y), self.fm)
         self.wd, self.n = weight_decay, len(x)
         self.products = curvature_products(self.fm, self.x, self.y, weight_decay)
-        self.products64 = curvature_products(self.fm64, self.x.to(torch.float64), self.y, weight_decay)
+        self.products64 = curvature_products(self.fm64, self.fm64.inputs(self.x), self.y, weight_decay)
         self.grad_map = self.products64.gradient(self.fm64.theta0[None])[0]
 
         def readout(theta: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ class Problem:
 
     def readout_grads(self, thetas: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """∇_θ wᵀf(x_q; θ_q) for each stacked fit, float64 (B, D)."""
-        return self._readout_grad64(thetas, xq.to(self.fm64.device, torch.float64), wq.to(torch.float64))
+        return self._readout_grad64(thetas, self.fm64.inputs(xq), wq.to(torch.float64))
 
     def fit_gradient(
         self, thetas: torch.Tensor, coef: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor
@@ -415,7 +415,7 @@ def _lbfgs_stack(problem: Problem, xq: torch.Tensor, wq: torch.Tensor, lams: tup
     xq_f, wq_f = xq[owner], wq[owner]
     objective = StackedObjective(
         fm, problem.x, problem.y, problem.wd,
-        Regularizer(coef=(coef * problem.n).to(fm.dtype), queries=xq_f.to(fm.device, fm.dtype),
+        Regularizer(coef=(coef * problem.n).to(fm.dtype), queries=fm.inputs(xq_f),
                     weights=wq_f.to(fm.device, fm.dtype)),
         tilt=problem.grad_map.to(fm.dtype),
     )

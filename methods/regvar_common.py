@@ -103,6 +103,10 @@ class FlatModel:
     def dim(self) -> int:
         return self.theta0.numel()
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the fits' device, in their dtype if it is real-valued (token ids stay integers)."""
+        return x.to(self.device, self.dtype if x.is_floating_point() else None)
+
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = theta.split(self.sizes)
         return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes, strict=True)}
@@ -113,13 +117,13 @@ class FlatModel:
     @torch.no_grad()
     def logits(self, theta: torch.Tensor, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """f(x; θ) for one θ, batched over inputs."""
-        outs = [self(theta, x[i : i + batch_size].to(self.device, self.dtype)) for i in range(0, len(x), batch_size)]
+        outs = [self(theta, self.inputs(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
         return torch.cat(outs)
 
     @torch.no_grad()
     def stacked_logits(self, thetas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """f(x_q; θ_q) for stacked copies: thetas (Q, D), x (Q, ...) → (Q, C)."""
-        return vmap(lambda t, xi: self(t, xi[None])[0])(thetas, x.to(self.device, self.dtype))
+        return vmap(lambda t, xi: self(t, xi[None])[0])(thetas, self.inputs(x))
 
 
 @dataclass
@@ -456,4 +460,4 @@ def train_tensors(data: torch.utils.data.TensorDataset, fm: FlatModel) -> tuple[
     x, y = data.tensors[0], data.tensors[1]
     if y.dtype.is_floating_point or y.ndim != 1:
         raise BenchError("RegVar needs class labels (a 1-D integer tensor) in the training set")
-    return x.to(fm.device, fm.dtype), y.to(fm.device).long()
+    return fm.inputs(x), y.to(fm.device).long()

