@@ -6,7 +6,8 @@
 Steps, each timed with its exit status and output tail in ``$OUT/gpu_check.json``:
 the environment (torch, CUDA, device name); the CUDA-parametrised tests; a smoke sweep of every
 registered method on ``tiny-digits`` (offline: scikit-learn's bundled digits, so nothing has to
-travel) with ``--device cuda`` and its leaderboard; the perf benchmarks (Laplace predictive,
+travel) and on ``tiny-lora`` (imdb-lora's LoRA network on generated sentences and a tiny random
+BERT) with ``--device cuda``, and their leaderboard; the perf benchmarks (Laplace predictive,
 per-input RegVar) on the same task. Exit 0 only if every step passed. The device machine has no
 network and gets 64 MiB of files: the test fixture task needs no data download.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "tests" / "fixtures" / "tiny_task.py")
+TINY_LORA = str(REPO / "tests" / "fixtures" / "tiny_lora_task.py")  # imdb-lora's model on generated text
 TAIL = 3000
 
 
@@ -62,11 +64,16 @@ def main(argv: list[str]) -> int:
     queries = ["--set", "max_queries=20", "--set", "val_queries=10"]
     steps = [
         _step("cuda_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda",
-                             "tests/test_ensemble.py", "tests/test_mc_dropout.py", "tests/test_harness_pieces.py"],
+                             "tests/test_ensemble.py", "tests/test_mc_dropout.py", "tests/test_harness_pieces.py",
+                             "tests/test_imdb_lora.py"],
               out, 600),
         _step("smoke_sweep", [*bench, "sweep", "--methods", "all", "--tasks", "tiny-digits", "--seeds", "0",
                               "--smoke", "--device", device, "--jobs", "1", "--out", str(out / "smoke"), *queries],
               out, 900),
+        _step("lora_smoke_sweep", [py, "-m", "bench", "--plugin", TINY_LORA, "sweep", "--methods", "all", "--tasks",
+                                   "tiny-lora", "--seeds", "0", "--device", device, "--jobs", "1", "--out",
+                                   str(out / "smoke"), "--set", "max_queries=5", "--set", "val_queries=5"],
+              out, 900),  # all-weight RegVar: each query's solve passes the transformer over every review
         _step("smoke_table", [py, "-m", "bench", "table", "--results", str(out / "smoke")], out, 300),
         _step("perf_laplace", [*bench, "perf", "laplace", "--task", "tiny-digits", "--device", device, "--json",
                                *(["--smoke"] if dry else [])], out, 600),

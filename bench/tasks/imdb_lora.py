@@ -75,19 +75,26 @@ class ImdbLora(Task):
             return SMOKE["train"], SMOKE["other"], min(o.max_length, SMOKE_MAX_LENGTH)
         return o.train_size, o.eval_size, o.max_length
 
-    def load(self) -> TaskData:
+    def text_sets(self) -> tuple[dict[str, ts.TextSet], dict[str, ts.TextSet], dict[str, ts.TextSet], dict]:
+        """(train/val/test, shift sets, OOD sets, info) before subsetting: those of ``imdb``."""
         o = self.options
         splits, info = imdb_splits(ImdbSource(o.source), self.data_dir)
         rt, _ = ts.deduplicate(ts.read_rotten_tomatoes())
+        shift = {"rotten-tomatoes": ts.seeded_subsample(rt, o.shift_size, SUBSAMPLE_SEED)}
+        return splits, shift, ood_sets(o.ood_size), info
+
+    def load(self) -> TaskData:
+        o = self.options
+        splits, shift, ood, info = self.text_sets()
         train_size, eval_size, max_length = self._sizes()
         keep = {"train": train_size, "val": eval_size, "test": eval_size}
         splits = {k: _first(v, keep[k]) for k, v in splits.items()}
-        shift = {"rotten-tomatoes": _first(ts.seeded_subsample(rt, o.shift_size, SUBSAMPLE_SEED), eval_size)}
-        ood = {k: _first(v, eval_size) for k, v in ood_sets(o.ood_size).items()}
-        tokenizer = shared_backbone(o.backbone).tokenizer
+        shift = {k: _first(v, eval_size) for k, v in shift.items()}
+        ood = {k: _first(v, eval_size) for k, v in ood.items()}
+        backbone = shared_backbone(o.backbone)
 
         def ids(s: ts.TextSet) -> torch.Tensor:
-            return tokenize(tokenizer, s.texts, max_length, o.head_tail)
+            return tokenize(backbone.tokenizer, s.texts, max_length, o.head_tail)
 
         def labelled(s: ts.TextSet) -> TensorDataset:
             return TensorDataset(ids(s), torch.tensor(s.labels, dtype=torch.long))
@@ -100,8 +107,7 @@ class ImdbLora(Task):
             info={**info, "split_seed": SPLIT_SEED, "subsample_seed": SUBSAMPLE_SEED,
                   "split": "70/10/20 of deduplicated texts (as imdb)",
                   "subset": f"first {train_size or 'all'} training reviews, {eval_size or 'all'} per evaluation set",
-                  "backbone": shared_backbone(o.backbone).identity, "max_length": max_length,
-                  "head_tail": o.head_tail,
+                  "backbone": backbone.identity, "max_length": max_length, "head_tail": o.head_tail,
                   "ood_source": {k: v.source for k, v in ood.items()},
                   "shift_source": {k: v.source for k, v in shift.items()}},
         )
