@@ -54,12 +54,23 @@ def _unwritable(path: Path, exc: OSError, hint: str = WRITABLE_HINT) -> BenchErr
     return BenchError(f"cannot write {path}: {exc.strerror or exc}; {hint}")
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+"""What ``open`` would give a new file under this process's umask (read once, at import)."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file and a rename; an unwritable place is a BenchError."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; results are for others to read too
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

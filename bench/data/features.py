@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 
 from bench.cache import cache_lock
 from bench.errors import BenchError
+from bench.results import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class FeatureStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "store.json"
         if not meta.exists():
-            _atomic_write_bytes(meta, json.dumps(self.identity, indent=1).encode())
+            atomic_write_bytes(meta, json.dumps(self.identity, indent=1).encode())
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("pack-*.pt")) + sorted(self.dir.glob("shard-*.pt"))
@@ -340,22 +340,6 @@ def _tail_from_head(
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
