@@ -64,6 +64,7 @@ def test_the_checkpoint_key_follows_the_backbone(backbones):
     keys = {f: _task(backbones[f], smoke=True).cache_key() for f in FLAVOURS}
     assert keys["encoder"] != keys["decoder"]
     assert _task(backbones["encoder"], smoke=True, rank="4").cache_key() != keys["encoder"]
+    assert _task(backbones["encoder"], smoke=True, eval_size="7").cache_key() == keys["encoder"]  # weights unchanged
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ hour on two cores. The full configuration, for a GPU: ``--set train_size=0 --set
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from bench.data import text_sources as ts
 from bench.data.features import DEFAULT_BACKBONE
-from bench.options import option
+from bench.options import as_dict, option
 from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
 from bench.tasks.lora_model import LoraSpec, TokenPooling, shared_backbone, tokenize
 from bench.tasks.text import (
@@ -54,6 +55,9 @@ class ImdbLoraOptions:
     ood_size: int = option(2000, "texts per OOD set before eval_size (as imdb)", min=10)
     shift_size: int = option(10000, "Rotten Tomatoes texts before eval_size (as imdb)", min=10)
     source: ImdbSource = option(ImdbSource.AUTO, "where IMDB reviews come from")
+
+
+EVALUATION_ONLY = ("eval_size", "ood_size", "shift_size")
 
 
 def _first(data: ts.TextSet, size: int) -> ts.TextSet:
@@ -127,4 +131,7 @@ class ImdbLora(Task):
 
         backbone = shared_backbone(self.options.backbone).identity
         source = imdb_source_identity(ImdbSource(self.options.source), self.data_dir)
-        return hashlib.sha256(f"{super().cache_key()}|{backbone}|{source}".encode()).hexdigest()[:12]
+        # The evaluation sets' sizes do not change the weights: a MAP serves every eval_size.
+        trained = {k: v for k, v in as_dict(self.options).items() if k not in EVALUATION_ONLY}
+        payload = json.dumps({"task": self.name, "smoke": self.smoke, "options": trained}, sort_keys=True)
+        return hashlib.sha256(f"{payload}|{backbone}|{source}".encode()).hexdigest()[:12]
