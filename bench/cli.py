@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="exit 1 if the committed tables differ from what the run files give, or if "
                               "run files of an older format cannot be checked against their metrics")
 
+    p_site = sub.add_parser("site", help="build a static leaderboard site (HTML) from the run files")
+    p_site.add_argument("--results", type=Path, default=Path("results"))
+    p_site.add_argument("--out", type=Path, default=None, help="the site's folder (default <results>/site)")
+    p_site.add_argument("--check", action="store_true",
+                        help="exit 1 if the site's files differ from what the run files give")
+
     p_plot = sub.add_parser("plot", help="reliability diagrams and OOD histograms into results/plots")
     p_plot.add_argument("--results", type=Path, default=Path("results"))
 
@@ -159,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.leaderboard import cmd_table
 
             return cmd_table(args)
+        if args.command == "site":
+            from bench.site import cmd_site
+
+            return cmd_site(args)
         if args.command == "plot":
             from bench.plots import cmd_plot
 

@@ -98,11 +98,11 @@ def _split_settings(settings: dict[str, str], method_fields: set[str], task_fiel
 def _label(name: str, defaults: Any, chosen: Any, extra: list[str] = ()) -> str:
     """``name`` for default options, else ``name@k=v,...`` listing the non-default ones."""
     base, mine = opts.as_dict(defaults), opts.as_dict(chosen)
-    changed = [f"{k}={_fmt(v)}" for k, v in mine.items() if base[k] != v] + list(extra)
+    changed = [f"{k}={format_option(v)}" for k, v in mine.items() if base[k] != v] + list(extra)
     return name + ("@" + ",".join(changed) if changed else "")
 
 
-def _fmt(value: Any) -> str:
+def format_option(value: Any) -> str:
     return "|".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

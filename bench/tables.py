@@ -100,7 +100,7 @@ def _ranked_rows(runs: dict[str, list[dict[str, float]]]) -> list[str]:
     return sorted(m for m, rs in runs.items() if not is_paired(m) and not any(r.get("subset") for r in rs))
 
 
-def _cell(values: list[float], key: str) -> str:
+def cell_text(values: list[float], key: str) -> str:
     s = summarize(values)
     digits = 1 if key.startswith(("memory", "costs")) else 4
     return f"{s.mean:.{digits}f}" + (f" ± {s.half_width:.{digits}f}" if s.n > 1 else "")
@@ -129,7 +129,8 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
                 continue
             s = summarize(values)
             writer.writerow([task, method, s.n, key, repr(s.mean), repr(s.std), repr(s.half_width)])
-            cell = _cell(values, key) + (f" {DIFFERS_MARK}" if key in vs_map and vs_map[key].excludes_zero() else "")
+            differs = key in vs_map and vs_map[key].excludes_zero()
+            cell = cell_text(values, key) + (f" {DIFFERS_MARK}" if differs else "")
             cell += f" {FLAG_MARK}" if flagged else ""
             win = best.get(key)
             if win is not None and method in win.methods:
@@ -140,7 +141,7 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
                                       tablefmt="github", disable_numparse=True), ""]
 
 
-def _notes(task: str, found: Collected) -> list[str]:
+def task_notes(task: str, found: Collected) -> list[str]:
     runs = found.table[task]
     capped = sorted({(m, int(r["subset"])) for m, rs in runs.items() for r in rs if r.get("subset")
                      and not is_paired(m)})
@@ -229,7 +230,7 @@ def render(found: Collected) -> tuple[str, str]:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["task", "method", "n_seeds", "metric", "mean", "std", "ci95_half_width"])
     for task in sorted(found.table):
-        md += _task_table(task, found, writer) + _notes(task, found) + _paired_table(task, found, writer)
+        md += _task_table(task, found, writer) + task_notes(task, found) + _paired_table(task, found, writer)
     md += _rank_table(found)
     if found.failed:
         md += ["## Failed runs", ""]

@@ -1,0 +1,436 @@
+"""``bench site``: a static leaderboard site (HTML), rebuilt from the run files alone.
+
+Like OpenOOD's generated leaderboard: an index of tasks and methods, per task a sortable and
+filterable table with its figures, a page per method and one per run (its configuration, costs,
+provenance and the command that reproduces it). The numbers are the markdown leaderboard's
+(``bench.leaderboard.collect`` and the cells of ``bench.tables``), not a second implementation.
+
+The pages work offline from file:// (the one small hand-written script and the stylesheet are
+shipped beside them, links are relative) and the build is deterministic (no timestamps, sorted
+everywhere), so ``bench site --check`` can tell a stale site from a current one. ``MANIFEST.txt``
+(sha256sum format) marks a folder as a site: only such a folder has stale files removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import shlex
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from bench import options as opts
+from bench.derived_rows import TUNED, UNTUNED, derived_label, is_derived
+from bench.errors import BenchError
+from bench.leaderboard import Collected, collect
+from bench.ranking import summarize
+from bench.record import RunRecord
+from bench.results import atomic_write_bytes, ensure_writable, iter_runs, read_record
+from bench.tables import BASE_COLUMNS, PAIRED_REFERENCE, cell_text, columns_for, is_paired, task_notes
+
+TEMPLATES = Path(__file__).with_name("site_templates")
+STATIC = ("site.css", "site.js")  # copied verbatim into static/
+MANIFEST = "MANIFEST.txt"
+# The figures of ``bench plot`` (and any shift-intensity plots) that belong to a task, in page order.
+PLOT_PATTERNS = ("reliability_{}.png", "ood_hist_{}_*.png", "cost_quality_{}.png", "regvar_contour_{}_*.png",
+                 "shift_intensity_{}*.png")
+LONG = 300  # characters of a nested value shown on a run page; the run's JSON has the rest
+URL_SAFE = "/@=,"
+PLUGIN_MODULE = "bench_plugin_"  # the module name bench.plugins gives a plugin file
+
+
+# ---------------------------------------------------------------- table rows (numbers of bench.tables)
+
+
+@dataclass(frozen=True)
+class Cell:
+    key: str
+    text: str  # as the markdown leaderboard writes it; "–" when no run has the metric
+    sort: str  # the mean, for sorting; "" when missing
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    kind: str  # method (a run label), derived ([s=1] / [s tuned]) or subset (map ⊂ capped method)
+    link: str | None  # the page of the method whose runs the row comes from
+    n: int
+    cells: list[Cell]
+    flags: list[tuple[int, str]]
+    devices: str
+
+
+def cells(runs: list[dict[str, float]], columns: Iterable[tuple[str, str, int]]) -> list[Cell]:
+    """One row's cells: ``bench.tables.cell_text``'s text and the mean it shows, for sorting."""
+    out = []
+    for _, key, _ in columns:
+        values = [r[key] for r in runs if key in r]
+        out.append(Cell(key, cell_text(values, key), repr(summarize(values).mean)) if values else Cell(key, "–", ""))
+    return out
+
+
+def row_kind(label: str) -> str:
+    return "subset" if is_paired(label) else "derived" if is_derived(label) else "method"
+
+
+def source_label(label: str) -> str:
+    """The run label a table row's numbers come from (a derived row: its method; a paired
+    subset row: the reference whose predictions it cuts)."""
+    if is_paired(label):
+        return PAIRED_REFERENCE
+    for kind in (UNTUNED, TUNED):
+        base = label.removesuffix(f" {kind}")
+        if derived_label(base, kind) == label:
+            return base
+    return label
+
+
+def task_rows(task: str, found: Collected, methods: set[str]) -> tuple[list[tuple[str, str, int]], list[Row]]:
+    """The task table of the markdown leaderboard as data: its columns and one row per label."""
+    runs = found.table[task]
+    columns = columns_for(runs)
+    rows = []
+    for label in sorted(runs):
+        source = source_label(label)
+        devices = "" if row_kind(label) != "method" else ", ".join(sorted(found.devices.get((task, label), ())))
+        rows.append(Row(label, row_kind(label), method_page(source) if source in methods else None,
+                        len(runs[label]), cells(runs[label], columns), sorted(found.flags.get((task, label), [])),
+                        devices))
+    return columns, rows
+
+
+# ---------------------------------------------------------------- the reproducing command
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    command: str
+    notes: list[str]
+
+
+def _registered(name: str, kind: str) -> type | None:
+    from bench.method_api import METHODS
+    from bench.runner import TASKS
+
+    registry = METHODS if kind == "method" else TASKS
+    return registry.get(name) if name in registry else None
+
+
+def changed_options(options: dict[str, Any], cls: type) -> dict[str, Any]:
+    """The options that differ from ``cls``'s defaults today, in declaration order (as
+    ``bench.runner._label`` lists them)."""
+    defaults = opts.as_dict(cls.Options())
+    keys = [*defaults, *sorted(options.keys() - defaults.keys())]
+    return {k: options[k] for k in keys if k in options and (k not in defaults or defaults[k] != options[k])}
+
+
+def _label_settings(label: str, prefix: str) -> dict[str, str]:
+    """``k=v`` settings read back from a label ``name@k=v,...`` (for a name not registered here)."""
+    items = [s for s in label.partition("@")[2].split(",") if s and s != "smoke"]
+    return dict(f"{prefix}.{item}".split("=", 1) for item in items if "=" in item)
+
+
+def _plugin_file(cls: type) -> str:
+    """The file name (not the path: the site must not depend on where it was built) of a plugin."""
+    return Path(getattr(sys.modules.get(cls.__module__), "__file__", None) or "PLUGIN.py").name
+
+
+def run_settings(record: RunRecord) -> tuple[dict[str, str], list[str]]:
+    """``--set`` key → value that give the run's options, and notes on how sure that is."""
+    from bench.runner import format_option
+
+    cfg = record.config
+    method_cls, task_cls = _registered(cfg.method, "method"), _registered(cfg.task, "task")
+    if method_cls is None or task_cls is None:
+        missing = cfg.method if method_cls is None else cfg.task
+        return ({**_label_settings(record.method, "method"), **_label_settings(record.task, "task")},
+                [f"{missing} is not registered here (a plugin?): the settings are read from the run's labels"])
+    m_fields, t_fields = set(opts.as_dict(method_cls.Options())), set(opts.as_dict(task_cls.Options()))
+    settings = {}
+    for options, cls, theirs, prefix in ((cfg.method_options, method_cls, t_fields, "method"),
+                                         (cfg.task_options, task_cls, m_fields, "task")):
+        for key, value in changed_options(options, cls).items():  # a key both declare needs its owner
+            settings[f"{prefix}.{key}" if key in theirs else key] = format_option(value)
+    notes = [f"{cls.name} is registered by a plugin: add --plugin PATH/TO/{_plugin_file(cls)} before run"
+             for cls in (method_cls, task_cls) if cls.__module__.startswith(PLUGIN_MODULE)]
+    return settings, notes
+
+
+def reproduce(record: RunRecord) -> Reproduction:
+    """The ``bench run`` command that writes this run again (built from its recorded config),
+    checked by resolving it as ``bench run`` would: a note says when today's option defaults
+    give other labels than the run's."""
+    from bench.runner import RunConfig, resolve
+
+    cfg = record.config
+    settings, notes = run_settings(record)
+    args = ["python", "-m", "bench", "run", "--method", cfg.method, "--task", cfg.task, "--seed", str(record.seed)]
+    args += ["--smoke"] if cfg.smoke else []
+    args += ["--device", cfg.device_requested] if cfg.device_requested != "auto" else []
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    if _registered(cfg.method, "method") is None or _registered(cfg.task, "task") is None:
+        return Reproduction(shlex.join(args), notes)  # nothing to check it against here
+    try:
+        resolved = resolve(RunConfig(method=cfg.method, task=cfg.task, seed=record.seed, smoke=cfg.smoke,
+                                     settings=settings))
+        if (resolved.method_label, resolved.task_label) != (record.method, record.task):
+            notes.append(f"today this command gives {resolved.method_label} on {resolved.task_label}, not "
+                         f"{record.method} on {record.task}: option defaults changed since the run")
+    except BenchError as exc:
+        notes.append(f"today this command is refused: {exc}")
+    return Reproduction(shlex.join(args), notes)
+
+
+# ---------------------------------------------------------------- pages
+
+
+def task_page(task: str) -> str:
+    return f"task-{task}.html"
+
+
+def method_page(label: str) -> str:
+    return f"method-{label}.html"
+
+
+def run_page(task: str, label: str, seed: int) -> str:
+    return f"runs/{task}/{label}/seed{seed}.html"
+
+
+def show(value: Any) -> str:
+    """A recorded value as a short line (a long nested one is cut; the run's JSON has it all)."""
+    if isinstance(value, float):
+        return format(value, ".6g")
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return text if len(text) <= LONG else f"{text[:LONG]} … ({len(text)} characters; see the run's JSON)"
+    return "–" if value is None else str(value)
+
+
+def code_spans(text: str) -> Any:
+    """A note of ``bench.tables.task_notes`` (markdown with `code`) as escaped HTML."""
+    from markupsafe import Markup, escape
+
+    parts = str(escape(text)).split("`")
+    return Markup("".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)))
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["show"] = show
+    env.filters["code_spans"] = code_spans
+    env.filters["mib"] = _mib
+    return env
+
+
+class Renderer:
+    """Renders templates into pages whose links are relative to where each page lies."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.env = _environment()
+        self.tasks = tasks
+        self.files: dict[str, bytes] = {}
+
+    def page(self, path: str, template: str, **context: Any) -> None:
+        root = "../" * path.count("/")
+        html = self.env.get_template(template).render(
+            url=lambda target: root + quote(target, safe=URL_SAFE), task_page=task_page, method_page=method_page,
+            run_page=run_page, nav_tasks=self.tasks, **context)
+        self.files[path] = html.encode()
+
+
+def task_plots(results: Path, tasks: list[str]) -> dict[str, list[str]]:
+    """task → the file names of its figures in ``results/plots``; a file that fits several
+    tasks (``imdb`` and ``imdb-lora``) goes to the longest name."""
+    plots = sorted(p.name for p in (results / "plots").glob("*.png"))
+    out: dict[str, list[str]] = {t: [] for t in tasks}
+    taken: set[str] = set()
+    for task in sorted(tasks, key=lambda t: (-len(t), t)):
+        for pattern in PLOT_PATTERNS:
+            names = [n for n in plots if n not in taken and fnmatchcase(n, pattern.format(glob.escape(task)))]
+            out[task] += names
+            taken.update(names)
+    return out
+
+
+def _method_tasks(found: Collected, label: str) -> list[tuple[str, list[Row]]]:
+    """task → the rows of the task table that come from ``label``'s runs (its own and derived)."""
+    out = []
+    for task in sorted(found.table):
+        rows = [Row(lab, row_kind(lab), None, len(runs), cells(runs, BASE_COLUMNS),
+                    sorted(found.flags.get((task, lab), [])), "")
+                for lab, runs in sorted(found.table[task].items())
+                if not is_paired(lab) and source_label(lab) == label]
+        if rows:
+            out.append((task, rows))
+    return out
+
+
+def build_site(results: Path) -> dict[str, bytes]:
+    """Every file of the site: relative path → content. Pure and deterministic: it reads the run
+    files (and ``results/plots``) and writes nothing."""
+    if not (results / "runs").is_dir():
+        raise BenchError(f"no runs under {results}/runs; run `python -m bench run ...` or `bench sweep` first")
+    found = collect(results)
+    records = [r for r in (read_record(p) for p in iter_runs(results)) if r.ok]
+    if not records and not found.failed:
+        raise BenchError(f"no run files under {results}/runs; run `python -m bench run ...` or `bench sweep` first")
+    tasks = sorted(found.table)
+    labels = sorted({r.method for r in records} | {r.method for r in found.failed})
+    seeds: dict[tuple[str, str], list[int]] = {}
+    for r in sorted(records, key=lambda r: (r.task, r.method, r.seed)):
+        seeds.setdefault((r.task, r.method), []).append(r.seed)
+    plots = task_plots(results, tasks)
+    site = Renderer(tasks)
+    site.page("index.html", "index.html", task_summary=[_task_summary(task, found, seeds) for task in tasks],
+              method_summary=[(label, [(t, len(s)) for (t, m), s in sorted(seeds.items()) if m == label])
+                              for label in labels],
+              failed=found.failed, old_format=[p.relative_to(results).as_posix() for p in found.old_format])
+    for task in tasks:
+        columns, rows = task_rows(task, found, set(labels))
+        notes = [line.removeprefix("- ") for line in task_notes(task, found) if line]
+        site.page(task_page(task), "task.html", task=task, columns=columns, rows=rows, notes=notes,
+                  plots=plots[task], seeds=seeds, run_labels=[m for t, m in sorted(seeds) if t == task])
+    for label in labels:
+        failed = [r for r in found.failed if r.method == label]
+        site.page(method_page(label), "method.html", label=label, tasks=_method_tasks(found, label),
+                  columns=BASE_COLUMNS, seeds=seeds, failed=failed)
+    for record in records:
+        site.page(run_page(record.task, record.method, record.seed), "run.html", r=record,
+                  reproduction=reproduce(record), options=_option_rows(record), memory=_memory_rows(record),
+                  costs=_cost_rows(record), provenance=_provenance_rows(record))
+    files = dict(site.files)
+    files.update({f"static/{name}": (TEMPLATES / name).read_bytes() for name in STATIC})
+    files.update({f"plots/{name}": (results / "plots" / name).read_bytes()
+                  for names in plots.values() for name in names})
+    files[MANIFEST] = manifest(files)
+    return files
+
+
+def _task_summary(task: str, found: Collected, seeds: dict[tuple[str, str], list[int]]) -> dict[str, Any]:
+    return {"task": task, "rows": len(found.table[task]), "methods": sum(t == task for t, _ in seeds),
+            "runs": sum(len(s) for (t, _), s in seeds.items() if t == task)}
+
+
+def _option_rows(record: RunRecord) -> dict[str, list[tuple[str, Any, bool]]]:
+    """method / task → (option, value, differs from today's default) for the run page."""
+    cfg = record.config
+    out = {}
+    for kind, name, options in (("method", cfg.method, cfg.method_options), ("task", cfg.task, cfg.task_options)):
+        cls = _registered(name, kind)
+        changed = changed_options(options, cls) if cls is not None else {}
+        out[f"{kind} {name}"] = [(k, v, k in changed) for k, v in sorted(options.items())]
+    return out
+
+
+def _cost_rows(record: RunRecord) -> list[tuple[str, Any]]:
+    c = record.costs
+    return [("train s (all networks)", c.train_s), ("post-hoc fit s", c.fit_posthoc_s),
+            ("predict s per 1,000 inputs", c.predict_per_1k_s), ("predict test set s", c.predict_test_s),
+            ("predict other sets s", c.predict_other_s), ("data loading s", c.data_s),
+            ("total s (as recorded)", c.total_s)]
+
+
+def _provenance_rows(record: RunRecord) -> list[tuple[str, Any]]:
+    """Git commit (and whether the tree was dirty) and the machine; [] for a record without them."""
+    p = record.provenance
+    if p is None:
+        return []
+    git = sorted((f"git {k}", v) for k, v in p.git.items()) if isinstance(p.git, dict) else [("git", p.git)]
+    return git + sorted((f"machine {k}", v) for k, v in p.machine.items())
+
+
+def _mib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2**20
+
+
+def _memory_rows(record: RunRecord) -> list[tuple[str, Any]]:
+    m = record.memory
+    return [("kind", m.kind), ("peak MiB", _mib(m.peak_bytes)), ("fit peak MiB", _mib(m.fit_peak_bytes)),
+            ("predict peak MiB", _mib(m.predict_peak_bytes)), ("baseline MiB", _mib(m.baseline_bytes)),
+            ("runs in the process", m.runs_in_process)]
+
+
+def manifest(files: dict[str, bytes]) -> bytes:
+    """``sha256  path`` per file (``sha256sum -c`` reads it); its presence marks a site folder."""
+    return "".join(f"{hashlib.sha256(data).hexdigest()}  {path}\n" for path, data in sorted(files.items())).encode()
+
+
+# ---------------------------------------------------------------- writing and checking
+
+
+def _present(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()} \
+        if out.is_dir() else set()
+
+
+def ensure_site_folder(out: Path) -> None:
+    """Refuse a non-empty folder that an earlier build did not make: writing the site removes
+    every file in its folder that the build does not produce."""
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"{out} is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise BenchError(f"{out} is not empty and holds no {MANIFEST} of an earlier site build; "
+                         "choose a new or empty folder (--out)")
+
+
+def write_site(files: dict[str, bytes], out: Path) -> None:
+    """Write the changed files atomically (the manifest last), then remove the files of an
+    earlier build that this one no longer produces, and folders left empty."""
+    ensure_site_folder(out)
+    for path, data in sorted(files.items(), key=lambda item: item[0] == MANIFEST):
+        target = out / path
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write_bytes(target, data)
+    for path in sorted(_present(out) - files.keys()):
+        (out / path).unlink()
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def check_site(files: dict[str, bytes], out: Path) -> list[str]:
+    """What differs between ``out`` and a fresh build, by path: missing, different or extra files."""
+    problems = {}
+    for path, data in files.items():
+        target = out / path
+        if not target.is_file():
+            problems[path] = f"{target} is missing"
+        elif target.read_bytes() != data:
+            problems[path] = f"{target} differs from what the run files give"
+    for path in _present(out) - files.keys():
+        problems[path] = f"{out / path} is not part of the site"
+    return [problems[p] for p in sorted(problems)]
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    root: Path = args.results
+    out: Path = args.out if args.out is not None else root / "site"
+    if not args.check:
+        ensure_site_folder(out)
+        ensure_writable(out)  # before reading every run, not after
+    files = build_site(root)
+    if args.check:
+        problems = check_site(files, out)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            fix = "python -m bench site" + (f" --results {root}" if root != Path("results") else "") \
+                + (f" --out {out}" if args.out is not None else "")
+            print(f"bench: stale site: {problems[0]}{more}; run `{fix}`")
+            return 1
+        print(f"site up to date ({len(files)} files)")
+        return 0
+    write_site(files, out)
+    print(f"wrote the site to {out} ({len(files)} files); open {out / 'index.html'}")
+    return 0
+

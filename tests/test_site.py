@@ -1,0 +1,195 @@
+"""``bench site``: the static leaderboard site, built from real runs of the tiny task; no browser."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import posixpath
+import re
+import shlex
+import shutil
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from conftest import TINY_TASK
+
+from bench.cli import build_parser, main
+from bench.leaderboard import collect
+from bench.plugins import load_plugin
+from bench.results import dumps_json, read_record
+from bench.runner import RunConfig, resolve, run
+from bench.site import MANIFEST, build_site, check_site, reproduce, write_site
+from bench.tables import render
+
+TASK = "tiny-digits"
+DROPOUT = "mc-dropout@samples=4"
+PNG = b"\x89PNG\r\n\x1a\nnot really an image"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real runs: the MAP on two seeds and MC dropout with a non-default option; two figures of
+    the task and one of another task in ``plots/``."""
+    root = tmp_path_factory.mktemp("results")
+    load_plugin(TINY_TASK)
+    with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is per test; this is per module
+        mp.setenv("BENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bench-cache"))
+        for method, seed, settings in (("map", 0, {}), ("map", 1, {}), ("mc-dropout", 0, {"samples": "4"})):
+            run(RunConfig(method=method, task=TASK, seed=seed, out=root, settings=settings, quiet=True))
+    plots = root / "plots"
+    plots.mkdir()
+    for name in (f"reliability_{TASK}.png", f"ood_hist_{TASK}_shuffled.png", "reliability_other-task.png"):
+        (plots / name).write_bytes(PNG)
+    return root
+
+
+@pytest.fixture(scope="module")
+def site(results: Path) -> dict[str, bytes]:
+    return build_site(results)
+
+
+def page(files: dict[str, bytes], path: str) -> str:
+    return files[path].decode()
+
+
+def test_pages_exist_for_the_task_each_method_and_each_run(site: dict[str, bytes]) -> None:
+    expected = {"index.html", f"task-{TASK}.html", "method-map.html", f"method-{DROPOUT}.html",
+                f"runs/{TASK}/map/seed0.html", f"runs/{TASK}/map/seed1.html", f"runs/{TASK}/{DROPOUT}/seed0.html",
+                "static/site.js", "static/site.css", MANIFEST,
+                f"plots/reliability_{TASK}.png", f"plots/ood_hist_{TASK}_shuffled.png"}
+    assert set(site) == expected  # not the other task's figure
+    index = page(site, "index.html")
+    assert f'href="task-{TASK}.html"' in index and f'href="method-{DROPOUT}.html"' in index
+    task = page(site, f"task-{TASK}.html")
+    assert f'src="plots/ood_hist_{TASK}_shuffled.png"' in task
+    assert f'href="runs/{TASK}/{DROPOUT}/seed0.html"' in task
+
+
+def _markdown_cell(md: str, label: str, title: str) -> str:
+    """A cell of the markdown leaderboard's task table, without its marks (bold, †, ⚑)."""
+    lines = md.split(f"## {TASK}", 1)[1].splitlines()
+    header = next(line for line in lines if line.startswith("| method"))
+    titles = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in lines if line.startswith(f"| {label} "))
+    cell = [c.strip() for c in row.strip("|").split("|")][titles.index(title)]
+    return cell.replace("*", "").replace("†", "").replace("⚑", "").strip()
+
+
+def _site_cell(task_page: str, label: str, key: str) -> str:
+    row = re.search(rf'<tr data-kind="\w+" data-label="{re.escape(label)}"[^>]*>(.*?)</tr>', task_page, re.S)
+    assert row, label
+    cell = re.search(rf'data-key="{re.escape(key)}" data-sort="[^"]*">([^<]*)</td>', row.group(1))
+    assert cell, key
+    return html.unescape(cell.group(1))
+
+
+def test_task_table_shows_the_markdown_leaderboards_numbers(results: Path, site: dict[str, bytes]) -> None:
+    md, _ = render(collect(results))
+    task = page(site, f"task-{TASK}.html")
+    for label in ("map", DROPOUT):
+        for title, key in (("NLL ↓", "cls/nll"), ("Acc ↑", "cls/acc"), ("peak MiB", "memory/peak_mib")):
+            assert _site_cell(task, label, key) == _markdown_cell(md, label, title)
+    assert "±" in _site_cell(task, "map", "cls/nll")  # two seeds: an interval
+
+
+def _command(run_page: str) -> list[str]:
+    match = re.search(r'<pre class="command"><code>(.*?)</code></pre>', run_page, re.S)
+    assert match
+    return shlex.split(html.unescape(match.group(1)))
+
+
+def test_run_page_holds_the_command_that_reproduces_the_run(site: dict[str, bytes]) -> None:
+    argv = _command(page(site, f"runs/{TASK}/{DROPOUT}/seed0.html"))
+    assert argv[:3] == ["python", "-m", "bench"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.command, args.method, args.task, args.seed, args.settings, args.smoke) == \
+        ("run", "mc-dropout", TASK, 0, ["samples=4"], False)
+    config = RunConfig(method=args.method, task=args.task, seed=args.seed,
+                       settings=dict(s.split("=", 1) for s in args.settings))
+    assert (resolve(config).method_label, resolve(config).task_label) == (DROPOUT, TASK)
+    assert build_parser().parse_args(_command(page(site, f"runs/{TASK}/map/seed1.html"))[3:]).settings == []
+    assert "add --plugin PATH/TO/tiny_task.py" in page(site, f"runs/{TASK}/map/seed1.html")
+
+
+def test_reproduce_sets_task_options_and_says_when_defaults_moved(results: Path) -> None:
+    record = read_record(results / "runs" / TASK / "map" / "seed0.json")
+    config = dataclasses.replace(record.config, task_options={**record.config.task_options, "hidden": 16})
+    moved = reproduce(dataclasses.replace(record, config=config, task=f"{TASK}@hidden=16"))
+    assert shlex.split(moved.command)[-2:] == ["--set", "hidden=16"]
+    assert not any(n.startswith("today") for n in moved.notes)
+    stale = reproduce(dataclasses.replace(record, config=config))  # labelled as if hidden were the default
+    assert any("option defaults changed" in n for n in stale.notes)
+
+
+def test_reproduce_reads_the_labels_of_a_method_not_registered_here(results: Path) -> None:
+    record = read_record(results / "runs" / TASK / "map" / "seed0.json")
+    config = dataclasses.replace(record.config, method="gone")
+    lost = reproduce(dataclasses.replace(record, config=config, method="gone@k=v,w=1|2"))
+    assert shlex.split(lost.command)[-4:] == ["--set", "method.k=v", "--set", "method.w=1|2"]
+    assert any("not registered" in n for n in lost.notes)
+
+
+def test_build_is_deterministic(results: Path, site: dict[str, bytes]) -> None:
+    assert build_site(results) == site
+
+
+def test_pages_work_offline_with_relative_links_that_resolve(site: dict[str, bytes]) -> None:
+    for path, data in site.items():
+        if not path.endswith(".html"):
+            continue
+        text = data.decode()
+        assert not re.search(r'(src|href)="(https?:)?//', text), path
+        depth = path.count("/")
+        assert f'<script src="{"../" * depth}static/site.js"></script>' in text
+        for target in re.findall(r'(?:src|href)="([^"#]+)"', text):
+            assert posixpath.normpath(posixpath.join(posixpath.dirname(path), unquote(target))) in site, (path, target)
+
+
+def test_check_passes_after_write_and_fails_on_edits_and_changed_runs(
+        results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "results"
+    shutil.copytree(results, root)
+    out = tmp_path / "site"
+    args = ["site", "--results", str(root), "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--check"]) == 0
+    assert capsys.readouterr().out.strip().startswith("site up to date (")
+
+    edited = out / f"task-{TASK}.html"
+    edited.write_text(edited.read_text().replace("map", "MAP"))
+    assert main([*args, "--check"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and str(edited) in lines[0] and "python -m bench site" in lines[0]
+
+    assert main(args) == 0
+    capsys.readouterr()
+    run_file = root / "runs" / TASK / "map" / "seed1.json"
+    record = json.loads(run_file.read_text())
+    run_file.write_text(dumps_json({**record, "flags": ["a new warning"]}))
+    assert main([*args, "--check"]) == 1
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+
+def test_write_removes_what_an_earlier_build_left(results: Path, tmp_path: Path, site: dict[str, bytes]) -> None:
+    out = tmp_path / "site"
+    write_site(site, out)
+    (out / "runs" / "gone").mkdir()
+    (out / "runs" / "gone" / "seed0.html").write_text("old")
+    assert check_site(site, out) == [f"{out / 'runs/gone/seed0.html'} is not part of the site"]
+    write_site(site, out)
+    assert check_site(site, out) == [] and not (out / "runs" / "gone").exists()
+
+
+def test_no_runs_and_foreign_folders_are_one_line_errors(
+        results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["site", "--results", str(tmp_path / "empty")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["site", "--results", str(results), "--out", str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and MANIFEST in err[0]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
