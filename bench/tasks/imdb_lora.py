@@ -48,7 +48,7 @@ class ImdbLoraOptions:
     target_modules: tuple[str, ...] = option((), "modules given adapters, '|'-separated (empty: PEFT's default)")
     head_dropout: float = option(0.1, "dropout before the linear head", min=0.0, max=0.95)
     train_size: int = option(2000, "training reviews used (0: all 17,433); CPU default 2,000", min=0)
-    eval_size: int = option(1000, "inputs kept per validation, test, shift and OOD set (0: all)", min=0)
+    eval_size: int = option(500, "inputs kept per validation, test, shift and OOD set (0: all)", min=0)
     epochs: int = option(2, "fine-tuning epochs", min=1)
     lr: float = option(5e-4, "AdamW learning rate (adapters and head)", min=0.0)
     batch_size: int = option(16, "reviews per training step", min=1)
