@@ -1,5 +1,5 @@
-"""``bench plot``: cost against quality, reliability diagrams, OOD score histograms and the
-amortized RegVar NLL contour.
+"""``bench plot``: cost against quality, reliability diagrams, OOD score histograms, the
+amortized RegVar NLL contour and, for runs on a shift-intensity suite, metrics against intensity.
 
 Everything is drawn from the run files (JSON + npz) alone, like the leaderboard.
 """
@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.derived_rows import is_derived
+from bench.data.shift_suite import CORRUPTIONS, PARAMETERS, ROTATE, parse_set_name  # noqa: E402
+from bench.derived_rows import is_derived  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.leaderboard import collect  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
@@ -33,6 +34,10 @@ from bench.results import (  # noqa: E402
 from bench.tables import is_paired  # noqa: E402
 
 REGVAR_GRID_KEY = "validation_nll_grid"  # {"lambdas": [...], "scales": [...], "nll": [[...]]}
+# (metric inside a shift set's keys, the clean test set's key, axis label, its range: bands are clipped to it)
+INTENSITY_METRICS = (("acc", "cls/acc", "accuracy ↑", (0.0, 1.0)), ("ece", "cal/ece", "ECE ↓", (0.0, 1.0)),
+                     ("nll", "cls/nll", "NLL (nats) ↓", (0.0, np.inf)))
+MIN_INTENSITIES = 3  # shifted levels a curve needs (so fashion-mnist's default two rotations draw none)
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS):
@@ -186,6 +191,74 @@ def plot_cost_quality(task: str, runs: dict[str, list[dict[str, float]]], out: P
     return _save(fig, out / f"cost_quality_{task}.png")
 
 
+def intensity_sets(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[float, str | None]]:
+    """kind → intensity → shift set name (None: the clean test set), for every kind with at least
+    ``MIN_INTENSITIES`` shifted levels. Intensity 0 is ``rotate-0`` when the runs hold it (the same
+    images as every other suite set, unshifted), else the clean test set."""
+    names = {k.split("/")[1] for rows in runs.values() for r in rows for k in r
+             if k.startswith("shift/") and k.endswith("/acc")}
+    found: dict[str, dict[float, str | None]] = defaultdict(dict)
+    for name in names:
+        if parsed := parse_set_name(name):
+            found[parsed[0]][parsed[1]] = name
+    reference = "rotate-0" if "rotate-0" in names else None
+    order = [ROTATE, *CORRUPTIONS]
+    return {kind: {0.0: reference, **found[kind]} for kind in sorted(found, key=order.index)
+            if sum(1 for i in found[kind] if i > 0) >= MIN_INTENSITIES}
+
+
+def intensity_curve(rows: list[dict[str, float]], sets: dict[float, str | None], metric: str,
+                    clean_key: str) -> tuple[list[float], list[float], list[float]]:
+    """Intensities, means over seeds and 95 % t half-widths; a level no seed has is left out."""
+    xs, means, halves = [], [], []
+    for intensity, name in sorted(sets.items()):
+        key = clean_key if name is None else f"shift/{name}/{metric}"
+        values = [r[key] for r in rows if key in r]
+        if values:
+            s = summarize(values)
+            xs.append(intensity)
+            means.append(s.mean)
+            halves.append(s.half_width)
+    return xs, means, halves
+
+
+def plot_shift_intensity(task: str, runs: dict[str, list[dict[str, float]]], out: Path) -> list[Path]:
+    """Accuracy, ECE and NLL against shift intensity (Ovadia et al. 2019), a row per kind of shift,
+    one line per method (mean over seeds, band: 95 % t-interval). No figure (``[]``) for a task
+    whose runs hold no suite. Derived and paired rows are left out: they would double the lines."""
+    kinds = intensity_sets(runs)
+    methods = sorted(m for m in runs if not is_paired(m) and not is_derived(m))
+    if not kinds or not methods:
+        return []
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(12, 2.9 * len(kinds) + 1.2), squeeze=False)
+    for row, (kind, sets) in zip(axes, kinds.items(), strict=True):
+        for ax, (metric, clean_key, label, (low, high)) in zip(row, INTENSITY_METRICS, strict=True):
+            for i, method in enumerate(methods):
+                xs, mean, half = map(np.asarray, intensity_curve(runs[method], sets, metric, clean_key))
+                ax.plot(xs, mean, "o-", ms=3, lw=1.3, color=colours(i), label=method)
+                band = np.clip(mean - half, low, high), np.clip(mean + half, low, high)  # few seeds: wide
+                ax.fill_between(xs, *band, color=colours(i), alpha=0.15, lw=0)
+            ax.set_ylabel(label)
+            ax.set_title(f"{kind}: {label.split()[0]}", fontsize=9)
+            if kind == ROTATE:
+                ax.set_xlabel("rotation angle (degrees)")
+                ax.set_xticks(np.arange(0, 181, 30))
+            else:
+                values = CORRUPTIONS[kind]
+                ax.set_xlabel(f"{kind} severity ({PARAMETERS[kind]} {values[0]:g} … {values[-1]:g})")
+                ax.set_xticks(sorted(sets))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    ncol = min(len(methods), 5)
+    legend_h = 0.25 * ((len(methods) + ncol - 1) // ncol) / fig.get_figheight()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    reference = "rotate-0, the suite's images unshifted" if next(iter(kinds.values()))[0.0] else "the clean test set"
+    fig.suptitle(f"{task}: metrics against shift intensity (mean over seeds, band: 95 % t-interval; "
+                 f"intensity 0: {reference})", fontsize=10)
+    fig.tight_layout(rect=(0, legend_h + 0.01, 1, 1 - 0.4 / fig.get_figheight()))
+    return [_save(fig, out / f"shift_intensity_{task}.png")]
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     root: Path = args.results
     runs = _first_seed_runs(root)
@@ -199,6 +272,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         written.append(plot_cost_quality(task, table[task], out))
         written.append(plot_reliability(task, methods, out))
         written += plot_ood_histograms(task, methods, out)
+        written += plot_shift_intensity(task, table[task], out)
         for method, path in methods.items():
             if method.startswith("regvar") and (p := plot_regvar_contour(task, path, out)):
                 written.append(p)

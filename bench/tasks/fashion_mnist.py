@@ -1,7 +1,14 @@
-"""Task ``fashion-mnist``: real Fashion-MNIST, a small CNN, MNIST as OOD, rotations as shift."""
+"""Task ``fashion-mnist``: real Fashion-MNIST, a small CNN, MNIST as OOD, rotations as shift.
+
+``--set shift_suite=true`` replaces the two rotated sets by the shift-intensity suite
+(``bench.data.shift_suite``: rotations 0–180° in 15° steps and five corruptions at severities 1–5,
+``suite_size`` test images each), drawn by ``bench plot`` as accuracy / ECE / NLL against intensity.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,12 +16,17 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from bench.data import shift_suite
 from bench.data.mnist_family import load_fashion_mnist, load_mnist_test_images
-from bench.options import option
+from bench.options import as_dict, option
 from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 SPLIT_SEED = 20240601  # the train/validation split is fixed, independent of the run seed
+NORMALISATION = shift_suite.Normalisation(MEAN, STD)
+# Options that change only the evaluation sets, never the weights: one MAP checkpoint serves them all.
+EVALUATION_ONLY = ("shift_angles", "shift_size", "shift_suite", "suite_size")
+KEYED_AT_DEFAULT = ("shift_angles", "shift_size")  # were in the key before; see FashionMNIST.cache_key
 
 
 @dataclass
@@ -24,6 +36,9 @@ class FashionMNISTOptions:
     epochs: int = option(8, "MAP training epochs", min=1)
     shift_angles: tuple[float, ...] = option((30.0, 60.0), "rotation angles (degrees) of the shift sets")
     shift_size: int = option(2000, "test images per rotated shift set", min=10)
+    shift_suite: bool = option(False, "shift sets: the shift-intensity suite (rotations 0-180 step 15, five "
+                                      "corruptions at severities 1-5) instead of shift_angles")
+    suite_size: int = option(300, "test images per shift-suite set (the same images in every set)", min=10)
     allow_download: bool = option(True, "download from the publisher if no local copy exists")
 
 
@@ -66,11 +81,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate normalised images; the corners are filled with the background value."""
-    from torchvision.transforms.functional import InterpolationMode
-    from torchvision.transforms.functional import rotate as tv_rotate
-
-    background = (0.0 - MEAN) / STD
-    return tv_rotate(images, degrees, interpolation=InterpolationMode.BILINEAR, fill=background)
+    return shift_suite.rotate(images, degrees, NORMALISATION)
 
 
 @register_task("fashion-mnist")
@@ -89,16 +100,19 @@ class FashionMNIST(Task):
         mnist, mnist_source = load_mnist_test_images(self.data_dir, opts.allow_download)
         x_mnist = to_tensor(mnist)
         pick = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(SPLIT_SEED + 1))
-        shift_idx = pick[: opts.shift_size]
+        shift_idx = pick[: opts.suite_size if opts.shift_suite else opts.shift_size]
         if self.smoke:
             train_idx, val_idx = train_idx[:2000], val_idx[:500]
             x_test, y_test = x_test[:1000], y_test[:1000]
             x_mnist, shift_idx = x_mnist[:500], shift_idx[:300]
-        shift = {
-            f"rotate-{angle:g}": TensorDataset(rotate(to_tensor(arrays["test_x"])[shift_idx], angle),
-                                               torch.from_numpy(arrays["test_y"].astype(np.int64))[shift_idx])
-            for angle in opts.shift_angles
-        }
+        shift_x = to_tensor(arrays["test_x"])[shift_idx]
+        shift_y = torch.from_numpy(arrays["test_y"].astype(np.int64))[shift_idx]
+        info = {"source": source, "ood_source": {"mnist": mnist_source}, "split_seed": SPLIT_SEED}
+        if opts.shift_suite:
+            shift = shift_suite.suite_sets(shift_x, shift_y, NORMALISATION)
+            info["shift_suite"] = shift_suite.describe()
+        else:
+            shift = {f"rotate-{angle:g}": TensorDataset(rotate(shift_x, angle), shift_y) for angle in opts.shift_angles}
         return TaskData(
             train=TensorDataset(x_all[train_idx], y_all[train_idx]),
             val=TensorDataset(x_all[val_idx], y_all[val_idx]),
@@ -106,7 +120,7 @@ class FashionMNIST(Task):
             num_classes=10,
             ood={"mnist": x_mnist},
             shift=shift,
-            info={"source": source, "ood_source": {"mnist": mnist_source}, "split_seed": SPLIT_SEED},
+            info=info,
         )
 
     def make_model(self, num_classes: int) -> nn.Module:
@@ -118,3 +132,13 @@ class FashionMNIST(Task):
     def recipe(self) -> TrainRecipe:
         epochs = 1 if self.smoke else self.options.epochs
         return TrainRecipe(epochs=epochs, batch_size=128, lr=2e-3, weight_decay=1e-4)
+
+    def cache_key(self) -> str:
+        """Unchanged by the evaluation-only options, so a suite run reuses the cached MAP. The two that
+        were keyed before are keyed at their defaults (the suite's are left out): the key of every
+        checkpoint cached before stays what it was."""
+        defaults = as_dict(self.Options())
+        trained = {k: defaults[k] if k in KEYED_AT_DEFAULT else v for k, v in as_dict(self.options).items()
+                   if k not in EVALUATION_ONLY or k in KEYED_AT_DEFAULT}
+        payload = {"task": self.name, "smoke": self.smoke, "options": trained}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
