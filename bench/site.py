@@ -369,9 +369,16 @@ def manifest(files: dict[str, bytes]) -> bytes:
 # ---------------------------------------------------------------- writing and checking
 
 
+SCREENSHOTS = "screenshots"
+"""A folder of the site that builds leave alone: pictures of its pages taken in a browser
+(``scripts/screenshot_site.py``), which no build can reproduce byte for byte."""
+
+
 def _present(out: Path) -> set[str]:
-    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()} \
-        if out.is_dir() else set()
+    if not out.is_dir():
+        return set()
+    found = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+    return {p for p in found if not p.startswith(f"{SCREENSHOTS}/")}
 
 
 def ensure_site_folder(out: Path) -> None:

@@ -20,7 +20,7 @@ from bench.leaderboard import collect
 from bench.plugins import load_plugin
 from bench.results import dumps_json, read_record
 from bench.runner import RunConfig, resolve, run
-from bench.site import MANIFEST, build_site, check_site, reproduce, write_site
+from bench.site import MANIFEST, SCREENSHOTS, build_site, check_site, reproduce, write_site
 from bench.tables import render
 
 TASK = "tiny-digits"
@@ -181,6 +181,17 @@ def test_write_removes_what_an_earlier_build_left(results: Path, tmp_path: Path,
     assert check_site(site, out) == [f"{out / 'runs/gone/seed0.html'} is not part of the site"]
     write_site(site, out)
     assert check_site(site, out) == [] and not (out / "runs" / "gone").exists()
+
+
+def test_screenshots_survive_builds_and_checks(site: dict[str, bytes], tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    write_site(site, out)
+    shot = out / SCREENSHOTS / "task.png"
+    shot.parent.mkdir()
+    shot.write_bytes(b"png")
+    assert check_site(site, out) == []
+    write_site(site, out)
+    assert shot.read_bytes() == b"png"
 
 
 def test_no_runs_and_foreign_folders_are_one_line_errors(
