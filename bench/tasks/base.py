@@ -87,9 +87,14 @@ class Task(ABC):
         """A version of the model small enough (≤ 10k params) for exact curvature."""
         raise NotImplementedError(f"task {self.name} has no small model for fidelity checks")
 
+    def trained_options(self) -> dict[str, Any]:
+        """The options that can change the trained weights (all of them unless a task says which
+        only change its evaluation sets): what the checkpoint cache is keyed by."""
+        return as_dict(self.options)
+
     def cache_key(self) -> str:
         """Identifies the data and model configuration for checkpoint caching."""
-        payload = {"task": self.name, "smoke": self.smoke, "options": as_dict(self.options)}
+        payload = {"task": self.name, "smoke": self.smoke, "options": self.trained_options()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -12,8 +12,8 @@ hour on two cores. The full configuration, for a GPU: ``--set train_size=0 --set
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,7 +131,8 @@ class ImdbLora(Task):
 
         backbone = shared_backbone(self.options.backbone).identity
         source = imdb_source_identity(ImdbSource(self.options.source), self.data_dir)
-        # The evaluation sets' sizes do not change the weights: a MAP serves every eval_size.
-        trained = {k: v for k, v in as_dict(self.options).items() if k not in EVALUATION_ONLY}
-        payload = json.dumps({"task": self.name, "smoke": self.smoke, "options": trained}, sort_keys=True)
-        return hashlib.sha256(f"{payload}|{backbone}|{source}".encode()).hexdigest()[:12]
+        return hashlib.sha256(f"{super().cache_key()}|{backbone}|{source}".encode()).hexdigest()[:12]
+
+    def trained_options(self) -> dict[str, Any]:
+        """The evaluation sets' sizes do not change the weights: one MAP serves every eval_size."""
+        return {k: v for k, v in as_dict(self.options).items() if k not in EVALUATION_ONLY}
