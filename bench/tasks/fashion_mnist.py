@@ -75,7 +75,7 @@ class SmallFashionCNN(nn.Sequential):
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return ((torch.from_numpy(images.astype(np.float32)) / 255.0 - MEAN) / STD).unsqueeze(1)
+    return NORMALISATION.from_pixels(torch.from_numpy(images.astype(np.float32)) / 255.0).unsqueeze(1)
 
 
 def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:

@@ -105,10 +105,6 @@ class LoraClassifier(nn.Module):
         return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
 class SharedBackbone:
     """One frozen pretrained backbone per process, from which adapter-carrying networks are made.
 
