@@ -30,7 +30,7 @@ from bench.results import (
     subset_indices,
     unpack_predictions,
 )
-from bench.tables import PAIRED_REFERENCE, is_paired, paired_label, render
+from bench.tables import PAIRED_REFERENCE, is_paired, paired_label, render, same_csv
 
 # The JSON's metrics must come back from the npz to within this (they are computed from the
 # same float64 arrays by the same code, so they normally agree exactly).
@@ -168,8 +168,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         if old:  # checked first: it also explains tables that differ (metrics recomputed differently)
             print(f"bench: {old}")
             return 1
-        stale = [p for p, text in ((md_path, md), (csv_path, csv_text))
-                 if not p.exists() or p.read_text() != text]
+        stale = [p for p, text, same in ((md_path, md, str.__eq__), (csv_path, csv_text, same_csv))
+                 if not p.exists() or not same(p.read_text(), text)]
         if stale:
             print(f"bench: stale tables: {', '.join(map(str, stale))}; run `python -m bench table`")
             return 1

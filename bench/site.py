@@ -35,7 +35,7 @@ from bench.leaderboard import Collected, collect
 from bench.ranking import summarize
 from bench.record import RunRecord
 from bench.results import atomic_write_bytes, ensure_writable, iter_runs, read_record
-from bench.tables import BASE_COLUMNS, PAIRED_REFERENCE, cell_text, columns_for, is_paired, task_notes
+from bench.tables import BASE_COLUMNS, PAIRED_REFERENCE, cell_text, columns_for, csv_number, is_paired, task_notes
 
 TEMPLATES = Path(__file__).with_name("site_templates")
 STATIC = ("site.css", "site.js")  # copied verbatim into static/
@@ -74,7 +74,8 @@ def cells(runs: list[dict[str, float]], columns: Iterable[tuple[str, str, int]])
     out = []
     for _, key, _ in columns:
         values = [r[key] for r in runs if key in r]
-        out.append(Cell(key, cell_text(values, key), repr(summarize(values).mean)) if values else Cell(key, "–", ""))
+        sort_key = csv_number(summarize(values).mean) if values else ""  # CSV precision: no last-bit noise
+        out.append(Cell(key, cell_text(values, key), sort_key) if values else Cell(key, "–", ""))
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
@@ -38,6 +39,35 @@ COST_COLUMNS = [
 # comparable across rows), and the two defined once for every method that has them:
 # mutual_info (members, masks, or draws of the logit Gaussian) and centred_var (bench.logit_gaussian).
 OWN_SCORES = ("variance", "mutual_info", "centred_var")
+# Significant digits of the CSV's numbers: far below any difference a leaderboard resolves, and
+# above the last-bit noise of BLAS sums that differ between CPUs (a bootstrap interval's low end
+# moved in its 17th digit between two machines, which made `bench table --check` fail in CI).
+CSV_DIGITS = 10
+# Relative tolerance of `same_csv`: a number may round either way at its 10th digit.
+CSV_RTOL = 1e-8
+
+
+def csv_number(value: float) -> str:
+    """A CSV cell for a statistic, at CSV_DIGITS significant digits."""
+    return format(value, f".{CSV_DIGITS}g")
+
+
+def same_csv(old: str, new: str) -> bool:
+    """Whether two leaderboard CSV texts hold the same rows, numbers equal to CSV_RTOL."""
+    old_rows, new_rows = list(csv.reader(io.StringIO(old))), list(csv.reader(io.StringIO(new)))
+    if len(old_rows) != len(new_rows):
+        return False
+    return all(len(a) == len(b) and all(_same_cell(x, y) for x, y in zip(a, b, strict=True))
+               for a, b in zip(old_rows, new_rows, strict=True))
+
+
+def _same_cell(old: str, new: str) -> bool:
+    if old == new:
+        return True
+    try:
+        return math.isclose(float(old), float(new), rel_tol=CSV_RTOL, abs_tol=1e-15)
+    except ValueError:
+        return False
 # A method evaluated on a subset (its cost cap) is shown beside this method's predictions cut to
 # the same inputs and seed, so that the comparison is paired: a 100-input subset can differ from
 # the full test set by more than the methods differ from each other.
@@ -128,7 +158,7 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
                 row.append("–")
                 continue
             s = summarize(values)
-            writer.writerow([task, method, s.n, key, repr(s.mean), repr(s.std), repr(s.half_width)])
+            writer.writerow([task, method, s.n, key, csv_number(s.mean), csv_number(s.std), csv_number(s.half_width)])
             differs = key in vs_map and vs_map[key].excludes_zero()
             cell = cell_text(values, key) + (f" {DIFFERS_MARK}" if differs else "")
             cell += f" {FLAG_MARK}" if flagged else ""
@@ -185,7 +215,7 @@ def _paired_table(task: str, found: Collected, writer: Any) -> list[str]:
             cell = f"{iv.diff:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"
             row.append(f"**{cell}**" if iv.excludes_zero() else cell)
             for name, value in (("diff", iv.diff), ("ci_low", iv.low), ("ci_high", iv.high)):
-                writer.writerow([task, method, "", f"vs_{PAIRED_REFERENCE}/{key}/{name}", repr(value), "", ""])
+                writer.writerow([task, method, "", f"vs_{PAIRED_REFERENCE}/{key}/{name}", csv_number(value), "", ""])
         rows.append(row)
     return [f"Difference from `{PAIRED_REFERENCE}` on the same inputs (method − {PAIRED_REFERENCE}, mean over "
             f"seeds) with its 95 % paired bootstrap interval ({N_BOOT} resamples of every set, the same draw "

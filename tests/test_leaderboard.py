@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,28 @@ def test_check_passes_when_current_and_fails_when_stale(results: tuple[Path, Pat
     md.write_text(md.read_text().replace("subset-map", "edited-by-hand"))
     assert main(["table", "--results", str(root), "--check"]) == 1
     assert main(["table", "--results", str(root)]) == 0  # restore for the other tests
+
+
+def _edit_first_number(text: str, change: Callable[[float], float]) -> str:
+    rows = list(csv.reader(io.StringIO(text)))
+    rows[1][4] = repr(change(float(rows[1][4])))
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+def test_check_ignores_last_digit_noise_in_the_csv_but_not_a_changed_number(results: tuple[Path, Path]) -> None:
+    """CI failed once because a bootstrap bound differed in its 17th digit between two CPUs."""
+    root = results[0]
+    path = root / "leaderboard.csv"
+    current = path.read_text()
+    number = list(csv.reader(io.StringIO(current)))[1][4]
+    assert len(number.replace(".", "").replace("-", "").lstrip("0").split("e")[0]) <= 10  # 10 digits written
+    path.write_text(_edit_first_number(current, lambda v: v * (1 + 1e-15)))
+    assert main(["table", "--results", str(root), "--check"]) == 0
+    path.write_text(_edit_first_number(current, lambda v: v * (1 + 1e-4) + 1e-6))
+    assert main(["table", "--results", str(root), "--check"]) == 1
+    path.write_text(current)
 
 
 # --- Every result file is checked; damage is one line naming the file (issue 17) ------------------
