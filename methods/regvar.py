@@ -112,7 +112,13 @@ from .regvar_newton import batched_cg, curvature_products
 # head: 18 CG iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
 PLANNING_CG_ITERATIONS = 40
 PLANNING_LBFGS_ITERATIONS = 150
+# The budget probe times products on a slice of the training rows that doubles from
+# PROBE_MIN_ROWS until one product takes PROBE_SECONDS (then its time is the per-row cost, not
+# call overhead) or the slice reaches PROBE_ROWS; a transformer's double backward is timed on
+# 16 rows in seconds instead of on 1,024 for a quarter of an hour.
+PROBE_MIN_ROWS = 16
 PROBE_ROWS = 1024
+PROBE_SECONDS = 1.0
 PROBE_STACK = 8
 
 
@@ -575,14 +581,21 @@ class RegVar(Method):
         refuse a run whose estimate exceeds ``budget_s`` before any fit starts."""
         o, n = self.options, len(x)
         stack = max(1, min(o.query_batch, solves, PROBE_STACK))
-        rows = min(n, PROBE_ROWS)
-        xs, ys = train_tensors(TensorDataset(x[:rows], y[:rows]), fm)
-        probe = curvature_products(fm, xs, ys, wd)
         v = torch.randn(stack, fm.dim, dtype=fm.dtype, device=fm.device)
-        probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
-        t0 = time.perf_counter()
-        probe.at(fm.theta0, v)
-        per_product = (time.perf_counter() - t0) / stack * (n / rows)
+        rows, warm = min(n, PROBE_MIN_ROWS), False
+        while True:
+            xs, ys = train_tensors(TensorDataset(x[:rows], y[:rows]), fm)
+            probe = curvature_products(fm, xs, ys, wd)
+            if not warm:
+                probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
+                warm = True
+            one = _seconds(lambda p=probe: p.at(fm.theta0, v[:1]))
+            if one >= PROBE_SECONDS or rows >= min(n, PROBE_ROWS):
+                break
+            rows = min(2 * rows, n, PROBE_ROWS)
+        # The fits stack `stack` products into one pass; time that too where it is quick.
+        stacked = one if one * stack > 4 * PROBE_SECONDS else _seconds(lambda: probe.at(fm.theta0, v)) / stack
+        per_product = stacked * n / rows
         fits = 2 if o.difference is Difference.CENTRAL else 1
         if o.solver is Solver.NEWTON_CG:
             per_solve = per_product * (PLANNING_CG_ITERATIONS + 2)
@@ -592,7 +605,8 @@ class RegVar(Method):
             what = f"≈{PLANNING_LBFGS_ITERATIONS} L-BFGS iterations × {fits} fits, {per_product:.3g} s per gradient"
         polish_s = per_product * o.polish_steps if o.reference is Reference.POLISHED else 0.0
         estimate = solves * per_solve + polish_s
-        self.info.update({"probe_s_per_product": per_product, "estimated_s": estimate, "budget_s": o.budget_s})
+        self.info.update({"probe_s_per_product": per_product, "probe_rows": rows,
+                          "estimated_s": estimate, "budget_s": o.budget_s})
         if estimate > o.budget_s:
             alt = "" if self.last_layer else ", or regvar-ll (last layer)"
             raise BenchError(
@@ -669,6 +683,16 @@ class RegVarLastLayer(RegVar):
 
     Options: ClassVar[type] = RegVarLLOptions
     last_layer: ClassVar[bool] = True
+
+
+
+def _seconds(work: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call (synchronised on CUDA by the product's own result use)."""
+    t0 = time.perf_counter()
+    out = work()
+    if isinstance(out, torch.Tensor) and out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    return time.perf_counter() - t0
 
 
 def _hours(seconds: float) -> str:

@@ -224,6 +224,21 @@ def test_budget_refusal_is_one_line_before_any_fit():
     assert m.problem is None and "polish_s" not in m.info and not logs  # nothing was fitted
 
 
+@pytest.mark.parametrize("probe_seconds, rows", [(0.0, 16), (1e9, 64)])
+def test_budget_probe_stops_growing_its_slice_once_a_product_is_slow_enough_to_time(
+        monkeypatch: pytest.MonkeyPatch, probe_seconds: float, rows: int) -> None:
+    """A slow product (a transformer's double backward) is timed on 16 rows, not 1,024: the
+    refusal on a CPU comes in seconds; a fast one grows to every row (here 64) for a fair time."""
+    import bench_methods.regvar as regvar_module
+
+    monkeypatch.setattr(regvar_module, "PROBE_SECONDS", probe_seconds)
+    cls = METHODS.get("regvar")
+    m = cls(build(cls.Options, {"budget_s": "1e-9"}, "method regvar"))
+    with pytest.raises(BenchError, match="budget_s"):
+        m.fit(context(tiny_model()))
+    assert m.info["probe_rows"] == rows and m.info["probe_s_per_product"] > 0
+
+
 def test_mean_and_variance_come_from_the_same_network():
     """The predictive mean is the network θ₀ the fits start from: the MAP itself for
     reference=map, the polished MAP (recorded, with how far it moved) for reference=polished."""
