@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 import traceback
 from collections.abc import Iterator
@@ -31,7 +32,8 @@ from bench.tasks import TASKS
 def _names(text: str, registry, kind: str) -> list[str]:
     if text == "all":
         return registry.names()
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    # Commas inside a spec's parentheses separate its options, not names: "a(k=1,j=2),b".
+    names = [n.strip() for n in re.split(r",(?![^()]*\))", text) if n.strip()]
     for name in names:
         registry.get(name.split("(")[0])  # unknown names fail before anything runs
     if not names:

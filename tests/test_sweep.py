@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, TINY_TASK, run_cli
 
 from bench.cli import main
+from bench.method_api import METHODS
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # same threads in both arms, so metrics compare exactly
 
@@ -317,3 +318,11 @@ def test_runs_another_sweep_finished_meanwhile_are_skipped_not_rerun(monkeypatch
     assert sorted(finished) == [(0, (None, 0.0)), (1, (None, 1.0)), (2, (None, 0.0))]
     with sweep._in_fresh_processes(todo, 1, [], quiet=True, skip_done=False) as results:
         assert len(list(results)) == 3 and started == [1, 0, 1, 2]
+
+
+def test_a_spec_with_several_options_is_one_name_in_the_grid() -> None:
+    from bench.sweep import _names
+
+    text = "map, regvar-amortized(optimizer=adam,steps=25,batch_size=16),mc-dropout(samples=8)"
+    assert _names(text, METHODS, "method") == [
+        "map", "regvar-amortized(optimizer=adam,steps=25,batch_size=16)", "mc-dropout(samples=8)"]
