@@ -104,7 +104,9 @@ class RegVarAmortized(Method):
             raise BenchError("regvar-amortized: lam_grid needs values > 0, e.g. lam_grid=1e-5|1e-4|1e-3")
         n_train = len(ctx.data.train)
         dim = sum(p.numel() for p in ctx.map_model.parameters() if p.requires_grad)
-        opt, dtype = resolve(o.optimizer, o.precision, n_train, dim, o.full_batch_budget)
+        # A full pass costs every weight the inputs go through, frozen ones too (a LoRA backbone).
+        passed = sum(p.numel() for p in ctx.map_model.parameters())
+        opt, dtype = resolve(o.optimizer, o.precision, n_train, passed, o.full_batch_budget)
         fm = self.fm = FlatModel(ctx.map_model, dtype, ctx.device)
         self.theta_map = fm.theta0.clone()
         x_train, y_train = train_tensors(ctx.data.train, fm)

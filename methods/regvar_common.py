@@ -46,7 +46,8 @@ class Optimizer(str, enum.Enum):
     """How the regularised fits are solved (all start from the MAP weights)."""
 
     AUTO = "auto"
-    """lbfgs when one full pass costs little (n·D ≤ full_batch_budget), else adam."""
+    """lbfgs when one full pass costs little (n·P ≤ full_batch_budget, P every weight a pass
+    goes through, frozen ones included), else adam."""
     LBFGS = "lbfgs"
     """Full-batch L-BFGS, one history per copy, gradient-only line search: converges."""
     ADAM = "adam"
@@ -238,7 +239,8 @@ class SolverOptions:
         1e-4, "L-BFGS stops a fit when its step is below xtol × its distance travelled (0: off)", min=0.0
     )
     polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
-    full_batch_budget: float = option(5e7, "auto picks lbfgs when n_train·n_params ≤ this", min=0.0)
+    full_batch_budget: float = option(
+        5e7, "auto picks lbfgs when n_train·n_params ≤ this (frozen weights count: they cost a pass)", min=0.0)
 
 
     def settings(self, optimizer: Optimizer, seed: int, steps: int | None = None) -> SolverSettings:

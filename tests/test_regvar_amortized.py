@@ -144,6 +144,24 @@ def test_method_predicts_tunes_and_records(logistic):
     torch.testing.assert_close(again.probs, pred.probs, rtol=0, atol=0)
 
 
+def test_auto_counts_frozen_weights_as_the_cost_of_a_full_pass(logistic):
+    """A LoRA transformer has few trainable weights and a large frozen backbone: full-batch L-BFGS
+    passes the backbone over every review per iteration (an hour on MiniLM's smoke set), so auto
+    must pick minibatch adam by the weights a pass goes through, not by the trainable ones."""
+    data, head = logistic
+    frozen = nn.Linear(3, 3).double().requires_grad_(False)
+    with torch.no_grad():
+        frozen.weight.copy_(torch.eye(3))
+        frozen.bias.zero_()
+    model = nn.Sequential(frozen, head)
+    n, trainable, every = len(data.train), 3 * C + C, 3 * C + C + 12
+    budget = str(n * (trainable + every) / 2)  # between n·trainable and n·every
+    method = fit(data, model, lam_grid="1e-4", steps="5", lr="1e-3", full_batch_budget=budget)
+    assert method.summary()["optimizer"] == "adam"
+    head_only = fit(data, head, lam_grid="1e-4", steps="5", full_batch_budget=budget)
+    assert head_only.summary()["optimizer"] == "lbfgs"
+
+
 def test_bad_grid_is_refused(logistic):
     data, model = logistic
     with pytest.raises(BenchError, match="lam_grid"):
