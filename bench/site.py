@@ -74,8 +74,11 @@ def cells(runs: list[dict[str, float]], columns: Iterable[tuple[str, str, int]])
     out = []
     for _, key, _ in columns:
         values = [r[key] for r in runs if key in r]
-        sort_key = csv_number(summarize(values).mean) if values else ""  # CSV precision: no last-bit noise
-        out.append(Cell(key, cell_text(values, key), sort_key) if values else Cell(key, "–", ""))
+        if not values:
+            out.append(Cell(key, "–", ""))
+            continue
+        sort_key = csv_number(summarize(values).mean)  # CSV precision: no last-bit noise in the page
+        out.append(Cell(key, cell_text(values, key), sort_key))
     return out
 
 

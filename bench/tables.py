@@ -46,28 +46,6 @@ CSV_DIGITS = 10
 # Relative tolerance of `same_csv`: a number may round either way at its 10th digit.
 CSV_RTOL = 1e-8
 
-
-def csv_number(value: float) -> str:
-    """A CSV cell for a statistic, at CSV_DIGITS significant digits."""
-    return format(value, f".{CSV_DIGITS}g")
-
-
-def same_csv(old: str, new: str) -> bool:
-    """Whether two leaderboard CSV texts hold the same rows, numbers equal to CSV_RTOL."""
-    old_rows, new_rows = list(csv.reader(io.StringIO(old))), list(csv.reader(io.StringIO(new)))
-    if len(old_rows) != len(new_rows):
-        return False
-    return all(len(a) == len(b) and all(_same_cell(x, y) for x, y in zip(a, b, strict=True))
-               for a, b in zip(old_rows, new_rows, strict=True))
-
-
-def _same_cell(old: str, new: str) -> bool:
-    if old == new:
-        return True
-    try:
-        return math.isclose(float(old), float(new), rel_tol=CSV_RTOL, abs_tol=1e-15)
-    except ValueError:
-        return False
 # A method evaluated on a subset (its cost cap) is shown beside this method's predictions cut to
 # the same inputs and seed, so that the comparison is paired: a 100-input subset can differ from
 # the full test set by more than the methods differ from each other.
@@ -99,6 +77,29 @@ HEADER = [
     "across rows); mutual_info (ensemble members, dropout masks, or 100 draws of the logit Gaussian);",
     "centred_var, the trace of the softmax-centred logit covariance (bench/logit_gaussian.py).", "",
 ]
+
+
+def csv_number(value: float) -> str:
+    """A CSV cell for a statistic, at CSV_DIGITS significant digits."""
+    return format(value, f".{CSV_DIGITS}g")
+
+
+def same_csv(old: str, new: str) -> bool:
+    """Whether two leaderboard CSV texts hold the same rows, numbers equal to CSV_RTOL."""
+    old_rows, new_rows = list(csv.reader(io.StringIO(old))), list(csv.reader(io.StringIO(new)))
+    if len(old_rows) != len(new_rows):
+        return False
+    return all(len(a) == len(b) and all(_same_cell(x, y) for x, y in zip(a, b, strict=True))
+               for a, b in zip(old_rows, new_rows, strict=True))
+
+
+def _same_cell(old: str, new: str) -> bool:
+    if old == new:
+        return True
+    try:
+        return math.isclose(float(old), float(new), rel_tol=CSV_RTOL, abs_tol=1e-15)
+    except ValueError:
+        return False
 
 
 def paired_label(method: str) -> str:

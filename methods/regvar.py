@@ -582,17 +582,12 @@ class RegVar(Method):
         o, n = self.options, len(x)
         stack = max(1, min(o.query_batch, solves, PROBE_STACK))
         v = torch.randn(stack, fm.dim, dtype=fm.dtype, device=fm.device)
-        rows, warm = min(n, PROBE_MIN_ROWS), False
-        while True:
-            xs, ys = train_tensors(TensorDataset(x[:rows], y[:rows]), fm)
-            probe = curvature_products(fm, xs, ys, wd)
-            if not warm:
-                probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
-                warm = True
-            one = _seconds(lambda p=probe: p.at(fm.theta0, v[:1]))
-            if one >= PROBE_SECONDS or rows >= min(n, PROBE_ROWS):
-                break
+        rows = min(n, PROBE_MIN_ROWS)
+        probe = curvature_products(fm, *train_tensors(TensorDataset(x[:rows], y[:rows]), fm), wd)
+        probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
+        while (one := _seconds(lambda p=probe: p.at(fm.theta0, v[:1]))) < PROBE_SECONDS and rows < min(n, PROBE_ROWS):
             rows = min(2 * rows, n, PROBE_ROWS)
+            probe = curvature_products(fm, *train_tensors(TensorDataset(x[:rows], y[:rows]), fm), wd)
         # The fits stack `stack` products into one pass; time that too where it is quick.
         stacked = one if one * stack > 4 * PROBE_SECONDS else _seconds(lambda: probe.at(fm.theta0, v)) / stack
         per_product = stacked * n / rows
@@ -685,9 +680,8 @@ class RegVarLastLayer(RegVar):
     last_layer: ClassVar[bool] = True
 
 
-
 def _seconds(work: Callable[[], object]) -> float:
-    """Wall-clock seconds of one call (synchronised on CUDA by the product's own result use)."""
+    """Wall-clock seconds of one call, waiting for CUDA to finish when it returns a CUDA tensor."""
     t0 = time.perf_counter()
     out = work()
     if isinstance(out, torch.Tensor) and out.is_cuda:
