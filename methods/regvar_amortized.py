@@ -110,7 +110,7 @@ class RegVarAmortized(Method):
         fm = self.fm = FlatModel(ctx.map_model, dtype, ctx.device)
         self.theta_map = fm.theta0.clone()
         x_train, y_train = train_tensors(ctx.data.train, fm)
-        settings = o.settings(opt, seed=derive_seed(ctx.seed, "regvar-amortized", "data-order"))
+        settings = o.settings(opt, derive_seed(ctx.seed, "regvar-amortized", "data-order"), ctx.recipe.batch_size)
         lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device) * n_train  # log-joint λ
         self.info = {}
         if opt is Optimizer.LBFGS and o.polish > 0 and o.difference is not Reference.PAPER:
@@ -122,10 +122,10 @@ class RegVarAmortized(Method):
         coef = torch.cat(coefs)
         ctx.log(
             f"regvar-amortized: {len(coef)} fine-tune(s) of {dim} params, {opt.value}, "
-            f"{o.steps} steps, λ grid {list(o.lam_grid)}"
+            f"{o.steps} steps of {settings.batch_size}, λ grid {list(o.lam_grid)}"
         )
         objective = StackedObjective(fm, x_train, y_train, ctx.recipe.weight_decay, Regularizer(coef=coef))
-        thetas = solve(objective, fm.theta0.expand(len(coef), -1).clone(), settings)
+        thetas = solve(objective, fm.theta0.expand(len(coef), -1).clone(), settings, progress=ctx.progress)
         k = len(o.lam_grid)
         refs = thetas[k:] if second is not None else fm.theta0.expand(k, -1)
         # Tune (λ, s) jointly on validation NLL over the whole validation set (2 passes each).
@@ -149,6 +149,7 @@ class RegVarAmortized(Method):
             "optimizer": opt.value,
             "dtype": str(dtype).removeprefix("torch."),
             "steps": o.steps,
+            "batch_size": settings.batch_size,
             "difference": o.difference.value,
             "lam": self.lam,
             "lam_joint": self.lam_joint,

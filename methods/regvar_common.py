@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -232,7 +232,9 @@ class SolverOptions:
     precision: Precision = option(Precision.FLOAT32, "floating-point type of the fits")
     steps: int = option(300, "L-BFGS iterations (at most) or adam/sgd minibatch steps", min=1)
     lr: float = option(1e-4, "adam/sgd learning rate", min=0.0)
-    batch_size: int = option(128, "adam/sgd minibatch size; smallest L-BFGS data chunk", min=1)
+    batch_size: int = option(
+        0, "adam/sgd minibatch size and smallest L-BFGS data chunk (0: the task's MAP training batch)", min=0
+    )
     history: int = option(100, "L-BFGS history length (long: the fits are ill-conditioned)", min=1)
     rtol: float = option(1e-7, "L-BFGS stops a fit when ‖g‖∞ falls by this factor", min=0.0)
     xtol: float = option(
@@ -243,13 +245,15 @@ class SolverOptions:
         5e7, "auto picks lbfgs when n_train·n_params ≤ this (frozen weights count: they cost a pass)", min=0.0)
 
 
-    def settings(self, optimizer: Optimizer, seed: int, steps: int | None = None) -> SolverSettings:
-        """The resolved solver settings of these options (``optimizer`` with 'auto' resolved)."""
+    def settings(self, optimizer: Optimizer, seed: int, recipe_batch: int, steps: int | None = None) -> SolverSettings:
+        """The resolved solver settings of these options (``optimizer`` with 'auto' resolved,
+        ``batch_size=0`` by the MAP recipe's ``recipe_batch``: the listing fine-tunes with the
+        training step, so a transformer recipe's 16 reviews, not a CNN's 128)."""
         return SolverSettings(
             optimizer,
             self.steps if steps is None else steps,
             self.lr,
-            self.batch_size,
+            self.batch_size or recipe_batch,
             self.history,
             self.rtol,
             seed=seed,
@@ -258,6 +262,7 @@ class SolverOptions:
 
 
 Callback = Callable[[int, torch.Tensor], None]
+ProgressBar = Callable[..., Iterable]  # the harness's ``ctx.progress`` (tqdm)
 
 
 def solve(
@@ -266,15 +271,23 @@ def solve(
     settings: SolverSettings,
     checkpoints: Sequence[int] = (),
     callback: Callback | None = None,
+    progress: ProgressBar | None = None,
 ) -> torch.Tensor:
     """Run the regularised fits of all copies from ``theta0`` (Q, D); returns the final (Q, D).
 
     ``callback(step, thetas)`` is called at each step listed in ``checkpoints`` (and at the end),
-    e.g. to record predictions for a convergence study.
+    e.g. to record predictions for a convergence study. ``progress`` (the harness's bar) shows
+    the steps: an amortized fine-tune of a transformer runs for minutes.
     """
     if settings.optimizer is Optimizer.LBFGS:
-        return batched_lbfgs(objective, theta0, settings, checkpoints, callback)
-    return first_order(objective, theta0, settings, checkpoints, callback)
+        return batched_lbfgs(objective, theta0, settings, checkpoints, callback, progress)
+    return first_order(objective, theta0, settings, checkpoints, callback, progress)
+
+
+def _step_numbers(settings: SolverSettings, progress: ProgressBar | None) -> Iterable[int]:
+    """1 … steps, through the progress bar when there is one."""
+    steps = range(1, settings.steps + 1)
+    return steps if progress is None else progress(steps, desc=f"{settings.optimizer.value} steps")
 
 
 def first_order(
@@ -283,6 +296,7 @@ def first_order(
     settings: SolverSettings,
     checkpoints: Sequence[int] = (),
     callback: Callback | None = None,
+    progress: ProgressBar | None = None,
 ) -> torch.Tensor:
     """Minibatch Adam or SGD. Both update elementwise, so one torch optimizer over the (Q, D)
     tensor is exactly Q independent optimizers; all copies share the minibatch sequence."""
@@ -295,7 +309,7 @@ def first_order(
     n, b = objective.n, min(settings.batch_size, objective.n)
     order = torch.randperm(n, generator=gen)
     pos = 0
-    for step in range(1, settings.steps + 1):
+    for step in _step_numbers(settings, progress):
         if pos + b > n:
             order, pos = torch.randperm(n, generator=gen), 0
         rows = order[pos : pos + b].to(objective.x.device)
@@ -313,6 +327,7 @@ def batched_lbfgs(
     settings: SolverSettings,
     checkpoints: Sequence[int] = (),
     callback: Callback | None = None,
+    progress: ProgressBar | None = None,
 ) -> torch.Tensor:
     """Full-batch L-BFGS run independently for every copy, vectorised over copies.
 
@@ -343,7 +358,7 @@ def batched_lbfgs(
     stored = 0
     active = g.abs().amax(dim=1) > gtol
     reported: set[int] = set()
-    for it in range(1, settings.steps + 1):
+    for it in _step_numbers(settings, progress):
         if not bool(active.any()):
             break
         # Two-loop recursion, per copy (dot products along dim 1).

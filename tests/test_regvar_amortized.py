@@ -162,6 +162,16 @@ def test_auto_counts_frozen_weights_as_the_cost_of_a_full_pass(logistic):
     assert head_only.summary()["optimizer"] == "lbfgs"
 
 
+@pytest.mark.parametrize(("batch_size", "used"), [(None, 32), ("8", 8)])
+def test_minibatches_default_to_the_map_recipes_batch(logistic, batch_size, used):
+    """The listing fine-tunes with the training step: a LoRA recipe's 16 reviews, not 128 (which
+    made the default smoke fine-tune of imdb-lora take two hours on a core)."""
+    data, model = logistic
+    options = {"batch_size": batch_size} if batch_size else {}
+    method = fit(data, model, lam_grid="1e-4", optimizer="adam", steps="3", lr="1e-3", **options)
+    assert method.summary()["batch_size"] == used  # the test recipe's batch is 32
+
+
 def test_bad_grid_is_refused(logistic):
     data, model = logistic
     with pytest.raises(BenchError, match="lam_grid"):
