@@ -6,10 +6,16 @@ data loading): on Linux the kernel's own high-water mark (VmHWM), reset at the b
 through /proc/self/clear_refs, so a short spike is never missed and an earlier, higher peak
 of the process never hides the block's (which made the old growth figure read 0). Elsewhere
 a sampling thread approximates it. Nested blocks fold their peaks into the enclosing ones.
+Baselines and block starts are taken *settled* (garbage collected, freed heap handed back to the
+kernel): heap that earlier work freed but the process still held would otherwise count in the
+baseline and be reused by the block without any RSS growth, reading as a peak near 0.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -34,6 +40,22 @@ def current_rss_bytes() -> int:
     except (OSError, ValueError):  # non-Linux fallback: the lifetime peak
         scale = 1 if sys.platform == "darwin" else 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): return every free heap page to the kernel (a no-op elsewhere).
+    Hand-written through ctypes: neither torch nor psutil exposes it."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def settled_rss_bytes() -> int:
+    """The resident set once garbage is collected and freed heap is returned: live data only."""
+    gc.collect()
+    _malloc_trim()
+    return current_rss_bytes()
 
 
 def _high_water_mark() -> int | None:
@@ -84,11 +106,12 @@ class measure:  # noqa: N801 - used as a context manager: `with measure(device) 
         return self.result
 
     def _start_cpu(self) -> None:
-        mark = _high_water_mark()
+        mark = _high_water_mark()  # before settling: the enclosing blocks' peak so far
+        settled = settled_rss_bytes()
         for outer in _active:  # the reset below must not lose what the enclosing blocks saw
             outer._peak = max(outer._peak, mark or 0)
-        self._base = self.baseline if self.baseline is not None else current_rss_bytes()
-        self._peak = current_rss_bytes()
+        self._base = self.baseline if self.baseline is not None else settled
+        self._peak = settled
         self._kernel = mark is not None and _reset_high_water_mark()
         self._stop = threading.Event()
         self._thread = None

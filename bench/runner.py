@@ -22,7 +22,7 @@ from bench.errors import BenchError
 from bench.logit_gaussian import gaussian_scores
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
-from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, current_rss_bytes, measure
+from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, measure, settled_rss_bytes
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.record import Config as RecordConfig
@@ -279,7 +279,7 @@ def prepare(config: RunConfig, r: Resolved, check_output: bool = True) -> Prepar
     seed_everything(config.seed)
     with measure(torch.device("cpu")) as data_time:
         data = task.load()
-    baseline = None if device.type == "cuda" else current_rss_bytes()
+    baseline = None if device.type == "cuda" else settled_rss_bytes()
     cache = ModelCache(task, data, device, config.seed, reporter, baseline)
     map_model = cache.get(0) if r.method_cls.uses_map else None
     return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_time.seconds)
