@@ -30,7 +30,7 @@ from bench.results import (
     subset_indices,
     unpack_predictions,
 )
-from bench.tables import PAIRED_REFERENCE, is_paired, paired_label, render, same_csv
+from bench.tables import LOWER_BOUND_KEY, MEMORY_KEY, PAIRED_REFERENCE, is_paired, paired_label, render, same_csv
 
 # The JSON's metrics must come back from the npz to within this (they are computed from the
 # same float64 arrays by the same code, so they normally agree exactly).
@@ -147,7 +147,9 @@ def cost_cells(record: RunRecord) -> dict[str, float]:
     if costs.train_s is not None:
         cells["costs/train_s"] = costs.train_s
     if memory.peak_bytes is not None:
-        cells["memory/peak_mib"] = memory.peak_bytes / 2**20
+        cells[MEMORY_KEY] = memory.peak_bytes / 2**20
+        if memory.lower_bound:
+            cells[LOWER_BOUND_KEY] = 1.0
     return cells
 
 

@@ -8,7 +8,8 @@ with ``status="failed"`` and its error.
 Schema versions: 1 and 2 (an untyped dict with a ``timings`` section) load through
 :func:`_migrate_v2`, which keeps what they can vouch for and marks the rest unknown (``None``):
 training seconds of networks they loaded from the cache (charged 0 s then), and memory figures
-of kind ``cpu_rss_growth`` (growth inside a reused process, not a peak). 3 is current.
+of kind ``cpu_rss_growth`` (growth inside a reused process, not a peak). 3 lacks
+``memory.settled`` and loads with it False (its CPU figures are lower bounds). 4 is current.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from bench.errors import BenchError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CHECKSUM_KEY = "predictions_sha256"
 # Memory kinds whose figures are not a peak (see the module docstring): read as unknown.
 UNMEASURED_MEMORY = frozenset({"cpu_rss_growth"})
@@ -116,6 +117,15 @@ class Memory:
     predict_peak_bytes: int | None
     baseline_bytes: int | None = None
     runs_in_process: int | None = None
+    # CPU: the baseline and block starts were read settled (garbage collected, freed heap handed
+    # back, bench.profiling). False (records before that): heap freed by data loading could sit
+    # in the baseline and be reused by the block unseen, so the figure is a lower bound.
+    settled: bool = False
+
+    @property
+    def lower_bound(self) -> bool:
+        """A CPU figure that may undercount (see ``settled``); a CUDA peak is the allocator's own."""
+        return not self.settled and not self.kind.startswith("cuda")
 
     @property
     def peak_bytes(self) -> int | None:

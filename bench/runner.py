@@ -373,7 +373,7 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
         memory=Memory(
             kind=memory_kind(fitted.peak, p.device), fit_peak_bytes=fitted.peak.peak_bytes,
             predict_peak_bytes=pred.test_time.peak_bytes, baseline_bytes=p.baseline,
-            runs_in_process=_runs_in_this_process,
+            runs_in_process=_runs_in_this_process, settled=True,
         ),
         metrics=metrics, method_summary=summary, flags=[str(f) for f in summary.get(FLAGS_KEY, [])] + pred.flags,
         provenance=Provenance(git_commit(), versions(), machine(p.device)),

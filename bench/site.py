@@ -78,7 +78,7 @@ def cells(runs: list[dict[str, float]], columns: Iterable[tuple[str, str, int]])
             out.append(Cell(key, "–", ""))
             continue
         sort_key = csv_number(summarize(values).mean)  # CSV precision: no last-bit noise in the page
-        out.append(Cell(key, cell_text(values, key), sort_key))
+        out.append(Cell(key, cell_text(runs, key), sort_key))
     return out
 
 
@@ -362,7 +362,8 @@ def _memory_rows(record: RunRecord) -> list[tuple[str, Any]]:
     m = record.memory
     return [("kind", m.kind), ("peak MiB", _mib(m.peak_bytes)), ("fit peak MiB", _mib(m.fit_peak_bytes)),
             ("predict peak MiB", _mib(m.predict_peak_bytes)), ("baseline MiB", _mib(m.baseline_bytes)),
-            ("runs in the process", m.runs_in_process)]
+            ("runs in the process", m.runs_in_process),
+            ("baseline settled", "yes" if m.settled else "no: the figures are lower bounds" if m.lower_bound else "–")]
 
 
 def manifest(files: dict[str, bytes]) -> bytes:

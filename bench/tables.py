@@ -22,6 +22,8 @@ from bench.ranking import best_of_column, mean_ranks, summarize
 if TYPE_CHECKING:
     from bench.leaderboard import Collected
 
+MEMORY_KEY = "memory/peak_mib"
+LOWER_BOUND_KEY = "memory/peak_is_lower_bound"  # present (1.0) in a run whose figure may undercount
 # (column title, key, direction): +1 higher is better, -1 lower is better, 0 not ranked.
 BASE_COLUMNS = [
     ("Acc ↑", "cls/acc", 1),
@@ -33,7 +35,7 @@ COST_COLUMNS = [
     ("train s", "costs/train_s", 0),
     ("post-hoc fit s", "costs/fit_posthoc_s", 0),
     ("predict s/1k", "costs/predict_per_1k_s", 0),
-    ("peak MiB", "memory/peak_mib", 0),
+    ("peak MiB", MEMORY_KEY, 0),
 ]
 # OOD score columns beside entropy: the method's own variance (defined per method, so not
 # comparable across rows), and the two defined once for every method that has them:
@@ -52,6 +54,7 @@ CSV_RTOL = 1e-8
 PAIRED_REFERENCE = "map"
 PAIRED_MARK = "⊂"
 FLAG_MARK = "⚑"
+LOWER_BOUND_MARK = "≥"
 DIFFERS_MARK = "†"
 
 HEADER = [
@@ -68,7 +71,8 @@ HEADER = [
     "before the cache stored training costs). post-hoc fit s: the method's own fitting after that. peak",
     "MiB: on CPU the peak resident memory of fit or predict above the RSS after data loading, each run in",
     "its own process (– : recorded by an older bench that could not measure it); on a GPU the CUDA peak",
-    "allocated.",
+    f"allocated. {LOWER_BOUND_MARK} = a lower bound: a run of the row was measured before baselines were",
+    "settled (heap that data loading freed could sit in the baseline and be reused unseen).",
     f"{FLAG_MARK} = a run of that row carries a warning flag (listed under its table).",
     f"`M {UNTUNED}` / `M {TUNED}`: method M's own Gaussian over logits through the probit at s = 1 (untuned)",
     "and at the s with the lowest validation NLL on one grid (1e-4 … 1e4) over the validation inputs the run",
@@ -131,10 +135,13 @@ def _ranked_rows(runs: dict[str, list[dict[str, float]]]) -> list[str]:
     return sorted(m for m, rs in runs.items() if not is_paired(m) and not any(r.get("subset") for r in rs))
 
 
-def cell_text(values: list[float], key: str) -> str:
-    s = summarize(values)
+def cell_text(runs: list[dict[str, float]], key: str) -> str:
+    """A row's cell for ``key``: mean ± 95 % half-width over the runs that have it; "≥" before a
+    memory figure that is a lower bound (``bench.record.Memory.settled``)."""
+    s = summarize([r[key] for r in runs if key in r])
     digits = 1 if key.startswith(("memory", "costs")) else 4
-    return f"{s.mean:.{digits}f}" + (f" ± {s.half_width:.{digits}f}" if s.n > 1 else "")
+    bound = f"{LOWER_BOUND_MARK} " if key == MEMORY_KEY and any(LOWER_BOUND_KEY in r for r in runs) else ""
+    return bound + f"{s.mean:.{digits}f}" + (f" ± {s.half_width:.{digits}f}" if s.n > 1 else "")
 
 
 def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
@@ -161,7 +168,7 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
             s = summarize(values)
             writer.writerow([task, method, s.n, key, csv_number(s.mean), csv_number(s.std), csv_number(s.half_width)])
             differs = key in vs_map and vs_map[key].excludes_zero()
-            cell = cell_text(values, key) + (f" {DIFFERS_MARK}" if differs else "")
+            cell = cell_text(runs[method], key) + (f" {DIFFERS_MARK}" if differs else "")
             cell += f" {FLAG_MARK}" if flagged else ""
             win = best.get(key)
             if win is not None and method in win.methods:

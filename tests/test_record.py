@@ -60,6 +60,22 @@ def test_schema_2_with_recorded_costs_keeps_them() -> None:
     assert record.memory.peak_bytes == 7 * 2**20
 
 
+@pytest.mark.parametrize(("kind", "settled", "lower_bound"), [
+    ("cpu_rss_fresh_process", None, True),  # written before baselines were settled
+    ("cpu_rss_fresh_process", True, False),
+    ("cuda_peak_allocated", None, False),  # the allocator's own peak: never undercounted
+])
+def test_memory_is_a_lower_bound_only_on_cpu_without_a_settled_baseline(
+    kind: str, settled: bool | None, lower_bound: bool
+) -> None:
+    raw = make_record().to_json()
+    raw["memory"]["kind"] = kind
+    raw["memory"].pop("settled", None)
+    if settled is not None:
+        raw["memory"]["settled"] = settled
+    assert RunRecord.from_json(raw).memory.lower_bound is lower_bound
+
+
 def test_schema_1_without_posthoc_split_derives_it() -> None:
     old = _v2(make_record(), models_trained=[0, 1, 2])
     old.update(schema=1)
