@@ -30,7 +30,7 @@ from bench.device import synchronize
 CPU_KIND = "cpu_peak_rss_above_baseline"  # a block in a process that ran other work before
 CPU_FRESH_KIND = "cpu_rss_fresh_process"  # the same figure, in a process that runs nothing else
 CUDA_KIND = "cuda_peak_allocated"
-_active: list[measure] = []  # open CPU measurements, outermost first
+_active: list[measure] = []  # open measurements, outermost first
 
 
 def current_rss_bytes() -> int:
@@ -88,27 +88,45 @@ class Measurement:
 
 @dataclass
 class measure:  # noqa: N801 - used as a context manager: `with measure(device) as m:`
-    """Time a block (synchronised) and record its peak memory above ``baseline`` bytes."""
+    """Time a block (synchronised) and record its peak memory above ``baseline`` bytes.
+
+    Enclosing blocks count a nested block's peak, unless it is ``separate``: a network trained
+    inside a method's fit has its own cost record (``bench.record.NetworkCost``), and the fit's
+    peak must not depend on whether the network came from the cache. What the separate block
+    leaves allocated (the network) still counts for the enclosing ones.
+    """
 
     device: torch.device
     baseline: int | None = None
     result: Measurement = field(default_factory=Measurement)
     interval_s: float = 0.005
+    separate: bool = False
 
     def __enter__(self) -> Measurement:
         synchronize(self.device)
+        self._peak, self._paused = 0, False
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.result.kind = CUDA_KIND
+            self._start_cuda()
         else:
             self._start_cpu()
+        if self.separate:
+            for outer in self._outers():
+                outer._paused = True
+        _active.append(self)
         self._t0 = time.perf_counter()
         return self.result
+
+    def _start_cuda(self) -> None:
+        seen = int(torch.cuda.max_memory_allocated(self.device))
+        for outer in self._outers():  # the reset below must not lose what the enclosing blocks saw
+            outer._peak = max(outer._peak, seen)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.result.kind = CUDA_KIND
 
     def _start_cpu(self) -> None:
         mark = _high_water_mark()  # before settling: the enclosing blocks' peak so far
         settled = settled_rss_bytes()
-        for outer in _active:  # the reset below must not lose what the enclosing blocks saw
+        for outer in self._outers():  # the reset below must not lose what the enclosing blocks saw
             outer._peak = max(outer._peak, mark or 0)
         self._base = self.baseline if self.baseline is not None else settled
         self._peak = settled
@@ -118,25 +136,41 @@ class measure:  # noqa: N801 - used as a context manager: `with measure(device) 
         if not self._kernel:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
-        _active.append(self)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, current_rss_bytes())
+            if not self._paused:
+                self._peak = max(self._peak, current_rss_bytes())
             self._stop.wait(self.interval_s)
 
     def __exit__(self, *exc: object) -> None:
         synchronize(self.device)
         self.result.seconds = time.perf_counter() - self._t0
-        if self.device.type == "cuda":
-            # Peak allocated during the block (includes tensors alive at entry).
-            self.result.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._peak = max(self._peak, current_rss_bytes(), (_high_water_mark() or 0) if self._kernel else 0)
         _active.remove(self)
-        for outer in _active:
-            outer._peak = max(outer._peak, self._peak)
-        self.result.peak_bytes = int(max(0, self._peak - self._base))
+        cuda = self.device.type == "cuda"
+        if cuda:  # peak allocated during the block (includes tensors alive at entry)
+            self._peak = max(self._peak, int(torch.cuda.max_memory_allocated(self.device)))
+            self.result.peak_bytes = self._peak
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self._peak = max(self._peak, current_rss_bytes(), (_high_water_mark() or 0) if self._kernel else 0)
+            self.result.peak_bytes = int(max(0, self._peak - self._base))
+        if not self.separate:
+            for outer in self._outers():
+                outer._peak = max(outer._peak, self._peak)
+            return
+        # Separate: restart the enclosing blocks' marks after it; what it left allocated counts.
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            left = int(torch.cuda.memory_allocated(self.device))
+        else:
+            _reset_high_water_mark()
+            left = current_rss_bytes()
+        for outer in self._outers():
+            outer._peak, outer._paused = max(outer._peak, left), False
+
+    def _outers(self) -> list[measure]:
+        """The open enclosing blocks on the same kind of device (their figures share units)."""
+        return [m for m in _active if m is not self and m.device.type == self.device.type]

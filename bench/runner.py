@@ -163,7 +163,7 @@ class ModelCache:
                               f"on {len(self.data.train)} examples")
             seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
             generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
-            with measure(self.device, self.baseline) as m:
+            with measure(self.device, self.baseline, separate=True) as m:  # its peak: its own record
                 train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
             self.costs[member] = TrainingCost(m.seconds, str(self.device), torch.get_num_threads(),
                                               m.peak_bytes, memory_kind(m, self.device))

@@ -111,6 +111,23 @@ def test_measure_sees_a_freed_spike_after_an_earlier_larger_peak_and_nested_bloc
     del after
 
 
+def test_a_separate_block_is_not_counted_by_the_enclosing_one_but_what_it_leaves_is() -> None:
+    """A network trained inside a fit has its own cost record: the fit's peak must be the same
+    whether the network was trained there or loaded from the cache."""
+    with measure(torch.device("cpu")) as fit:
+        with measure(torch.device("cpu"), separate=True) as training:
+            spike = torch.ones(128 * 2**20 // 4)  # training's activations, freed before it ends
+            spike += 1
+            del spike
+            network = torch.ones(24 * 2**20 // 4)  # the trained network, kept
+            network += 1
+        after = torch.ones(8 * 2**20 // 4)
+        after += 1
+    assert training.peak_bytes > 112 * 2**20
+    assert 24 * 2**20 < fit.peak_bytes < 80 * 2**20
+    del network, after
+
+
 def test_measure_counts_a_block_that_reuses_heap_earlier_work_freed() -> None:
     """Small freed allocations stay in the RSS until trimmed; a baseline holding them let the
     next block reuse them with no growth (a KFAC fit on Fashion-MNIST once read 0 MiB)."""
