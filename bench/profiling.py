@@ -172,5 +172,8 @@ class measure:  # noqa: N801 - used as a context manager: `with measure(device) 
             outer._peak, outer._paused = max(outer._peak, left), False
 
     def _outers(self) -> list[measure]:
-        """The open enclosing blocks on the same kind of device (their figures share units)."""
-        return [m for m in _active if m is not self and m.device.type == self.device.type]
+        """The open enclosing blocks on the same kind of device (their figures share units), up to
+        the innermost separate one: what runs inside a separate block is that block's alone."""
+        same = [m for m in _active if m is not self and m.device.type == self.device.type]
+        cut = max((i for i, m in enumerate(same) if m.separate), default=0)
+        return same[cut:]
