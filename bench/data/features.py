@@ -15,8 +15,8 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +51,28 @@ class Truncation(str, enum.Enum):
     """The last tokens: reviews tend to end with their verdict."""
 
 
+class Engine(str, enum.Enum):
+    """Which runtime runs the backbone on a CPU (CUDA and other devices always use torch)."""
+
+    TORCH = "torch"
+    """PyTorch: the reference every other engine is measured against (``bench perf embed``)."""
+    ONNX = "onnx"
+    """ONNX Runtime on an fp32 export of the backbone (:mod:`bench.data.onnx_encoder`)."""
+    ONNX_INT8 = "onnx-int8"
+    """ONNX Runtime on an int8 dynamically quantised export: faster, but the vectors drift from
+    torch's (see ``results/perf/embed.json`` for the measured cosine)."""
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Which features: backbone (alias, hub id or local directory), truncation and pooling."""
+    """Which features: backbone (alias, hub id or local directory), truncation, pooling, engine."""
 
     backbone: str = DEFAULT_BACKBONE
     max_length: int = 128
     pooling: Pooling = Pooling.MEAN
     batch_size: int = 32
     truncation: Truncation = Truncation.HEAD
+    engine: Engine = Engine.TORCH
 
 
 def bundled_minilm_dir() -> Path:
@@ -163,6 +176,21 @@ class Encoder:
         return out
 
 
+def effective_engine(spec: EncoderSpec, device: torch.device) -> Engine:
+    """The engine that runs on ``device``: ONNX Runtime only on a CPU, torch everywhere else."""
+    return Engine(spec.engine) if device.type == "cpu" else Engine.TORCH
+
+
+def make_encoder(spec: EncoderSpec, device: torch.device) -> Callable[[Sequence[str]], torch.Tensor]:
+    """The encoder for ``spec.engine`` on ``device`` (on CUDA the torch engine is used)."""
+    engine = effective_engine(spec, device)
+    if engine == Engine.TORCH:
+        return Encoder(spec, device)
+    from bench.data.onnx_encoder import OnnxEncoder
+
+    return OnnxEncoder(spec, int8=engine == Engine.ONNX_INT8)
+
+
 class FeatureStore:
     """Content-addressed vectors for one (backbone, max_length, pooling), in shard/pack files."""
 
@@ -175,6 +203,8 @@ class FeatureStore:
         }
         if Truncation(spec.truncation) != Truncation.HEAD:  # head stores keep their old keys
             self.identity["truncation"] = Truncation(spec.truncation).value
+        if Engine(spec.engine) != Engine.TORCH:  # torch stores keep their keys; engines never mix
+            self.identity["engine"] = Engine(spec.engine).value
         key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = root / "features" / key
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -239,6 +269,12 @@ def embed_texts(
     ``backbone_seconds`` (0.0 when the backbone did not run), ``embedded`` (texts the backbone
     ran on in this call) and ``cached`` (the other distinct texts).
     """
+    if Engine(spec.engine) != Engine.TORCH:  # the store names the engine that actually runs
+        if device is None:
+            from bench.device import select_device
+
+            device = select_device("auto")
+        spec = replace(spec, engine=effective_engine(spec, device))
     store = FeatureStore(spec, root)
     with cache_lock(store.dir / "store"):  # parallel runs embed a text once, not once each
         return _embed_locked(texts, store, spec, root, device, chunk_size, progress, desc)
@@ -271,7 +307,7 @@ def _embed_locked(
             from bench.device import select_device
 
             device = select_device("auto")
-        encoder = Encoder(spec, device)
+        encoder = make_encoder(spec, device)
         todo = list(missing.items())
         bar = tqdm(total=len(todo), desc=desc, unit="text", disable=not progress)
         for lo in range(0, len(todo), chunk_size):
@@ -315,8 +351,6 @@ def _tail_from_head(
 
     Returns (backbone seconds, texts embedded, whether a shard was written).
     """
-    from dataclasses import replace
-
     from transformers import AutoTokenizer
 
     source, local_only, _ = resolve_backbone(spec.backbone)
