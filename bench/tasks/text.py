@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bench.data import text_sources as ts
-from bench.data.features import DEFAULT_BACKBONE, EncoderSpec, Pooling, Truncation, embed_texts
+from bench.data.features import DEFAULT_BACKBONE, EncoderSpec, Engine, Pooling, Truncation, embed_texts
 from bench.errors import BenchError
 from bench.options import option
 from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
@@ -71,6 +71,9 @@ class TextOptions:
         True, "L2-normalise pooled embeddings (all-MiniLM-L6-v2's own pipeline does)"
     )
     embed_batch_size: int = option(32, "texts per encoder forward pass while embedding", min=1)
+    embed_engine: Engine = option(
+        Engine.TORCH, "runtime of the encoder on a CPU (CUDA always uses torch); see bench perf embed"
+    )
     finetune_layers: int = option(
         0, "top transformer layers to fine-tune (only 0, frozen features, is implemented)", min=0
     )
@@ -214,7 +217,8 @@ class TextTask(Task):
         }[TextTruncation(o.truncation)]
         pooling = Pooling(o.pooling)
         length = min(o.max_length, SMOKE_MAX_LENGTH) if self.smoke else o.max_length
-        return [EncoderSpec(o.backbone, length, pooling, o.embed_batch_size, t) for t in sides]
+        engine = Engine(o.embed_engine)
+        return [EncoderSpec(o.backbone, length, pooling, o.embed_batch_size, t, engine) for t in sides]
 
     def load(self) -> TaskData:
         from bench.training import cache_root  # lazy: bench.training imports bench.tasks
@@ -281,6 +285,7 @@ class TextTask(Task):
                 "backbone": spec.backbone,
                 "max_length": spec.max_length,
                 "pooling": Pooling(spec.pooling).value,
+                "embed_engine": Engine(self.options.embed_engine).value,
                 "truncation": TextTruncation(self.options.truncation).value,
                 "normalize": self.options.normalize,
                 "feature_dim": int(feats.shape[1]),
