@@ -251,11 +251,26 @@ class LinearSoftmaxProducts(CurvatureProducts):
         return out
 
 
+class ProductEngine(str, enum.Enum):
+    """How exact curvature products are computed (the same values either way)."""
+
+    AUTO = "auto"
+    """Closed form where the network allows it (a linear read-out, an MLP), else autograd."""
+    AUTOGRAD = "autograd"
+    """torch.func forward-over-reverse (or looped double backward) for any network."""
+
+
 def curvature_products(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
-                       kind: CurvatureKind = CurvatureKind.HESSIAN) -> CurvatureProducts:
-    """The fastest exact products for ``fm``: closed form for a linear softmax read-out."""
-    if LinearSoftmaxProducts.applies(fm):
+                       kind: CurvatureKind = CurvatureKind.HESSIAN,
+                       engine: ProductEngine = ProductEngine.AUTO) -> CurvatureProducts:
+    """The fastest exact products for ``fm``: closed form for a linear softmax read-out or an
+    MLP (``engine=auto``), autograd's otherwise or when asked."""
+    from .regvar_mlp import MLPProducts  # it subclasses CurvatureProducts
+
+    if engine is ProductEngine.AUTO and LinearSoftmaxProducts.applies(fm):
         return LinearSoftmaxProducts(fm, x, y, weight_decay, kind)
+    if engine is ProductEngine.AUTO and MLPProducts.applies(fm):
+        return MLPProducts(fm, x, y, weight_decay, kind)
     return CurvatureProducts(fm, x, y, weight_decay, kind)
 
 @dataclass
@@ -272,7 +287,7 @@ class CGResult:
     rel_residual: torch.Tensor
     converged: torch.Tensor
     negative_curvature: torch.Tensor
-    energy_gain: torch.Tensor  # bᵀx's relative growth over its last ENERGY_DELAY iterations
+    energy_gain: torch.Tensor  # bᵀx's relative growth over its last energy_delay iterations
 
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -287,6 +302,8 @@ def batched_cg(
     energy_tol: float = 0.0,
     checkpoints: Sequence[int] = (),
     record: Callable[[int, torch.Tensor], None] | None = None,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    energy_delay: int = ENERGY_DELAY,
 ) -> CGResult:
     """Conjugate gradients for ``A x_q = b_q``, all right-hand sides (Q, D) at once, x₀ = 0.
 
@@ -298,12 +315,18 @@ def batched_cg(
     or when that gain is ≤ ``energy_tol`` × bᵀx_k; it stops there, after ``max_iter``
     iterations (not converged), or at a direction p with pᵀAp ≤ 0 (flagged, not converged).
     ``record(k, x)`` is called at each iteration count in ``checkpoints`` (stopped right-hand
-    sides keep their final x).
+    sides keep their final x). ``precondition(R)`` applies M⁻¹ (symmetric positive definite) to
+    residuals: preconditioned CG solves the same system, with bᵀx growing by α_k r_kᵀM⁻¹r_k, and
+    its residual rule still reads the true residual ‖r‖. ``energy_delay``: the window of the
+    gain rule (a fast-converging preconditioned solve needs fewer iterations to read it).
     """
     q = len(b)
     x = torch.zeros_like(b)
     r = b.clone()
-    p = r.clone()
+    apply_m = precondition if precondition is not None else (lambda v: v)
+    z = apply_m(r)
+    p = z.clone()
+    rz = (r * z).sum(1)  # rᵀM⁻¹r, = ‖r‖² without a preconditioner
     rr = (r * r).sum(1)
     b_norm = rr.sqrt()
     tiny = torch.finfo(b.dtype).tiny
@@ -311,7 +334,7 @@ def batched_cg(
     negative = torch.zeros(q, dtype=torch.bool, device=b.device)
     converged = b_norm == 0
     active = ~converged
-    gains = torch.zeros(q, ENERGY_DELAY, dtype=b.dtype, device=b.device)  # last α_k‖r_k‖² per copy
+    gains = torch.zeros(q, energy_delay, dtype=b.dtype, device=b.device)  # last α_k‖r_k‖² per copy
     energy = torch.zeros(q, dtype=b.dtype, device=b.device)
     todo = sorted(k for k in set(checkpoints) if k >= 0)
     for it in range(max_iter + 1):
@@ -325,18 +348,20 @@ def batched_cg(
         pap = (p_r * ap).sum(1)
         bad = pap <= 0
         negative[rows[bad]] = True
-        alpha = torch.where(bad, torch.zeros_like(pap), rr[rows] / pap.where(~bad, torch.ones_like(pap)))
+        alpha = torch.where(bad, torch.zeros_like(pap), rz[rows] / pap.where(~bad, torch.ones_like(pap)))
         x[rows] = x[rows] + alpha[:, None] * p_r
         r_new = r[rows] - alpha[:, None] * ap
         rr_new = (r_new * r_new).sum(1)
-        gain = alpha * rr[rows]
+        z_new = apply_m(r_new)
+        rz_new = (r_new * z_new).sum(1)
+        gain = alpha * rz[rows]
         energy[rows] += gain
-        gains[rows, it % ENERGY_DELAY] = gain
-        p[rows] = r_new + (rr_new / rr[rows].clamp_min(tiny))[:, None] * p_r
-        r[rows], rr[rows] = r_new, rr_new
+        gains[rows, it % energy_delay] = gain
+        p[rows] = z_new + (rz_new / rz[rows].clamp_min(tiny))[:, None] * p_r
+        r[rows], rr[rows], rz[rows] = r_new, rr_new, rz_new
         iterations[rows] += (~bad).long()
         done = rr_new.sqrt() <= rtol * b_norm[rows]
-        if energy_tol > 0 and it + 1 >= ENERGY_DELAY:
+        if energy_tol > 0 and it + 1 >= energy_delay:
             done = done | (gains[rows].sum(1) <= energy_tol * energy[rows])
         converged[rows] = done & ~bad
         active[rows] = ~bad & ~done

@@ -155,6 +155,11 @@ def test_closed_form_linear_products_equal_the_autograd_ones(
     torch.testing.assert_close(fast.at(fm.theta0, v), slow.at(fm.theta0, v))
 
 
-def test_networks_with_hidden_layers_keep_the_autograd_products() -> None:
+def test_hidden_layer_networks_get_closed_form_products_unless_autograd_is_asked_for() -> None:
+    from bench_methods.regvar_mlp import MLPProducts
+
     fm, x, y = problem()
-    assert type(curvature_products(fm, x, y, WD)) is CurvatureProducts
+    assert type(curvature_products(fm, x, y, WD)) is MLPProducts
+    assert type(curvature_products(fm, x, y, WD, engine=regvar_newton.ProductEngine.AUTOGRAD)) is CurvatureProducts
+    conv = FlatModel(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 3)), torch.float64, CPU)
+    assert type(curvature_products(conv, x[:, None, :], y, WD)) is CurvatureProducts
