@@ -17,11 +17,13 @@ from bench_methods.regvar import (
     FitConfig,
     FitStats,
     Output,
+    Preconditioner,
     Problem,
     Solver,
     output_weights,
     regvar_response,
 )
+from bench_methods.regvar_newton import ProductEngine
 
 CPU = torch.device("cpu")
 WD = 0.1  # strong enough that the AdamW MAP below has a positive definite Hessian
@@ -83,6 +85,25 @@ def test_hessian_free_fits_reach_the_exact_variance_at_a_non_stationary_map(mlp,
     rtol = 1e-3 if difference is Difference.CENTRAL else 2e-2  # forward: O(λ) bias
     torch.testing.assert_close(got, expected, rtol=rtol, atol=1e-4 * float(expected.abs().max()))
     assert not stats.failures(), stats.failures()
+
+
+@pytest.mark.parametrize(("engine", "preconditioner"), [(ProductEngine.AUTO, Preconditioner.KFAC),
+                                                        (ProductEngine.AUTO, Preconditioner.NONE),
+                                                        (ProductEngine.AUTOGRAD, Preconditioner.NONE)])
+def test_products_and_preconditioners_change_the_cost_not_the_variance(mlp, engine, preconditioner):
+    net, x, y, queries = mlp
+    problem = Problem(net, x, y, WD, torch.float64, CPU, None, engine, preconditioner)
+    assert problem.preconditioner_name == preconditioner.value
+    w = output_weights(problem.fm64.logits(problem.fm64.theta0, queries), Output.TOP)
+    expected = torch.einsum("ncj,nkj->nkc", exact_covariance(net, x, y, queries), w)
+    got = regvar_response(problem, queries, w, (1e-5,), FitConfig(cg_tol=1e-9)).final[:, :, 0]
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_kfac_preconditioning_needs_closed_form_products(mlp):
+    net, x, y, _ = mlp
+    with pytest.raises(BenchError, match="preconditioner=kfac needs an MLP"):
+        Problem(net, x, y, WD, torch.float64, CPU, None, ProductEngine.AUTOGRAD, Preconditioner.KFAC)
 
 
 def test_central_difference_cancels_the_first_order_bias(mlp):
@@ -193,7 +214,8 @@ def test_methods_predict_and_record_their_settings(method, settings):
     assert torch.isfinite(pred.scores["variance"]).all()
     summary = m.summary()
     assert {"scale", "lam", "solver", "prior_precision", "max_queries", "weights", "reference",
-            "solver_flags", "cg_iterations_max", "curvature_formed"} <= set(summary)
+            "solver_flags", "cg_iterations_max", "curvature_formed", "products", "preconditioner"} <= set(summary)
+    assert summary["preconditioner"] in {"kfac", "none"}
     assert summary["curvature_formed"] is False
     assert summary["prior_precision"] == pytest.approx(64 * RECIPE.weight_decay)
     assert m.eval_limit == summary["max_queries"]

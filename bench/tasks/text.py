@@ -308,6 +308,14 @@ class TextTask(Task):
         # leave the head untrained.
         return TrainRecipe(epochs=self.options.epochs, batch_size=128, lr=1e-3, weight_decay=1e-2)
 
+    def trained_options(self) -> dict[str, Any]:
+        """Every option, except the encoder runtime at its default (torch): checkpoints cached
+        before the option existed keep their keys; another engine's features key their own."""
+        keyed = super().trained_options()
+        if Engine(self.options.embed_engine) is Engine.TORCH:
+            keyed.pop("embed_engine", None)
+        return keyed
+
     def cache_key(self) -> str:
         """Also keyed by the concrete IMDB source, so a new HF cache never reuses old weights."""
         import hashlib
