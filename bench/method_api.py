@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bench.planning import CostPlan, Estimate
 from bench.registry import Registry
 from bench.tasks.base import NoOptions, TaskData, TrainRecipe
 from bench.types import Prediction
@@ -57,6 +58,16 @@ class Method(ABC):
     @abstractmethod
     def predict(self, x: torch.Tensor) -> Prediction:
         """Predictive probabilities (and the method's own scores) for inputs ``x`` (on CPU)."""
+
+    def estimate(self, plan: CostPlan) -> tuple[float, float] | None:
+        """Seconds of (fit, prediction) for a run of ``plan``, from sizes and short probes, before
+        any data is embedded or network trained; None: the method does not estimate its cost."""
+        return None
+
+    def check_estimate(self, estimate: Estimate) -> None:
+        """Raise ``BenchError`` (one line) when the run's estimate exceeds what the method allows
+        (by default a method allows any cost)."""
+        return None
 
     def summary(self) -> dict[str, Any]:
         """Fitted quantities worth recording in the result (tuned temperature, prior...).

@@ -9,7 +9,8 @@ Schema versions: 1 and 2 (an untyped dict with a ``timings`` section) load throu
 :func:`_migrate_v2`, which keeps what they can vouch for and marks the rest unknown (``None``):
 training seconds of networks they loaded from the cache (charged 0 s then), and memory figures
 of kind ``cpu_rss_growth`` (growth inside a reused process, not a peak). 3 lacks
-``memory.settled`` and loads with it False (its CPU figures are lower bounds). 4 is current.
+``memory.settled`` and loads with it False (its CPU figures are lower bounds). 4 lacks
+``costs.estimate`` (the cost predicted before the run started) and loads without one. 5 is current.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from bench.errors import BenchError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHECKSUM_KEY = "predictions_sha256"
 # Memory kinds whose figures are not a peak (see the module docstring): read as unknown.
 UNMEASURED_MEMORY = frozenset({"cpu_rss_growth"})
@@ -74,6 +75,23 @@ class NetworkCost:
 
 
 @dataclass
+class CostEstimate:
+    """Seconds predicted before the run embedded or trained anything (``bench.planning``), per
+    phase; None: the method does not estimate that phase. Wall time of this run as it started:
+    work found in the cache is predicted at 0 s."""
+
+    embed_s: float
+    train_s: float
+    fit_s: float | None = None
+    predict_s: float | None = None
+
+    @property
+    def total_s(self) -> float | None:
+        parts = (self.embed_s, self.train_s, self.fit_s, self.predict_s)
+        return None if any(p is None for p in parts) else float(sum(parts))
+
+
+@dataclass
 class Costs:
     """Seconds, charged the same whatever was cached."""
 
@@ -83,6 +101,7 @@ class Costs:
     predict_test_s: float
     predict_per_1k_s: float
     predict_other_s: float
+    estimate: CostEstimate | None = None
 
     def _seconds(self, members: list[NetworkCost]) -> float | None:
         known = [n.seconds for n in members]
@@ -230,6 +249,8 @@ def _parse(raw: dict[str, Any]) -> RunRecord:
     for name in ("data_s", "fit_posthoc_s", "predict_test_s", "predict_per_1k_s", "predict_other_s"):
         _number(costs.get(name), f"costs.{name}")
     costs["networks"] = [NetworkCost(**n) for n in costs["networks"]]
+    if costs.get("estimate") is not None:
+        costs["estimate"] = CostEstimate(**costs["estimate"])
     memory = Memory(**raw["memory"])
     for name in ("fit_peak_bytes", "predict_peak_bytes"):
         _number(getattr(memory, name), f"memory.{name}", optional=True)

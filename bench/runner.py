@@ -22,11 +22,12 @@ from bench.errors import BenchError
 from bench.logit_gaussian import gaussian_scores
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
+from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds
 from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, measure, settled_rss_bytes
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.record import Config as RecordConfig
-from bench.record import Costs, Data, Memory, NetworkCost, Provenance, RunRecord, Status
+from bench.record import CostEstimate, Costs, Data, Memory, NetworkCost, Provenance, RunRecord, Status
 from bench.registry import parse_spec
 from bench.results import ensure_writable, pack_predictions, run_paths, write_run
 from bench.seeding import check_seed, derive_seed, seed_everything
@@ -242,6 +243,7 @@ class Prepared:
     cache: ModelCache
     map_model: torch.nn.Module | None
     data_s: float
+    estimate: Estimate | None = None
 
 
 @dataclass
@@ -277,12 +279,47 @@ def prepare(config: RunConfig, r: Resolved, check_output: bool = True) -> Prepar
     task = r.task_cls(r.task_options, smoke=config.smoke, data_dir=config.data_dir)
     reporter.log(f"run {r.method_label} on {r.task_label}, seed {config.seed}, device {device}")
     seed_everything(config.seed)
+    method = r.method_cls(r.method_options)
+    task.evaluation = EvaluationPlan(config.seed, getattr(method, "eval_limit", None))
     with measure(torch.device("cpu")) as data_time:
-        data = task.load()
+        plan = task.plan()  # before anything is embedded: the estimate may refuse the run
+        data = task.load() if plan is None or not plan.embed_texts else None
+        estimate = estimate_run(task, plan or plan_from_data(data), method, device,
+                                map_cached=data is not None and is_map_cached(task, data, config.seed))
+        reporter.log(estimate.describe())
+        method.check_estimate(estimate)
+        if data is None:
+            data = task.load()
     baseline = None if device.type == "cuda" else settled_rss_bytes()
     cache = ModelCache(task, data, device, config.seed, reporter, baseline)
     map_model = cache.get(0) if r.method_cls.uses_map else None
-    return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_time.seconds)
+    return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_time.seconds, estimate)
+
+
+def plan_from_data(data: TaskData) -> LoadPlan:
+    """The load plan of data already loaded: its sizes and first input, nothing to embed."""
+    return LoadPlan(data.sizes(), data.train.tensors[0][:1], data.num_classes)
+
+
+def is_map_cached(task: Task, data: TaskData, seed: int) -> bool:
+    _, path = map_checkpoint(task, data, seed)
+    return path.exists()
+
+
+def estimate_run(task: Task, plan: LoadPlan, method: Method, device: torch.device, map_cached: bool) -> Estimate:
+    """Embedding (the task's probe), MAP training (a probe of the recipe's steps, 0 when cached)
+    and the method's own fit and prediction estimate."""
+    recipe = task.recipe()
+
+    def make_model() -> torch.nn.Module:
+        return task.make_model(plan.num_classes)
+
+    train_s = 0.0
+    if method.uses_map and not map_cached:
+        train_s = training_seconds(make_model, recipe, plan.example, plan.num_classes, plan.sizes["train"], device)
+    own = method.estimate(CostPlan(plan, make_model, recipe, device))
+    notes = [f"{plan.embed_texts:,} texts to embed"] if plan.embed_texts else []
+    return Estimate(plan.embed_s, train_s, *(own or (None, None)), notes=notes)
 
 
 def fit(config: RunConfig, p: Prepared) -> Fitted:
@@ -308,7 +345,11 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
     indices: dict[str, np.ndarray] = {}
 
     def subset(name: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """This seed's subset (stratified by label where given) when the method caps its inputs."""
+        """This seed's subset (stratified by label where given) when the method caps its inputs;
+        a set the task loaded only in part is that subset already."""
+        if name in p.data.subsets and limit is not None:
+            subsets[name], indices[name] = int(limit), p.data.subsets[name][1]
+            return tensors
         if limit is None or len(tensors[0]) <= limit:
             return tensors
         pick = draw_subset(len(tensors[0]), int(limit), config.seed, name, tensors[1] if len(tensors) > 1 else None)
@@ -369,6 +410,8 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
             data_s=p.data_s, networks=networks, fit_posthoc_s=fitted.posthoc_s,
             predict_test_s=pred.test_time.seconds, predict_per_1k_s=pred.test_time.seconds / n_test * 1000.0,
             predict_other_s=pred.other_s,
+            estimate=None if p.estimate is None else CostEstimate(
+                p.estimate.embed_s, p.estimate.train_s, p.estimate.fit_s, p.estimate.predict_s),
         ),
         memory=Memory(
             kind=memory_kind(fitted.peak, p.device), fit_peak_bytes=fitted.peak.peak_bytes,

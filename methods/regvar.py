@@ -98,6 +98,7 @@ from bench.errors import BenchError
 from bench.formulas import probit_probs
 from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
 from bench.options import option
+from bench.planning import CostPlan, Estimate, random_inputs
 from bench.scale_tuning import scale_edge_flag, tune_scale
 from bench.seeding import derive_seed
 from bench.types import Prediction
@@ -115,11 +116,12 @@ from .regvar_common import (
 )
 from .regvar_kfac import KroneckerPreconditioner
 from .regvar_mlp import MLPProducts
-from .regvar_newton import ENERGY_DELAY, ProductEngine, batched_cg, curvature_products
+from .regvar_newton import ENERGY_DELAY, CurvatureProducts, ProductEngine, batched_cg, curvature_products
 
 # Planning figures for the budget estimate (`python -m bench perf regvar`; IMDB's polished
 # head: 18 CG iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
 PLANNING_CG_ITERATIONS = 40
+PLANNING_CG_ITERATIONS_PRECONDITIONED = 8
 PLANNING_LBFGS_ITERATIONS = 150
 # The budget probe times products on a slice of the training rows that doubles from
 # PROBE_MIN_ROWS until one product takes PROBE_SECONDS (then its time is the per-row cost, not
@@ -206,7 +208,7 @@ class RegVarOptions:
     max_queries: int = option(100, "most inputs per predict call (see eval_limit)", min=1)
     val_queries: int = option(50, "validation inputs for tuning the variance scale (0: s=1)", min=0)
     budget_s: float = option(
-        4 * 3600.0, "most seconds the fits may take (timed probe); a longer run stops before starting", min=0.0
+        4 * 3600.0, "most seconds the whole run may take, estimated before it embeds or trains anything", min=0.0
     )
 
 
@@ -629,37 +631,71 @@ class RegVar(Method):
     def _check_budget(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, wd: float, solves: int,
                       ctx: FitContext) -> None:
         """Time one stacked curvature product on a slice of the rows (scaled to all of them);
-        refuse a run whose estimate exceeds ``budget_s`` before any fit starts."""
-        o, n = self.options, len(x)
-        stack = max(1, min(o.query_batch, solves, PROBE_STACK))
-        v = torch.randn(stack, fm.dim, dtype=fm.dtype, device=fm.device)
-        rows = min(n, PROBE_MIN_ROWS)
-        probe = curvature_products(fm, *train_tensors(TensorDataset(x[:rows], y[:rows]), fm), wd, engine=o.products)
-        probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
-        while (one := _seconds(lambda p=probe: p.at(fm.theta0, v[:1]))) < PROBE_SECONDS and rows < min(n, PROBE_ROWS):
-            rows = min(2 * rows, n, PROBE_ROWS)
-            probe = curvature_products(fm, *train_tensors(TensorDataset(x[:rows], y[:rows]), fm), wd,
-                                       engine=o.products)
-        # The fits stack `stack` products into one pass; time that too where it is quick.
-        stacked = one if one * stack > 4 * PROBE_SECONDS else _seconds(lambda: probe.at(fm.theta0, v)) / stack
-        per_product = stacked * n / rows
-        fits = 2 if o.difference is Difference.CENTRAL else 1
-        if o.solver is Solver.NEWTON_CG:
-            per_solve = per_product * (PLANNING_CG_ITERATIONS + 2)
-            what = f"≈{PLANNING_CG_ITERATIONS} CG iterations per solve, {per_product:.3g} s per product"
-        else:
-            per_solve = per_product * fits * (PLANNING_LBFGS_ITERATIONS + 4)
-            what = f"≈{PLANNING_LBFGS_ITERATIONS} L-BFGS iterations × {fits} fits, {per_product:.3g} s per gradient"
-        polish_s = per_product * o.polish_steps if o.reference is Reference.POLISHED else 0.0
-        estimate = solves * per_solve + polish_s
+        refuse a run whose fits' estimate exceeds ``budget_s`` before any fit starts."""
+        o = self.options
+        per_product, rows = product_seconds(fm, x, y, wd, max(1, min(o.query_batch, solves, PROBE_STACK)), o.products)
+        per_solve, what = self._per_solve(per_product)
+        estimate = solves * per_solve + self._polish_seconds(per_product)
         self.info.update({"probe_s_per_product": per_product, "probe_rows": rows,
                           "estimated_s": estimate, "budget_s": o.budget_s})
         if estimate > o.budget_s:
             alt = "" if self.last_layer else ", or regvar-ll (last layer)"
             raise BenchError(
-                f"{self.name}: {solves} solves over {fm.dim:,} parameters and {n:,} rows would take "
+                f"{self.name}: {solves} solves over {fm.dim:,} parameters and {len(x):,} rows would take "
                 f"≈{_hours(estimate)} on {ctx.device} ({what}), over budget_s={o.budget_s:g}: use fewer "
                 f"inputs (--set max_queries=N --set val_queries=N), a GPU (--device cuda){alt}"
+            )
+
+    def _per_solve(self, per_product: float) -> tuple[float, str]:
+        """Planned seconds of one solve and how they were planned."""
+        o = self.options
+        if o.solver is Solver.NEWTON_CG:
+            its = PLANNING_CG_ITERATIONS_PRECONDITIONED if self._preconditioned() else PLANNING_CG_ITERATIONS
+            return per_product * (its + 2), f"≈{its} CG iterations per solve, {per_product:.3g} s per product"
+        fits = 2 if o.difference is Difference.CENTRAL else 1
+        return (per_product * fits * (PLANNING_LBFGS_ITERATIONS + 4),
+                f"≈{PLANNING_LBFGS_ITERATIONS} L-BFGS iterations × {fits} fits, {per_product:.3g} s per gradient")
+
+    def _preconditioned(self) -> bool:
+        o = self.options
+        return (not self.last_layer and o.products is ProductEngine.AUTO
+                and o.preconditioner is not Preconditioner.NONE)
+
+    def _polish_seconds(self, per_product: float) -> float:
+        return per_product * self.options.polish_steps if self.options.reference is Reference.POLISHED else 0.0
+
+    def estimate(self, plan: CostPlan) -> tuple[float, float]:
+        """(fit, prediction) seconds from the sizes and a product timed on random inputs of the
+        network's shape: polishing, the scale-tuning solves, then one solve per evaluated input
+        (the capped evaluation sets and the harness's validation subset)."""
+        o, sizes = self.options, plan.load.sizes
+        net, example = plan.make_model(), plan.load.example
+        if self.last_layer:
+            net = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+            example = torch.zeros(1, net.in_features)
+        dtype = torch.float64 if o.precision is Precision.FLOAT64 else torch.float32
+        fm = FlatModel(net, dtype, plan.device)
+        n = sizes["train"]
+        rows = min(n, PROBE_ROWS)
+        x = random_inputs(example, rows)
+        y = torch.randint(0, plan.load.num_classes, (rows,))
+        k_out = plan.load.num_classes if o.output is Output.LOGITS else 1
+        per_product, _ = product_seconds(fm, x, y, plan.recipe.weight_decay, min(o.query_batch, PROBE_STACK),
+                                         o.products, total_rows=n)
+        per_solve, _ = self._per_solve(per_product)
+        evaluated = [min(v, o.max_queries) for k, v in sizes.items() if k not in ("train", "val")]
+        val = sizes.get("val", 0)
+        fit_s = self._polish_seconds(per_product) + min(o.val_queries, val) * k_out * per_solve
+        predict_s = (sum(evaluated) + min(val, o.max_queries)) * k_out * per_solve
+        return fit_s, predict_s
+
+    def check_estimate(self, estimate: Estimate) -> None:
+        total = estimate.total_s
+        if total is not None and total > self.options.budget_s:
+            raise BenchError(
+                f"{self.name}: this run is estimated at ≈{_hours(total)} (the estimate line above), over "
+                f"budget_s={self.options.budget_s:g}: raise budget_s, use fewer inputs (--set max_queries=N "
+                f"--set val_queries=N) or a GPU (--device cuda)"
             )
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -730,6 +766,28 @@ class RegVarLastLayer(RegVar):
 
     Options: ClassVar[type] = RegVarLLOptions
     last_layer: ClassVar[bool] = True
+
+
+def product_seconds(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, wd: float, stack: int,
+                    engine: ProductEngine, total_rows: int | None = None) -> tuple[float, int]:
+    """Seconds of one curvature product per vector over ``total_rows`` (default: all of ``x``),
+    timed on a slice of ``x`` that doubles from ``PROBE_MIN_ROWS`` until one product takes
+    ``PROBE_SECONDS`` (then it measures work, not call overhead); returns it and the slice's rows."""
+    n = len(x) if total_rows is None else total_rows
+    v = torch.randn(stack, fm.dim, dtype=fm.dtype, device=fm.device)
+    rows = min(len(x), PROBE_MIN_ROWS)
+
+    def probe_on(r: int) -> CurvatureProducts:
+        return curvature_products(fm, *train_tensors(TensorDataset(x[:r], y[:r]), fm), wd, engine=engine)
+
+    probe = probe_on(rows)
+    probe.at(fm.theta0, v[:1])  # warm-up (first-call overheads)
+    while (one := _seconds(lambda p=probe: p.at(fm.theta0, v[:1]))) < PROBE_SECONDS and rows < min(len(x), PROBE_ROWS):
+        rows = min(2 * rows, len(x), PROBE_ROWS)
+        probe = probe_on(rows)
+    # The fits stack `stack` products into one pass; time that too where it is quick.
+    stacked = one if one * stack > 4 * PROBE_SECONDS else _seconds(lambda: probe.at(fm.theta0, v)) / stack
+    return stacked * n / rows, rows
 
 
 def _seconds(work: Callable[[], object]) -> float:

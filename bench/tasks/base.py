@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from bench.options import as_dict
+from bench.planning import EvaluationPlan, LoadPlan
 from bench.registry import Registry
 
 
@@ -44,11 +46,16 @@ class TaskData:
     ood: dict[str, torch.Tensor] = field(default_factory=dict)
     shift: dict[str, TensorDataset] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # Sets the task loaded only in part (a capped run's subset, see ``Task.evaluation``): their
+    # name ("test", "ood/<name>", "shift/<name>") → (full size, indices of the loaded rows).
+    subsets: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
+        """Every set's full size (a set loaded in part counts what it was drawn from)."""
         out = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
         out.update({f"ood/{k}": len(v) for k, v in self.ood.items()})
         out.update({f"shift/{k}": len(v) for k, v in self.shift.items()})
+        out.update({k: full for k, (full, _) in self.subsets.items()})
         return out
 
 
@@ -70,6 +77,15 @@ class Task(ABC):
         self.options = options if options is not None else self.Options()
         self.smoke = smoke
         self.data_dir = data_dir
+        # Set by the harness before ``load``: a capped run's seed and limit. A task whose loading
+        # is expensive per input (embedding) may load only that seed's subset of each evaluation
+        # set and say so in ``TaskData.subsets``; others ignore it.
+        self.evaluation: EvaluationPlan | None = None
+
+    def plan(self) -> LoadPlan | None:
+        """What ``load`` will produce and cost, without loading (None: loading is cheap, so
+        the harness loads first and plans from the data)."""
+        return None
 
     @abstractmethod
     def load(self) -> TaskData:

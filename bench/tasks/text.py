@@ -21,9 +21,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bench.data import text_sources as ts
+from bench.data.feature_costs import missing_texts, probe_embedding_seconds
 from bench.data.features import DEFAULT_BACKBONE, EncoderSpec, Engine, Pooling, Truncation, embed_texts
 from bench.errors import BenchError
 from bench.options import option
+from bench.planning import LoadPlan
+from bench.subsets import draw_subset
 from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
 
 SPLIT_SEED = 20240613  # train/val/test splits are fixed, independent of the run seed
@@ -198,6 +201,7 @@ class TextTask(Task):
 
     def __init__(self, options: Any = None, smoke: bool = False, data_dir: Path | None = None):
         super().__init__(options, smoke, data_dir)
+        self._sets: tuple[list[tuple[str, ts.TextSet]], dict[str, Any], dict[str, tuple[int, np.ndarray]]] | None = None
         if self.options.finetune_layers > 0:
             raise BenchError(
                 f"finetune_layers={self.options.finetune_layers} is not implemented: the text "
@@ -220,20 +224,58 @@ class TextTask(Task):
         engine = Engine(o.embed_engine)
         return [EncoderSpec(o.backbone, length, pooling, o.embed_batch_size, t, engine) for t in sides]
 
+    def _named_sets(self) -> tuple[list[tuple[str, ts.TextSet]], dict[str, Any],
+                                   dict[str, tuple[int, np.ndarray]]]:
+        """Every set the run uses as (name, texts) in a fixed order, the task's facts, and the
+        evaluation sets kept in part (a capped run: this seed's subset of each, so only the
+        texts it evaluates are embedded). Read once per task object."""
+        if self._sets is None:
+            splits, shift, ood, info = self.text_sets()
+            sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+            _say(f"{self.name}: {info['source']} ({info['duplicates_removed']} duplicates dropped; {sizes})")
+            if self.smoke:
+                splits = {k: v.subset(range(min(len(v), SMOKE[k]))) for k, v in splits.items()}
+                shift = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in shift.items()}
+                ood = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in ood.items()}
+            named = [(f"id/{k}", v) for k, v in splits.items()]
+            named += [(f"shift/{k}", v) for k, v in shift.items()]
+            named += [(f"ood/{k}", v) for k, v in ood.items()]
+            kept: dict[str, tuple[int, np.ndarray]] = {}
+            plan = self.evaluation
+            if plan is not None and plan.limit is not None:
+                for i, (name, texts) in enumerate(named):
+                    key = name.removeprefix("id/")
+                    if key in ("train", "val") or len(texts) <= plan.limit:
+                        continue
+                    labels = None if name.startswith("ood/") else torch.tensor(texts.labels)
+                    pick = draw_subset(len(texts), plan.limit, plan.seed, key, labels)
+                    kept[key] = (len(texts), pick)
+                    named[i] = (name, texts.subset(pick))
+            self._sets = (named, info, kept)
+        return self._sets
+
+    def plan(self) -> LoadPlan:
+        """Sizes, and the texts missing from the feature stores with a probe of their cost:
+        the backbone embeds a few of them (nothing is stored) and the rest is scaled by count."""
+        from bench.training import cache_root  # lazy: bench.training imports bench.tasks
+
+        named, _, kept = self._named_sets()
+        texts = [t for _, s in named for t in s.texts]
+        missing, seconds = 0, 0.0
+        for spec in self.encoder_specs():
+            todo = missing_texts(texts, spec, cache_root())
+            missing += len(todo)
+            seconds += probe_embedding_seconds(todo, spec)
+        sizes = {name.removeprefix("id/"): len(s) for name, s in named}
+        return LoadPlan(sizes, torch.zeros(1, self.in_dim), 2, missing, seconds)
+
     def load(self) -> TaskData:
         from bench.training import cache_root  # lazy: bench.training imports bench.tasks
 
-        splits, shift, ood, info = self.text_sets()
-        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-        dups = info["duplicates_removed"]
-        _say(f"{self.name}: {info['source']} ({dups} duplicates dropped; {sizes})")
-        if self.smoke:
-            splits = {k: v.subset(range(min(len(v), SMOKE[k]))) for k, v in splits.items()}
-            shift = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in shift.items()}
-            ood = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in ood.items()}
-        named = [(f"id/{k}", v) for k, v in splits.items()]
-        named += [(f"shift/{k}", v) for k, v in shift.items()]
-        named += [(f"ood/{k}", v) for k, v in ood.items()]
+        named, info, kept = self._named_sets()
+        splits = {name.removeprefix("id/"): s for name, s in named if name.startswith("id/")}
+        shift = {name.removeprefix("shift/"): s for name, s in named if name.startswith("shift/")}
+        ood = {name.removeprefix("ood/"): s for name, s in named if name.startswith("ood/")}
         texts = [t for _, s in named for t in s.texts]
         specs = self.encoder_specs()
         parts, infos = [], []
@@ -275,6 +317,7 @@ class TextTask(Task):
             num_classes=2,
             ood={k: chunks[f"ood/{k}"] for k in ood},
             shift={k: labelled(f"shift/{k}", v) for k, v in shift.items()},
+            subsets=kept,
             info={
                 **info,
                 "split_seed": SPLIT_SEED,
