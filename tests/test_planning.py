@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_record, run_cli
 from torch import nn
 
 from bench.options import build
-from bench.planning import EvaluationPlan, Estimate, duration, training_seconds
+from bench.planning import Estimate, EvaluationPlan, duration, training_seconds
 from bench.record import RunRecord
 from bench.subsets import draw_subset
 from bench.tasks import TASKS
 from bench.tasks.base import TrainRecipe
-from conftest import make_record, run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
