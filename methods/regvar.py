@@ -103,6 +103,7 @@ from bench.scale_tuning import scale_edge_flag, tune_scale
 from bench.seeding import derive_seed
 from bench.types import Prediction
 
+from .regvar_block import block_cg
 from .regvar_common import (
     FlatModel,
     Optimizer,
@@ -122,6 +123,7 @@ from .regvar_newton import ENERGY_DELAY, CurvatureProducts, ProductEngine, batch
 # head: 18 CG iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
 PLANNING_CG_ITERATIONS = 40
 PLANNING_CG_ITERATIONS_PRECONDITIONED = 8
+PLANNING_CG_ITERATIONS_BLOCK = 5
 PLANNING_LBFGS_ITERATIONS = 150
 # The budget probe times products on a slice of the training rows that doubles from
 # PROBE_MIN_ROWS until one product takes PROBE_SECONDS (then its time is the per-row cost, not
@@ -166,7 +168,8 @@ class Preconditioner(str, enum.Enum):
     """What preconditions conjugate gradients; the system solved is the exact one either way."""
 
     AUTO = "auto"
-    """kfac where the products are the closed-form MLP ones, else none."""
+    """kfac where the products are the closed-form MLP ones and CG is not blocked, else none
+    (a block's shared Krylov space already captures what KFAC would, and measured faster alone)."""
     KFAC = "kfac"
     """Kronecker-factored Gauss-Newton blocks + wd·I, inverted through their eigenvectors."""
     NONE = "none"
@@ -198,6 +201,7 @@ class RegVarOptions:
     cg_window: int = option(
         0, "iterations over which the variance's growth is read by the cg_tol rule (0: 5 preconditioned, else 10)",
         min=0)
+    cg_block: bool = option(True, "block CG: the stacked queries share one Krylov space (fewer iterations each)")
     products: ProductEngine = option(ProductEngine.AUTO, "how exact Hessian-vector products are computed")
     preconditioner: Preconditioner = option(Preconditioner.AUTO, "CG preconditioner (the solve stays exact)")
     polish_steps: int = option(1000, "L-BFGS iterations of reference=polished", min=1)
@@ -238,6 +242,7 @@ class FitConfig:
     cg_tol: float = 1e-3
     cg_max_iter: int = 500
     cg_window: int = 0
+    cg_block: bool = True
     lbfgs_steps: int = 500
     lbfgs_history: int = 100
     fit_rtol: float = 1e-2
@@ -248,6 +253,7 @@ class FitConfig:
         return cls(**{k: getattr(o, k) for k in cls.__dataclass_fields__})
 
 
+BLOCK_WINDOW = 2  # block CG: variance within 1e-3 in 3-5 iterations, reading two of them
 PRECONDITIONED_WINDOW = 5  # Kronecker-preconditioned CG: variance within 1e-3 in 4-8 iterations
 CG_RTOL = 1e-6  # CG also stops once its residual is this small (then bᵀx is exact to round-off)
 NONLINEAR_TOL = 0.1  # |g₊ + g₋ − 2g₀| / |g₊ − g₋| above this: λ is outside the linear regime
@@ -440,9 +446,10 @@ def _newton_stack(problem: Problem, xq: torch.Tensor, wq: torch.Tensor, lams: tu
         at[k] = _read(problem, theta64 + coef[:, None] * u.double()[owner], xq, lams, config)
 
     theta = fm.theta0
-    cg = batched_cg(lambda p, _rows: problem.products.at(theta, p), jg.to(fm.dtype), CG_RTOL,
-                    config.cg_max_iter, config.cg_tol, checkpoints, record, problem.precondition,
-                    config.cg_window or problem.default_window)
+    solver = block_cg if config.cg_block else batched_cg
+    window = config.cg_window or (BLOCK_WINDOW if config.cg_block else problem.default_window)
+    cg = solver(lambda p, _rows: problem.products.at(theta, p), jg.to(fm.dtype), CG_RTOL,
+                config.cg_max_iter, config.cg_tol, checkpoints, record, problem.precondition, window)
     stats.solves += b
     stats.cg_iterations_sum += int(cg.iterations.sum())
     stats.cg_iterations_max = max(stats.cg_iterations_max, int(cg.iterations.max()))
@@ -574,7 +581,7 @@ class RegVar(Method):
         theta0 = None
         if o.reference is Reference.POLISHED:
             theta0 = self._polish(fm, inputs, y_tr, wd, ctx)
-        self.problem = Problem(net, inputs, y_tr, wd, dtype, ctx.device, theta0, o.products, o.preconditioner)
+        self.problem = Problem(net, inputs, y_tr, wd, dtype, ctx.device, theta0, o.products, self._preconditioner())
         self.info["products"] = type(self.problem.products).__name__
         self.info["preconditioner"] = self.problem.preconditioner_name
         self.info["theta0_grad_norm"] = float(self.problem.grad_map.norm())
@@ -650,16 +657,23 @@ class RegVar(Method):
         """Planned seconds of one solve and how they were planned."""
         o = self.options
         if o.solver is Solver.NEWTON_CG:
-            its = PLANNING_CG_ITERATIONS_PRECONDITIONED if self._preconditioned() else PLANNING_CG_ITERATIONS
+            its = (PLANNING_CG_ITERATIONS_BLOCK if o.cg_block else
+                   PLANNING_CG_ITERATIONS_PRECONDITIONED if self._preconditioned() else PLANNING_CG_ITERATIONS)
             return per_product * (its + 2), f"≈{its} CG iterations per solve, {per_product:.3g} s per product"
         fits = 2 if o.difference is Difference.CENTRAL else 1
         return (per_product * fits * (PLANNING_LBFGS_ITERATIONS + 4),
                 f"≈{PLANNING_LBFGS_ITERATIONS} L-BFGS iterations × {fits} fits, {per_product:.3g} s per gradient")
 
-    def _preconditioned(self) -> bool:
+    def _preconditioner(self) -> Preconditioner:
+        """``auto`` resolved as far as the options go (the network decides the rest)."""
         o = self.options
-        return (not self.last_layer and o.products is ProductEngine.AUTO
-                and o.preconditioner is not Preconditioner.NONE)
+        if o.preconditioner is Preconditioner.AUTO and o.cg_block:
+            return Preconditioner.NONE
+        return o.preconditioner
+
+    def _preconditioned(self) -> bool:
+        return (not self.last_layer and self.options.products is ProductEngine.AUTO
+                and self._preconditioner() is not Preconditioner.NONE)
 
     def _polish_seconds(self, per_product: float) -> float:
         return per_product * self.options.polish_steps if self.options.reference is Reference.POLISHED else 0.0

@@ -122,18 +122,23 @@ def test_central_difference_cancels_the_first_order_bias(mlp):
     assert 3.2 < errs[Difference.CENTRAL, 4e-3] / errs[Difference.CENTRAL, 2e-3] < 4.8
 
 
-def test_stacked_solves_equal_one_at_a_time_and_checkpoints_converge(mlp):
+@pytest.mark.parametrize("block", [False, True])
+def test_stacked_solves_equal_one_at_a_time_and_checkpoints_converge(mlp, block):
+    """Per-query CG gives each query the same iterates however many are stacked; block CG shares
+    one Krylov space, so stacking changes its path, not (beyond the tolerances) its answer."""
     net, x, y, queries = mlp
     problem = Problem(net, x, y, WD, torch.float64, CPU)
     w = output_weights(problem.fm64.logits(problem.fm64.theta0, queries), Output.LOGITS)
-    config = FitConfig(cg_tol=1e-9)
+    config = FitConfig(cg_tol=1e-9, cg_block=block)
     stacked = regvar_response(problem, queries, w, (1e-5, 1e-4), config, checkpoints=(1, 3, 60))
     single = torch.cat([regvar_response(problem, queries[i : i + 1], w[i : i + 1], (1e-5, 1e-4),
-                                        FitConfig(cg_tol=1e-9, query_batch=1)).final for i in range(len(queries))])
-    torch.testing.assert_close(stacked.final, single, rtol=1e-6, atol=1e-9)
+                                        FitConfig(cg_tol=1e-9, query_batch=1, cg_block=block)).final
+                        for i in range(len(queries))])
+    torch.testing.assert_close(stacked.final, single, rtol=1e-4 if block else 1e-6, atol=1e-9)
     assert stacked.final.shape == (5, 3, 2, 3)
     err = {k: float((v - stacked.final).abs().max()) for k, v in stacked.at.items()}
-    assert err[60] < 1e-6 < err[1] and err[3] < err[1]
+    assert err[60] < 1e-6 < err[1]
+    assert err[3] < err[1] or (block and err[3] < 1e-6)
     with pytest.raises(BenchError, match="λ > 0"):
         regvar_response(problem, queries, w, (0.0,), config)
 
@@ -336,7 +341,8 @@ def test_predict_refuses_too_many_inputs_and_is_deterministic():
 
 def test_flags_are_logged_as_warnings():
     cls = METHODS.get("regvar")
-    m = cls(build(cls.Options, {"val_queries": "0", "cg_max_iter": "1", "reference": "map"}, "regvar"))
+    m = cls(build(cls.Options, {"val_queries": "0", "cg_max_iter": "1", "reference": "map", "cg_block": "false"},
+                  "regvar"))
     logs: list[str] = []
     m.fit(context(tiny_model(), logs))
     m.predict(tiny_data().test.tensors[0])
