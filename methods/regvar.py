@@ -712,6 +712,16 @@ class RegVar(Method):
                 f"--set val_queries=N) or a GPU (--device cuda)"
             )
 
+    def reference_network(self) -> nn.Module:
+        """A copy of the network at θ₀ (the polished MAP or the MAP): what a study comparing
+        solver settings at the same point starts another fit from (``reference=map``)."""
+        if self.problem is None:
+            raise BenchError(f"{self.name}: reference_network called before fit")
+        net = copy.deepcopy(self.problem.fm.module).float()
+        torch.nn.utils.vector_to_parameters(self.problem.fm64.theta0.float(),
+                                            [p for p in net.parameters() if p.requires_grad])
+        return net
+
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MAP logits (N, C) and the regularised outputs' variances (N, K), float64; with
         ``output=logits`` the full logit covariance is ``self.covariance(x)``."""

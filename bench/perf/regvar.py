@@ -24,6 +24,7 @@ import json
 import math
 import platform
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,19 +35,25 @@ from bench.errors import BenchError
 from bench.method_api import FitContext, batched_logits
 from bench.perf import register_perf
 from bench.profiling import measure
+from bench.registry import parse_spec
+from bench.results import atomic_write_bytes
 from bench.tasks.base import TaskData
-from bench_methods.regvar import RegVar, RegVarLastLayer
+from bench_methods.regvar import Preconditioner, Reference, RegVar, RegVarLastLayer
 from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
+from bench_methods.regvar_newton import ProductEngine
 
 CPU_ROWS = {"fashion-mnist": 2000}
 
 
 def _setup(task_name: str, smoke: bool, seed: int, device: torch.device) -> tuple[Any, TaskData, torch.nn.Module, str]:
     """Task, data and its MAP network with provenance (cached checkpoint, else initial weights)."""
+    from bench import options as opts
     from bench.tasks import TASKS
     from bench.training import load_state, map_checkpoint
 
-    task = TASKS.get(task_name)(smoke=smoke)
+    name, raw = parse_spec(task_name)
+    cls = TASKS.get(name)
+    task = cls(opts.build(cls.Options, raw, f"task {name}"), smoke=smoke)
     data = task.load()
     model, path = map_checkpoint(task, data, seed)
     weights = f"cached MAP checkpoint {path}" if load_state(model, path) else "initial weights (no cached MAP)"
@@ -67,20 +74,31 @@ def _context(task: Any, data: TaskData, model: torch.nn.Module, device: torch.de
     )
 
 
+# The solver before closed-form products, block CG and preconditioning: autograd's products and
+# per-query CG reading its variance over 10 iterations (what --compare times against).
+LEGACY = {"products": ProductEngine.AUTOGRAD, "preconditioner": Preconditioner.NONE, "cg_block": False,
+          "cg_window": 10}
+
+
 def per_query(
-    method_cls: type[RegVar], ctx: FitContext, x: torch.Tensor, device: torch.device, loop: bool
+    method_cls: type[RegVar], ctx: FitContext, x: torch.Tensor, device: torch.device, loop: bool,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Fit the method as a run does, then time its variances for ``x`` in one stack."""
-    options = replace(method_cls.Options(), val_queries=0, max_queries=len(x), query_batch=len(x))
+    options = replace(method_cls.Options(), val_queries=0, max_queries=len(x), query_batch=len(x), **settings)
     method = method_cls(options)
     with measure(device) as fit:
         method.fit(ctx)
     before = method.stats.as_dict()
     with measure(device) as stacked:
-        method.moments(x)
+        _, variances = method.moments(x)
     after = method.stats.as_dict()
     summary = method.summary()
     out: dict[str, Any] = {
+        "variances": variances[:, 0].tolist(),
+        "products": summary["products"],
+        "preconditioner": summary["preconditioner"],
+        "cg_block": options.cg_block,
         "weights": summary["weights"],
         "n_params": summary["n_params"],
         "n_train": summary["n_train"],
@@ -96,6 +114,7 @@ def per_query(
         "reference": summary["reference"],
         "solver_flags": summary["solver_flags"],
     }
+    out["method"] = method
     if loop:
         method.options.query_batch = 1
         with measure(device) as single:
@@ -103,6 +122,20 @@ def per_query(
         out["loop_per_query_s"] = single.seconds / len(x)
         out["stacking_speedup"] = single.seconds / stacked.seconds
     return out
+
+
+def compare_legacy(method_cls: type[RegVar], ctx: FitContext, x: torch.Tensor, device: torch.device,
+                   new: dict[str, Any]) -> dict[str, Any]:
+    """The same queries through the legacy solver at the same θ₀ (the new fit's, polished or
+    not): seconds per query, the ratio, and how far the variances differ."""
+    fitted: RegVar = new["method"]
+    legacy_ctx = replace(ctx, map_model=fitted.reference_network()) if not fitted.last_layer else ctx
+    old = per_query(method_cls, legacy_ctx, x, device, False, reference=Reference.MAP, **LEGACY)
+    a, b = torch.tensor(new["variances"]), torch.tensor(old["variances"])
+    rel = ((a - b).abs() / b.abs().clamp_min(1e-300))
+    return {"legacy": {k: v for k, v in old.items() if k != "method"},
+            "speedup": old["per_query_s"] / new["per_query_s"],
+            "variance_rel_diff_max": float(rel.max()), "variance_rel_diff_median": float(rel.median())}
 
 
 def amortized_vs_map(
@@ -147,6 +180,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--methods", default="regvar,regvar-ll", help="regvar and/or regvar-ll")
     p.add_argument("--loop", action="store_true", help="also time the queries one at a time")
     p.add_argument("--amortized", action="store_true", help="also time amortized RegVar's prediction vs MAP")
+    p.add_argument("--compare", action="store_true",
+                   help="also time the legacy solver (autograd products, per-query CG) at the same θ₀")
+    p.add_argument("--out-dir", type=Path, default=None, help="write regvar-<task>.json per task into this folder")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.queries < 1:
@@ -166,20 +202,29 @@ def main(argv: list[str]) -> int:
     for name in filter(None, args.tasks.split(",")):
         task, data, model, weights = _setup(name, args.smoke, 0, device)
         n_all = len(data.train)
-        if name in rows and rows[name] < n_all:
+        base = parse_spec(name)[0]
+        if base in rows and rows[base] < n_all:
             x, y = data.train.tensors
-            data = replace(data, train=TensorDataset(x[: rows[name]], y[: rows[name]]))
+            data = replace(data, train=TensorDataset(x[: rows[base]], y[: rows[base]]))
         ctx = _context(task, data, model, device)
         x = data.test.tensors[0][: args.queries]
         entry: dict[str, Any] = {"weights": weights, "rows": len(data.train), "rows_all": n_all}
         for m in wanted:
             r = per_query(classes[m], ctx, x, device, args.loop)
+            if args.compare:
+                r["versus_legacy"] = compare_legacy(classes[m], ctx, x, device, r)
+            r.pop("method")
             if len(data.train) < n_all:
                 r["per_query_s_full_rows"] = r["per_query_s"] * n_all / len(data.train)
             entry[m] = r
         if args.amortized:
             entry["amortized_vs_map"] = amortized_vs_map(task, data, model, device, 2000, 3)
         out["tasks"][name] = entry
+        if args.out_dir is not None:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            one = {k: v for k, v in out.items() if k != "tasks"} | {"task": name, **entry}
+            atomic_write_bytes(args.out_dir / f"regvar-{parse_spec(name)[0]}.json",
+                               json.dumps(one, indent=1, default=str).encode())
     if args.json:
         print(json.dumps(out, indent=1, default=lambda v: str(v) if isinstance(v, float) and not math.isfinite(v)
                          else str(v)))
@@ -197,6 +242,12 @@ def main(argv: list[str]) -> int:
             print(f"{name:14s} {m:9s} ({r['weights']}, {r['n_params']:,} params, {rows_note}): "
                   f"{r['per_query_s']:.3f} s/query{full}, CG iterations mean {r['cg_iterations_mean']:.0f}"
                   f"{loop}; fit {r['fit_s']:.0f} s (polish {r['polish_s']:.0f} s); flags {r['solver_flags'] or 'none'}")
+            if "versus_legacy" in r:
+                v = r["versus_legacy"]
+                print(f"{'':14s} legacy solver {v['legacy']['per_query_s']:.3f} s/query "
+                      f"(CG iterations mean {v['legacy']['cg_iterations_mean']:.0f}, flags "
+                      f"{v['legacy']['solver_flags'] or 'none'}): {v['speedup']:.1f}× faster now; variances differ "
+                      f"by ≤ {v['variance_rel_diff_max']:.2g} (median {v['variance_rel_diff_median']:.2g}) relative")
         if "amortized_vs_map" in entry:
             a = entry["amortized_vs_map"]
             print(f"{name:14s} amortized predict {a['amortized_s']:.3f} s vs MAP {a['map_s']:.3f} s on "
