@@ -102,3 +102,20 @@ def test_estimate_line_and_record_round_trip() -> None:
     old["schema"] = 4
     del old["costs"]["estimate"]
     assert RunRecord.from_json(old).costs.estimate is None
+
+
+CALIBRATION = Path(__file__).resolve().parents[1] / "results" / "studies" / "estimate-calibration"
+
+
+def test_committed_estimates_are_within_one_and_a_half_times_of_the_measured_costs() -> None:
+    """The records under results/studies/estimate-calibration carry the estimate printed before
+    the run started and the costs it then measured: predicted / actual lies in [1/1.5, 1.5]."""
+    import json
+
+    records = [RunRecord.from_json(json.loads(p.read_text())) for p in sorted(CALIBRATION.rglob("seed*.json"))
+               if not p.name.endswith(".failed.json")]
+    estimated = [r for r in records if r.ok and r.costs.estimate is not None and r.costs.estimate.total_s]
+    assert estimated, "no committed run carries an estimate"
+    for r in estimated:
+        ratio = r.costs.estimate.total_s / r.costs.total_s
+        assert 1 / 1.5 <= ratio <= 1.5, f"{r.task}/{r.method}: predicted/actual {ratio:.2f}"
