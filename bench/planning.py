@@ -61,17 +61,20 @@ class CostPlan:
 
 @dataclass
 class Estimate:
-    """Seconds per phase; ``None``: the method does not estimate its own cost."""
+    """Seconds per phase; ``None``: the method does not estimate its own cost. ``load_s``: the
+    rest of loading (reading the data and the feature store), which the planning itself just did
+    and timed."""
 
     embed_s: float
     train_s: float
     fit_s: float | None = None
     predict_s: float | None = None
     notes: list[str] = field(default_factory=list)
+    load_s: float = 0.0
 
     @property
     def total_s(self) -> float | None:
-        parts = (self.embed_s, self.train_s, self.fit_s, self.predict_s)
+        parts = (self.load_s, self.embed_s, self.train_s, self.fit_s, self.predict_s)
         return None if any(p is None for p in parts) else float(sum(parts))
 
     def describe(self) -> str:
@@ -80,7 +83,8 @@ class Estimate:
         predict = "not estimated by the method" if self.predict_s is None else duration(self.predict_s)
         total = "" if self.total_s is None else f"; total ≈ {duration(self.total_s)}"
         notes = f" ({'; '.join(self.notes)})" if self.notes else ""
-        return (f"estimate: embedding ≈ {duration(self.embed_s)}, training ≈ {duration(self.train_s)}, "
+        return (f"estimate: loading ≈ {duration(self.load_s)}, embedding ≈ {duration(self.embed_s)}, "
+                f"training ≈ {duration(self.train_s)}, "
                 f"fit ≈ {fit}, prediction ≈ {predict}{total}{notes}")
 
 

@@ -84,10 +84,11 @@ class CostEstimate:
     train_s: float
     fit_s: float | None = None
     predict_s: float | None = None
+    load_s: float = 0.0  # reading data and feature stores (timed while planning)
 
     @property
     def total_s(self) -> float | None:
-        parts = (self.embed_s, self.train_s, self.fit_s, self.predict_s)
+        parts = (self.load_s, self.embed_s, self.train_s, self.fit_s, self.predict_s)
         return None if any(p is None for p in parts) else float(sum(parts))
 
 

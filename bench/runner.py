@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,10 +283,13 @@ def prepare(config: RunConfig, r: Resolved, check_output: bool = True) -> Prepar
     method = r.method_cls(r.method_options)
     task.evaluation = EvaluationPlan(config.seed, getattr(method, "eval_limit", None))
     with measure(torch.device("cpu")) as data_time:
+        start = time.perf_counter()
         plan = task.plan()  # before anything is embedded: the estimate may refuse the run
         data = task.load() if plan is None or not plan.embed_texts else None
+        load_s = time.perf_counter() - start  # reading texts and stores (load repeats it), or the whole load
         estimate = estimate_run(task, plan or plan_from_data(data), method, device,
                                 map_cached=data is not None and is_map_cached(task, data, config.seed))
+        estimate.load_s = load_s
         reporter.log(estimate.describe())
         method.check_estimate(estimate)
         if data is None:
@@ -411,7 +415,7 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
             predict_test_s=pred.test_time.seconds, predict_per_1k_s=pred.test_time.seconds / n_test * 1000.0,
             predict_other_s=pred.other_s,
             estimate=None if p.estimate is None else CostEstimate(
-                p.estimate.embed_s, p.estimate.train_s, p.estimate.fit_s, p.estimate.predict_s),
+                p.estimate.embed_s, p.estimate.train_s, p.estimate.fit_s, p.estimate.predict_s, p.estimate.load_s),
         ),
         memory=Memory(
             kind=memory_kind(fitted.peak, p.device), fit_peak_bytes=fitted.peak.peak_bytes,

@@ -9,7 +9,7 @@ far fewer iterations (each still one exact product per query). The solution is t
 minimises the A-norm error over a space that contains the query's own Krylov space, so bᵀx_q
 grows monotonically to bᵀA⁻¹b, exactly as in plain CG, and the same stopping rules apply.
 
-Numerics: the search block is re-orthonormalised every iteration through its singular vectors,
+Numerics: the search block is re-orthonormalised every iteration (float64 Gram eigenvectors),
 dropping directions that have become linearly dependent (converged
 queries make the block rank deficient); a block whose curvature PᵀAP is not positive definite
 means A is not positive definite on the shared space, and every query of the block is flagged
@@ -25,16 +25,23 @@ import torch
 from .regvar_newton import CGResult, MatVec
 
 DEPENDENT = 100.0  # directions below DEPENDENT·eps (relative, see _orthonormal) are round-off
+GRAM_FLOOR = 1e-12  # float64 eigenvalues of a Gram matrix below this share of the largest are noise
 
 
 def _orthonormal(z: torch.Tensor, scale: float) -> torch.Tensor:
-    """Orthonormal rows spanning z's row space (its right singular vectors), without directions
-    that are round-off: below DEPENDENT·eps of the block's largest singular value, or of
-    ``scale`` (the right-hand sides' size: the recurrences' round-off does not shrink with the
-    residuals, so once a residual is that small its direction is noise)."""
-    _, sv, vh = torch.linalg.svd(z, full_matrices=False)
-    floor = DEPENDENT * torch.finfo(z.dtype).eps * max(float(sv[:1].max()) if len(sv) else 0.0, scale)
-    return vh[sv > floor]
+    """Orthonormal rows spanning z's row space, without directions that are round-off: below
+    DEPENDENT·eps of the block's largest singular value, or of ``scale`` (the right-hand sides'
+    size: the recurrences' round-off does not shrink with the residuals, so once a residual is
+    that small its direction is noise). Through the eigenvectors of the float64 Gram matrix
+    z zᵀ (Q × Q), far cheaper than an SVD of the wide block."""
+    gram = z.double() @ z.double().T
+    values, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
+    top = float(values[-1]) if len(values) else 0.0
+    relative = max((DEPENDENT * torch.finfo(z.dtype).eps) ** 2, GRAM_FLOOR)
+    floor = max(relative * top, (DEPENDENT * torch.finfo(z.dtype).eps * scale) ** 2)
+    keep = values > floor
+    basis = vectors[:, keep] / values[keep].sqrt()
+    return (basis.T @ z.double()).to(z.dtype)
 
 
 def block_cg(

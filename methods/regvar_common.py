@@ -447,7 +447,8 @@ def data_chunk(batch_size: int, copies: int, x: torch.Tensor) -> int:
 
 
 def polish(
-    fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, settings: SolverSettings, steps: int
+    fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, settings: SolverSettings, steps: int,
+    progress: ProgressBar | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Continue from the MAP to a stationary point θ₀ of the objective (full-batch L-BFGS,
     λ = 0). A MAP from a few epochs of AdamW is not one, and fits from a non-stationary start
@@ -457,7 +458,7 @@ def polish(
     before = float(obj.full_grad(fm.theta0[None], chunk).abs().max())
     atol = 16 * torch.finfo(fm.dtype).eps  # the round-off floor of a full-batch mean gradient
     to_floor = replace(settings, steps=steps, rtol=1e-9, atol=atol, xtol=0.0)  # no early stop
-    theta = batched_lbfgs(obj, fm.theta0[None].clone(), to_floor)[0]
+    theta = batched_lbfgs(obj, fm.theta0[None].clone(), to_floor, progress=progress)[0]
     after = float(obj.full_grad(theta[None], chunk).abs().max())
     moved = float((fm(theta, x[:512]) - fm(fm.theta0, x[:512])).abs().max())
     return theta, {"polish_grad_inf_before": before, "polish_grad_inf_after": after, "polish_max_logit_change": moved}

@@ -26,7 +26,7 @@ from torch import nn
 from .regvar_common import FlatModel
 from .regvar_newton import CurvatureKind, CurvatureProducts
 
-ROW_CHUNK_ELEMENTS = 2**24  # rows × Q × widest layer per chunk: GEMMs large, temporaries ≤ 64 MB each
+ROW_CHUNK_ELEMENTS = 2**23  # rows × Q × widest layer per chunk: GEMMs large, temporaries ≤ 32 MB each
 _ACTIVATIONS = (nn.ReLU, nn.Tanh)
 _PASS_THROUGH = (nn.Dropout, nn.Identity)  # identity in eval mode, which FlatModel always uses
 
