@@ -11,9 +11,10 @@ log-joint λ is lam·n.
 
 Two registered methods, named by what they refit (never switched silently):
 
-- ``regvar``: every trainable weight, as in the paper. Before any fit it times one stacked
-  Hessian-vector product on a slice of the training rows and refuses, with one line naming what
-  would make it feasible, a run whose estimate exceeds ``budget_s``.
+- ``regvar``: every trainable weight, as in the paper. Before the run embeds or trains anything
+  it prices its polish and solves from a Hessian-vector product timed on random inputs of the
+  network's shape (``estimate``), and the harness refuses, with one line, a run whose whole
+  estimate exceeds ``budget_s``; the fit checks again on the real rows.
 - ``regvar-ll``: only the final ``nn.Linear`` on the MAP's fixed features (the counterpart of
   ``laplace-ll``); cheap, so it evaluates more inputs by default.
 
@@ -36,10 +37,13 @@ Solvers (option ``solver``), both Hessian-free:
 - ``newton-cg`` (default): the fits move O(λ) from θ₀, where the tilted objective is
   stationary, so one Newton step ``∇²P(θ₀)·d = lam·∇g(x*)`` solves them; conjugate gradients
   solve it with exact Hessian-vector products (``methods.regvar_newton``), all fits of a stack
-  of ``query_batch`` queries at the shared θ₀. The step is linear in λ, so one solve u serves
+  of ``query_batch`` queries at the shared θ₀; by default (``cg_block``) as one block CG over a
+  Krylov space the stack shares (``methods.regvar_block``), which needs far fewer products per
+  query than a CG per query. The step is linear in λ, so one solve u serves
   the ± pair, θ₀ ± lam·u; with central differences the fits' O(λ²) remainder cancels in the
   read-out to O(λ³). CG stops when the read-out's variance grew by ≤ ``cg_tol`` (relative) over
-  its last 10 iterations (the standard lower estimate of its remaining error).
+  its last ``cg_window`` iterations (the standard lower estimate of its remaining error; 1 for a
+  block, whose iterations each cut the error about 30×, 5 preconditioned, else 10).
   Products (option ``products``): ``auto`` computes them in closed form where the network is a
   linear read-out or an MLP head (``methods.regvar_mlp``: one GEMM per layer for the whole
   stack), ``autograd`` through torch.func for any network; the values are the same. Option
@@ -199,10 +203,12 @@ class RegVarOptions:
     reference: Reference = option(Reference.POLISHED, "network the fits start from and the mean comes from")
     solver: Solver = option(Solver.NEWTON_CG, "solver of the regularised fits (both Hessian-free)")
     precision: Precision = option(Precision.FLOAT32, "arithmetic of the solver (read-outs: float64)")
-    cg_tol: float = option(1e-3, "CG stops when the variance grew ≤ cg_tol (relative) over 10 iterations", min=0.0)
+    cg_tol: float = option(1e-3, "CG stops when the variance grew ≤ cg_tol (relative) over cg_window iterations",
+                           min=0.0)
     cg_max_iter: int = option(500, "most CG iterations per solve (then: counted as not converged)", min=1)
     cg_window: int = option(
-        0, "iterations over which the variance's growth is read by the cg_tol rule (0: 5 preconditioned, else 10)",
+        0, "iterations over which the variance's growth is read by the cg_tol rule (0: 1 for block CG, "
+        "5 preconditioned, else 10)",
         min=0)
     cg_block: bool = option(True, "block CG: the stacked queries share one Krylov space (fewer iterations each)")
     products: ProductEngine = option(ProductEngine.AUTO, "how exact Hessian-vector products are computed")
