@@ -282,22 +282,23 @@ def prepare(config: RunConfig, r: Resolved, check_output: bool = True) -> Prepar
     seed_everything(config.seed)
     method = r.method_cls(r.method_options)
     task.evaluation = EvaluationPlan(config.seed, getattr(method, "eval_limit", None))
-    with measure(torch.device("cpu")) as data_time:
-        start = time.perf_counter()
-        plan = task.plan()  # before anything is embedded: the estimate may refuse the run
-        data = task.load() if plan is None or not plan.embed_texts else None
-        load_s = time.perf_counter() - start  # reading texts and stores (load repeats it), or the whole load
-        estimate = estimate_run(task, plan or plan_from_data(data), method, device,
-                                map_cached=data is not None and is_map_cached(task, data, config.seed))
-        estimate.load_s = load_s
-        reporter.log(estimate.describe())
-        method.check_estimate(estimate)
-        if data is None:
-            data = task.load()
+    start = time.perf_counter()
+    plan = task.plan()  # before anything is embedded: the estimate may refuse the run
+    data = task.load() if plan is None or not plan.embed_texts else None
+    load_s = time.perf_counter() - start  # reading texts and stores (load repeats it), or the whole load
+    estimate = estimate_run(task, plan or plan_from_data(data), method, device,  # its probes: not data time
+                            map_cached=data is not None and is_map_cached(task, data, config.seed))
+    estimate.load_s = load_s
+    reporter.log(estimate.describe())
+    method.check_estimate(estimate)
+    start = time.perf_counter()
+    if data is None:
+        data = task.load()
+    data_s = load_s + time.perf_counter() - start
     baseline = None if device.type == "cuda" else settled_rss_bytes()
     cache = ModelCache(task, data, device, config.seed, reporter, baseline)
     map_model = cache.get(0) if r.method_cls.uses_map else None
-    return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_time.seconds, estimate)
+    return Prepared(r, task, data, device, reporter, baseline, cache, map_model, data_s, estimate)
 
 
 def plan_from_data(data: TaskData) -> LoadPlan:
