@@ -158,61 +158,93 @@ class MLPProducts(CurvatureProducts):
         return self._state
 
     def at(self, theta: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """(Q, D) exact products at one shared point ``theta``: every chunk's state is reused."""
-        out = self.wd * vectors
+        """(Q, D) exact products at one shared point ``theta``: every chunk's state is reused,
+        and each layer's weight products accumulate in place over the chunks (one GEMM each)."""
         weights = self.layer_weights(theta)
-        directions = self._weights_stack(vectors)
+        stack = _Stack.of(self.layers, vectors)
         state = self.state_at(theta)
         per_chunk = self._row_chunks(len(vectors))
         for chunk, rows in zip(state, self._row_chunks(1), strict=True):
             for sub in _split(rows, per_chunk[0].stop - per_chunk[0].start):
-                out = out + self._products(_slice_chunk(chunk, sub, rows.start), weights, directions)
-        return out
+                self._accumulate(_slice_chunk(chunk, sub, rows.start), weights, stack)
+        return self.wd * vectors + stack.flat()
 
-    def _weights_stack(self, vectors: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        q = len(vectors)
-        return [(vectors[:, layer.weight].view(q, layer.out_features, layer.in_features),
-                 None if layer.bias is None else vectors[:, layer.bias]) for layer in self.layers]
-
-    def _products(self, c: ChunkState, weights: list, directions: list) -> torch.Tensor:
-        """Σ over the chunk's rows of the product with every stacked direction (Q, D)."""
+    def _accumulate(self, c: ChunkState, weights: list, stack: _Stack) -> None:
+        """Add the chunk's rows' share of the product with every stacked direction to ``stack``."""
         hessian = self.kind is CurvatureKind.HESSIAN
-        n_rows, q = len(c.probs), len(directions[0][0])
+        n_rows, q = len(c.probs), stack.q
         r_in = None  # R(h_{l-1}): zero for the fixed inputs
         r_inputs: list[torch.Tensor | None] = []
         r_pre: list[torch.Tensor] = []
-        for layer_i, ((w, _), (vw, vb)) in enumerate(zip(weights, directions, strict=True)):
-            h = c.inputs[layer_i]
+        for layer_i, (w, _) in enumerate(weights):
             r_inputs.append(r_in)
-            r_a = (h @ vw.reshape(q * vw.shape[1], -1).T).view(n_rows, q, -1)  # (rows, Q, out)
-            if vb is not None:
-                r_a = r_a + vb
+            r_a = (c.inputs[layer_i] @ stack.forward[layer_i]).view(n_rows, q, -1)  # (rows, Q, out)
+            if stack.bias[layer_i] is not None:
+                r_a += stack.bias[layer_i]
             if r_in is not None:
-                r_a = r_a + r_in @ w.T
+                r_a += r_in @ w.T
             r_pre.append(r_a)
             if layer_i < len(self.layers) - 1:
                 r_in = c.d1[layer_i][:, None, :] * r_a
         p = c.probs[:, None, :]
         r_delta = (p * r_pre[-1] - p * (p * r_pre[-1]).sum(-1, keepdim=True)) / self.n
-        grads: list[torch.Tensor] = []
         for layer_i in range(len(self.layers) - 1, -1, -1):
-            layer, (w, _), (vw, _) = self.layers[layer_i], weights[layer_i], directions[layer_i]
+            layer, (w, _) = self.layers[layer_i], weights[layer_i]
             h, delta = c.inputs[layer_i], c.deltas[layer_i]
-            gw = (r_delta.reshape(n_rows, -1).T @ h).view(q, layer.out_features, layer.in_features)
+            stack.grad_w[layer_i].addmm_(r_delta.reshape(n_rows, -1).T, h)
             if hessian and r_inputs[layer_i] is not None:
-                gw = gw + torch.einsum("no,nqi->qoi", delta, r_inputs[layer_i])
-            parts = [gw.reshape(q, -1)] + ([r_delta.sum(0)] if layer.bias is not None else [])
-            grads = parts + grads
+                stack.grad_w[layer_i].view(q, layer.out_features, -1).add_(
+                    torch.einsum("no,nqi->qoi", delta, r_inputs[layer_i]))
+            if stack.grad_b[layer_i] is not None:
+                stack.grad_b[layer_i] += r_delta.sum(0)
             if layer_i == 0:
                 break
             r_e = r_delta @ w
             if hessian:
-                r_e = r_e + (delta @ vw.permute(1, 0, 2).reshape(layer.out_features, -1)).view(n_rows, q, -1)
+                r_e += (delta @ stack.backward[layer_i]).view(n_rows, q, -1)
             d1, d2 = c.d1[layer_i - 1][:, None, :], c.d2[layer_i - 1]
             r_delta = d1 * r_e
             if hessian and d2 is not None:
-                r_delta = r_delta + d2[:, None, :] * r_pre[layer_i - 1] * (delta @ w)[:, None, :]
-        return torch.cat(grads, dim=1)
+                r_delta += d2[:, None, :] * r_pre[layer_i - 1] * (delta @ w)[:, None, :]
+
+
+@dataclass
+class _Stack:
+    """A stack of Q directions laid out for the layer GEMMs, and the products' accumulators.
+
+    ``forward[l]``: V_l as (in, Q·out), contiguous, for h @ V_lᵀ; ``backward[l]``: V_l as
+    (out, Q·in) for δ V_l; ``grad_w[l]`` (Q·out, in) and ``grad_b[l]`` (Q, out) sum the chunks."""
+
+    q: int
+    layers: list[LinearLayer]
+    forward: list[torch.Tensor]
+    backward: list[torch.Tensor]
+    bias: list[torch.Tensor | None]
+    grad_w: list[torch.Tensor]
+    grad_b: list[torch.Tensor | None]
+
+    @classmethod
+    def of(cls, layers: list[LinearLayer], vectors: torch.Tensor) -> _Stack:
+        q = len(vectors)
+        weights = [vectors[:, layer.weight].view(q, layer.out_features, layer.in_features) for layer in layers]
+        bias = [None if layer.bias is None else vectors[:, layer.bias] for layer in layers]
+        return cls(
+            q, layers,
+            [v.reshape(-1, v.shape[2]).T.contiguous() for v in weights],
+            [v.permute(1, 0, 2).reshape(v.shape[1], -1) for v in weights],
+            bias,
+            [vectors.new_zeros(q * layer.out_features, layer.in_features) for layer in layers],
+            [None if layer.bias is None else vectors.new_zeros(q, layer.out_features) for layer in layers],
+        )
+
+    def flat(self) -> torch.Tensor:
+        """The accumulated products in θ's layout (Q, D)."""
+        parts: list[torch.Tensor] = []
+        for gw, gb in zip(self.grad_w, self.grad_b, strict=True):
+            parts.append(gw.view(self.q, -1))
+            if gb is not None:
+                parts.append(gb)
+        return torch.cat(parts, dim=1)
 
 
 def _split(rows: slice, size: int) -> Iterator[slice]:
