@@ -157,6 +157,16 @@ def _died(config: RunConfig, process: BaseProcess) -> str:
         "(killed, or out of memory?); rerun the same command to retry it"))
 
 
+def _result(receive: Connection) -> tuple[str | None, float] | None:
+    """What a finished run's process sent, or None when it sent nothing: a process killed before
+    it could (SIGKILL, the out-of-memory killer, a crash) leaves its pipe at end of file, which
+    ``poll`` reports as readable and ``recv`` as EOFError."""
+    try:
+        return receive.recv() if receive.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
 @contextmanager
 def _in_fresh_processes(
     todo: list[RunConfig], jobs: int, plugins: list[str], quiet: bool, skip_done: bool = True
@@ -208,7 +218,7 @@ def _in_fresh_processes(
                 if process.sentinel not in ended:
                     continue
                 process.join()
-                result = receive.recv() if receive.poll() else (_died(todo[i], process), 0.0)
+                result = _result(receive) or (_died(todo[i], process), 0.0)
                 receive.close()
                 del live[i]
                 start_next()

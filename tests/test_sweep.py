@@ -269,6 +269,31 @@ def test_killing_the_sweep_alone_ends_its_workers(sig: signal.Signals, tmp_path:
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+def test_a_killed_run_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """SIGKILL of one run's process (what the out-of-memory killer does): the sweep records that
+    run as failed with its cause and still runs the next one."""
+    plugin = tmp_path / "slow.py"
+    plugin.write_text(SLOW_METHOD)
+    out, pid_file = tmp_path / "out", tmp_path / "slow.pid"
+    cmd = [sys.executable, "-m", "bench", "--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep",
+           "--tasks", "tiny-digits", "--methods", "slow,map", "--seeds", "0", "--smoke", "--jobs", "1",
+           "--out", str(out), "--quiet"]
+    env = {**os.environ, "SLOW_PID_FILE": str(pid_file)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), "the slow run did not start"
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert "Traceback" not in stderr and "EOFError" not in stderr, stderr
+    failed = json.loads((out / "runs" / "tiny-digits@smoke" / "slow" / "seed0.failed.json").read_text())
+    assert failed["status"] == "failed" and "exit code -9" in failed["error"]
+    assert (out / "runs" / "tiny-digits@smoke" / "map" / "seed0.json").exists(), "the sweep stopped at the killed run"
+    assert proc.returncode == 1
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie, reaped by init once its parent is gone, counts as ended)."""
     try:
