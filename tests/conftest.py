@@ -13,6 +13,18 @@ from bench.record import Config, Costs, Data, Memory, NetworkCost, Provenance, R
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TASK = REPO / "tests" / "fixtures" / "tiny_task.py"
+TINY_TEXT_BACKBONE = REPO / "tests" / "fixtures" / "tiny_text_backbone.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT built offline (for the text tasks without MiniLM): its directory."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_text_backbone", TINY_TEXT_BACKBONE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert")))
 
 
 @pytest.fixture(autouse=True)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import make_record, run_cli
 from torch import nn
@@ -16,17 +14,6 @@ from bench.record import RunRecord
 from bench.subsets import draw_subset
 from bench.tasks import TASKS
 from bench.tasks.base import TrainRecipe
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = FIXTURES / "tiny_text_backbone.py"
-    spec = importlib.util.spec_from_file_location("tiny_text_backbone", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert")))
 
 
 def imdb(backbone: str, limit: int | None = None, seed: int = 3):

@@ -235,24 +235,32 @@ def test_a_failure_that_cannot_be_recorded_is_reported_not_a_crash(tmp_path: Pat
     assert "Traceback" not in captured.err
 
 
+def _slow_sweep(tmp_path: Path, methods: str, seeds: str, jobs: str, **popen: object
+                ) -> tuple[subprocess.Popen, Path, Path]:
+    """A sweep with the sleeping plugin method, started in the background; returns once a slow
+    run's process has written its pid (the process, the results folder, the pid file)."""
+    plugin = tmp_path / "slow.py"
+    plugin.write_text(SLOW_METHOD)
+    out, pid_file = tmp_path / "out", tmp_path / "slow.pid"
+    cmd = [sys.executable, "-m", "bench", "--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep",
+           "--tasks", "tiny-digits", "--methods", methods, "--seeds", seeds, "--smoke", "--jobs", jobs,
+           "--out", str(out), "--quiet"]
+    env = {**os.environ, "SLOW_PID_FILE": str(pid_file)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, **popen)
+    deadline = time.monotonic() + 240
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), "the slow run did not start"
+    return proc, out, pid_file
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses pgrep")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killing_the_sweep_alone_ends_its_workers(sig: signal.Signals, tmp_path: Path) -> None:
     """Only the sweep's own PID is signalled (not its process group): its workers must follow it
     instead of finishing runs unseen and then waiting forever on a pipe."""
-    plugin = tmp_path / "slow.py"
-    plugin.write_text(SLOW_METHOD)
-    out, pid_file = tmp_path / "out", tmp_path / "slow.pid"
-    cmd = [sys.executable, "-m", "bench", "--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep",
-           "--tasks", "tiny-digits", "--methods", "slow", "--seeds", "0,1", "--smoke", "--jobs", "2",
-           "--out", str(out), "--quiet"]
-    env = {**os.environ, "SLOW_PID_FILE": str(pid_file)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert pid_file.exists(), "the slow run did not start"
+    proc, out, pid_file = _slow_sweep(tmp_path, "slow", "0,1", "2", stdout=subprocess.DEVNULL,
+                                      start_new_session=True)
     workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                               text=True).stdout.split()]
     assert int(pid_file.read_text()) in workers
@@ -273,18 +281,7 @@ def test_killing_the_sweep_alone_ends_its_workers(sig: signal.Signals, tmp_path:
 def test_a_killed_run_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
     """SIGKILL of one run's process (what the out-of-memory killer does): the sweep records that
     run as failed with its cause and still runs the next one."""
-    plugin = tmp_path / "slow.py"
-    plugin.write_text(SLOW_METHOD)
-    out, pid_file = tmp_path / "out", tmp_path / "slow.pid"
-    cmd = [sys.executable, "-m", "bench", "--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep",
-           "--tasks", "tiny-digits", "--methods", "slow,map", "--seeds", "0", "--smoke", "--jobs", "1",
-           "--out", str(out), "--quiet"]
-    env = {**os.environ, "SLOW_PID_FILE": str(pid_file)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert pid_file.exists(), "the slow run did not start"
+    proc, out, pid_file = _slow_sweep(tmp_path, "slow,map", "0", "1", stdout=subprocess.PIPE, text=True)
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert "Traceback" not in stderr and "EOFError" not in stderr, stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,6 @@ from bench.tasks import TASKS
 from bench.tasks import text as T
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = FIXTURES / "tiny_text_backbone.py"
-    spec = importlib.util.spec_from_file_location("tiny_text_backbone", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert")))
 
 
 @pytest.fixture
