@@ -102,7 +102,7 @@ from bench.errors import BenchError
 from bench.formulas import probit_probs
 from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
 from bench.options import option
-from bench.planning import CostPlan, Estimate, random_inputs
+from bench.planning import CostPlan, Estimate, duration, random_inputs
 from bench.scale_tuning import scale_edge_flag, tune_scale
 from bench.seeding import derive_seed
 from bench.types import Prediction
@@ -599,7 +599,7 @@ class RegVar(Method):
         ctx.log(
             f"{self.name}: {dim} params ({self.info['weights']}), {o.solver.value}/{self.info['dtype']}, "
             f"θ₀ = {o.reference.value}, λ/n={o.lam}, output={o.output.value}, "
-            f"≈{_hours(self.info['estimated_s'])} estimated"
+            f"≈{duration(self.info['estimated_s'])} estimated"
         )
         self.scale = 1.0
         if o.val_queries > 0:
@@ -658,7 +658,7 @@ class RegVar(Method):
             alt = "" if self.last_layer else ", or regvar-ll (last layer)"
             raise BenchError(
                 f"{self.name}: {solves} solves over {fm.dim:,} parameters and {len(x):,} rows would take "
-                f"≈{_hours(estimate)} on {ctx.device} ({what}), over budget_s={o.budget_s:g}: use fewer "
+                f"≈{duration(estimate)} on {ctx.device} ({what}), over budget_s={o.budget_s:g}: use fewer "
                 f"inputs (--set max_queries=N --set val_queries=N), a GPU (--device cuda){alt}"
             )
 
@@ -718,7 +718,7 @@ class RegVar(Method):
         total = estimate.total_s
         if total is not None and total > self.options.budget_s:
             raise BenchError(
-                f"{self.name}: this run is estimated at ≈{_hours(total)} (the estimate line above), over "
+                f"{self.name}: this run is estimated at ≈{duration(total)} (the estimate line above), over "
                 f"budget_s={self.options.budget_s:g}: raise budget_s, use fewer inputs (--set max_queries=N "
                 f"--set val_queries=N) or a GPU (--device cuda)"
             )
@@ -832,10 +832,6 @@ def _seconds(work: Callable[[], object]) -> float:
     if isinstance(out, torch.Tensor) and out.is_cuda:
         torch.cuda.synchronize(out.device)
     return time.perf_counter() - t0
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def split_last_linear(

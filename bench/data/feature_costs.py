@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.data.features import EncoderSpec, FeatureStore, Truncation, make_encoder, resolve_backbone, text_hash
+from bench.data.features import EncoderSpec, FeatureStore, Truncation, make_encoder, text_hash, token_lengths
 
 PROBE_TEXTS = 16
 PROBE_SEED = 0
@@ -29,14 +29,9 @@ def missing_texts(texts: Sequence[str], spec: EncoderSpec, root: Path) -> list[s
 
 
 def _longer_than(texts: list[str], spec: EncoderSpec) -> list[str]:
-    from transformers import AutoTokenizer
-
-    source, local_only, _ = resolve_backbone(spec.backbone)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError):
+    lengths = token_lengths(texts, spec)
+    if lengths is None:
         return texts  # the encoder reports the problem when it runs
-    lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
     return [t for t, n in zip(texts, lengths, strict=True) if n > spec.max_length]
 
 

@@ -337,6 +337,18 @@ def _embed_locked(
     return torch.stack([index[h] for h in hashes]), info
 
 
+def token_lengths(texts: Sequence[str], spec: EncoderSpec) -> list[int] | None:
+    """Each text's length in the backbone's tokens (None when its tokenizer cannot be loaded)."""
+    from transformers import AutoTokenizer
+
+    source, local_only, _ = resolve_backbone(spec.backbone)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError):
+        return None
+    return [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
+
+
 def _tail_from_head(
     missing: dict[str, str],
     spec: EncoderSpec,
@@ -351,16 +363,10 @@ def _tail_from_head(
 
     Returns (backbone seconds, texts embedded, whether a shard was written).
     """
-    from transformers import AutoTokenizer
-
-    source, local_only, _ = resolve_backbone(spec.backbone)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError):
-        return 0.0, 0, False  # the encoder reports the problem
     hashes = list(missing)
-    ids = tokenizer([missing[h] for h in hashes], verbose=False)["input_ids"]  # lengths only
-    lengths = [len(i) for i in ids]
+    lengths = token_lengths([missing[h] for h in hashes], spec)
+    if lengths is None:
+        return 0.0, 0, False  # the encoder reports the problem
     short = [h for h, n in zip(hashes, lengths, strict=True) if n <= spec.max_length]
     if not short:
         return 0.0, 0, False
