@@ -94,12 +94,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from bench.registry import parse_assignment
+    from bench.registry import parse_settings
     from bench.runner import RunConfig, run
 
-    settings: dict[str, str] = {}
-    for item in args.settings:
-        settings.update(parse_assignment(item))
+    settings = parse_settings(args.settings)
     config = RunConfig(
         method=args.method, task=args.task, seed=args.seed, device=args.device, out=args.out,
         smoke=args.smoke, data_dir=args.data_dir, settings=settings, quiet=args.quiet,

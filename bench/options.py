@@ -37,7 +37,7 @@ def parse_value(text: str, kind: Any, key: str, owner: str) -> Any:
         if kind is float:
             value = float(text)
             if not math.isfinite(value):
-                raise ValueError
+                raise BenchError(f"bad value {text!r} for {owner} option {key!r}: must be finite")
             return value
         if kind is str:
             return text

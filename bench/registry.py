@@ -74,8 +74,22 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         for part in body.split(","):
             if not part.strip():
                 continue
-            options.update(parse_assignment(part))
+            pair = parse_assignment(part)
+            if twice := pair.keys() & options.keys():
+                raise BenchError(f"spec {spec!r} sets {next(iter(twice))!r} twice; give each option once")
+            options.update(pair)
     return name, options
+
+
+def parse_settings(items: list[str]) -> dict[str, str]:
+    """``--set`` arguments as one dict; a key given twice is an error, not a silent last-wins."""
+    settings: dict[str, str] = {}
+    for item in items:
+        pair = parse_assignment(item)
+        if twice := pair.keys() & settings.keys():
+            raise BenchError(f"--set {next(iter(twice))} is given twice; give each option once")
+        settings.update(pair)
+    return settings
 
 
 def parse_assignment(text: str) -> dict[str, str]:

@@ -117,6 +117,9 @@ def resolve(config: RunConfig) -> Resolved:
     m_fields = {f.name for f in dataclasses.fields(method_cls.Options)}
     t_fields = {f.name for f in dataclasses.fields(task_cls.Options)}
     m_set, t_set = _split_settings(config.settings, m_fields, t_fields, method_name, task_name)
+    for spec, raw, given in ((config.method, method_raw, m_set), (config.task, task_raw, t_set)):
+        if clash := sorted(raw.keys() & given.keys()):
+            raise BenchError(f"option {clash[0]!r} is set both in {spec!r} and by --set; give it once")
     method_options = opts.build(method_cls.Options, {**method_raw, **m_set}, f"method {method_name}")
     task_options = opts.build(task_cls.Options, {**task_raw, **t_set}, f"task {task_name}")
     return Resolved(

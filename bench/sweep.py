@@ -21,7 +21,7 @@ from bench.errors import BenchError
 from bench.method_api import METHODS
 from bench.progress import Reporter
 from bench.record import RunRecord, Status
-from bench.registry import parse_assignment
+from bench.registry import parse_settings
 from bench.results import ensure_writable, read_record, write_failure
 from bench.runner import RunConfig, resolve, result_paths, run
 from bench.schedule import DEFAULT_HISTORY, TimeLeft, estimate_seconds, fill_unknown, longest_first
@@ -247,9 +247,7 @@ def _expected_seconds(todo: list[RunConfig], out: Path) -> list[float]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     reporter = Reporter(args.quiet)
-    settings: dict[str, str] = {}
-    for item in args.settings:
-        settings.update(parse_assignment(item))
+    settings = parse_settings(args.settings)
     methods = _names(args.methods, METHODS, "method")
     tasks = _names(args.tasks, TASKS, "task")
     seeds = _seeds(args.seeds)

@@ -12,7 +12,7 @@ from bench.device import select_device
 from bench.errors import BenchError
 from bench.options import as_dict, build, option
 from bench.profiling import current_rss_bytes, measure, settled_rss_bytes
-from bench.registry import Registry, parse_spec
+from bench.registry import Registry, parse_settings, parse_spec
 from bench.seeding import derive_seed, seed_everything
 
 
@@ -38,7 +38,8 @@ def test_options_parse_every_kind() -> None:
 
 @pytest.mark.parametrize("raw,message", [
     ({"n": "0"}, "must be ≥ 1"), ({"n": "2.5"}, "expected int"), ({"link": "bridge"}, "one of probit, mc"),
-    ({"lam": "nan"}, "expected float"), ({"zzz": "1"}, "unknown option 'zzz'"),
+    ({"lam": "nan"}, "must be finite"), ({"lam": "-inf"}, "must be finite"), ({"lam": "x"}, "expected float"),
+    ({"zzz": "1"}, "unknown option 'zzz'"),
 ])
 def test_bad_options_name_the_problem(raw: dict[str, str], message: str) -> None:
     with pytest.raises(BenchError, match=message):
@@ -64,6 +65,19 @@ def test_spec_strings() -> None:
     assert parse_spec("laplace(link=mc, n_samples=100)") == ("laplace", {"link": "mc", "n_samples": "100"})
     with pytest.raises(BenchError):
         parse_spec("bad name(")
+    with pytest.raises(BenchError, match="sets 'n' twice"):
+        parse_spec("laplace(n=1, n=2)")
+    assert parse_settings(["a=1", "b=2"]) == {"a": "1", "b": "2"}
+    with pytest.raises(BenchError, match="--set a is given twice"):
+        parse_settings(["a=1", "a=2"])
+
+
+def test_a_spec_and_set_giving_one_option_is_refused() -> None:
+    from bench.runner import RunConfig, resolve
+
+    with pytest.raises(BenchError, match="'lam' is set both in 'regvar-ll\\(lam=0.1\\)' and by --set"):
+        resolve(RunConfig(method="regvar-ll(lam=0.1)", task="imdb", settings={"lam": "0.2"}))
+    assert resolve(RunConfig(method="regvar-ll(lam=0.1)", task="imdb")).method_options.lam == 0.1
 
 
 def test_device_selection_on_this_machine() -> None:
