@@ -259,7 +259,7 @@ class TextTask(Task):
         the backbone embeds a few of them (nothing is stored) and the rest is scaled by count."""
         from bench.training import cache_root  # lazy: bench.training imports bench.tasks
 
-        named, _, kept = self._named_sets()
+        named = self._named_sets()[0]
         texts = [t for _, s in named for t in s.texts]
         missing, seconds = 0, 0.0
         for spec in self.encoder_specs():
