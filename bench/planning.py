@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from bench.record import CostEstimate
+
 if TYPE_CHECKING:  # bench.tasks.base imports this module's plans
     from bench.tasks.base import TrainRecipe
 
@@ -60,25 +62,15 @@ class CostPlan:
 
 
 @dataclass
-class Estimate:
-    """Seconds per phase; ``None``: the method does not estimate its own cost. ``load_s``: the
-    rest of loading (reading the data and the feature store), which the planning itself just did
-    and timed."""
+class Estimate(CostEstimate):
+    """The record's per-phase estimate (``CostEstimate``: ``None`` where the method does not
+    estimate its own cost; ``load_s`` the rest of loading, which the planning itself did and
+    timed) with notes for the printed line."""
 
-    embed_s: float
-    train_s: float
-    fit_s: float | None = None
-    predict_s: float | None = None
     notes: list[str] = field(default_factory=list)
-    load_s: float = 0.0
-
-    @property
-    def total_s(self) -> float | None:
-        parts = (self.load_s, self.embed_s, self.train_s, self.fit_s, self.predict_s)
-        return None if any(p is None for p in parts) else float(sum(parts))
 
     def describe(self) -> str:
-        """One line, e.g. 'estimate: embed 412 texts ≈ 1 min, train ≈ 12 s, fit ≈ 3 min, ...'."""
+        """One line, e.g. 'estimate: loading ≈ 2 s, embedding ≈ 1 min, training ≈ 12 s, fit ≈ 3 min, ...'."""
         fit = "not estimated by the method" if self.fit_s is None else duration(self.fit_s)
         predict = "not estimated by the method" if self.predict_s is None else duration(self.predict_s)
         total = "" if self.total_s is None else f"; total ≈ {duration(self.total_s)}"

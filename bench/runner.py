@@ -419,7 +419,7 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
             predict_test_s=pred.test_time.seconds, predict_per_1k_s=pred.test_time.seconds / n_test * 1000.0,
             predict_other_s=pred.other_s,
             estimate=None if p.estimate is None else CostEstimate(
-                p.estimate.embed_s, p.estimate.train_s, p.estimate.fit_s, p.estimate.predict_s, p.estimate.load_s),
+                **{f.name: getattr(p.estimate, f.name) for f in dataclasses.fields(CostEstimate)}),
         ),
         memory=Memory(
             kind=memory_kind(fitted.peak, p.device), fit_peak_bytes=fitted.peak.peak_bytes,
