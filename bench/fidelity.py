@@ -56,7 +56,6 @@ from bench.seeding import derive_seed, seed_everything
 from bench.tasks.base import TaskData, TrainRecipe
 from bench_methods.regvar import (
     FitConfig,
-    Reference,
     RegVar,
     RegVarLastLayer,
     RegVarLLOptions,
@@ -293,7 +292,7 @@ def run(
         lambda: make_small(task, data.num_classes, x_tr[0]).to(DTYPE),
     )
     # The network is converged: the variance is read there (reference=map).
-    per_input = RegVar(RegVarOptions(val_queries=0, reference=Reference.MAP, max_queries=len(x_q)))
+    per_input = RegVar(RegVarOptions(val_queries=0, max_queries=len(x_q)))
     _, t_fit = _timed(log, "regvar fit", lambda: per_input.fit(ctx))
     var_rv, t_rv = _timed(log, f"regvar on {len(x_q)} queries", lambda: _variance(per_input, x_q).double())
     amort = RegVarAmortized(AmortizedOptions(steps=100) if smoke else AmortizedOptions())
@@ -350,7 +349,7 @@ def run(
         "regvar": {
             **compare(var_rv, target),
             "weights": summary["weights"],
-            **{k: summary[k] for k in ("lam", "solver", "dtype", "difference", "reference", "cg_iterations_max")},
+            **{k: summary[k] for k in ("lam", "solver", "dtype", "difference", "cg_iterations_max")},
             "solver_flags": summary["solver_flags"],
         },
         "regvar-amortized": {
@@ -511,7 +510,7 @@ def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
         entry = {
             "weights": summary["weights"],
             "n_params": summary["n_params"],
-            "theta0": {k: v for k, v in summary.items() if k.startswith(("reference", "polish", "theta0"))},
+            "theta0": {k: v for k, v in summary.items() if k.startswith("theta0")},
             **compare(var, targets["hessian"]),
             "vs_ggn": compare(var, targets["ggn"]),
             "target_true_hessian": infos["hessian"],
@@ -543,7 +542,7 @@ def _notes(out: dict[str, Any]) -> list[str]:
         notes.append(
             f"∇²P at the raw AdamW checkpoint (‖∇P‖ = {probe['grad_norm']:.3g}, not stationary) has non-positive "
             f"curvature along {probe['negative_curvature']} of {probe['probed_inputs']} probed inputs: the Laplace "
-            "variance is not defined there; regvar reads it at the MAP polished to a stationary point (theta0)"
+            "variance is not defined there"
         )
     for key in ("regvar", "regvar-ll"):
         t = out[key]["target_true_hessian"]

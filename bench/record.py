@@ -10,7 +10,8 @@ Schema versions: 1 and 2 (an untyped dict with a ``timings`` section) load throu
 training seconds of networks they loaded from the cache (charged 0 s then), and memory figures
 of kind ``cpu_rss_growth`` (growth inside a reused process, not a peak). 3 lacks
 ``memory.settled`` and loads with it False (its CPU figures are lower bounds). 4 lacks
-``costs.estimate`` (the cost predicted before the run started) and loads without one. 5 is current.
+``costs.estimate`` (the cost predicted before the run started) and loads without one. 5 lacks
+``map_certificate`` (where the MAP stands on its objective) and loads without one. 6 is current.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from bench.errors import BenchError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 CHECKSUM_KEY = "predictions_sha256"
 # Memory kinds whose figures are not a peak (see the module docstring): read as unknown.
 UNMEASURED_MEMORY = frozenset({"cpu_rss_growth"})
@@ -162,6 +163,35 @@ class Provenance:
 
 
 @dataclass
+class MapCertificate:
+    """Where the shared MAP stands on P. ``certified``: ‖∇P‖∞ ≤ ``grad_tol`` and λ_min(∇²P) > 0,
+    a strict local minimum where the Laplace variance is defined; otherwise ``note`` says why
+    not (and every row on this network is flagged)."""
+
+    objective: float
+    grad_inf: float
+    grad_tol: float
+    lambda_min: float | None  # None: not measured (see note)
+    lambda_max: float | None
+    newton_steps: int
+    products: int
+    seconds: float
+    note: str = ""
+
+    @property
+    def certified(self) -> bool:
+        """‖∇P‖∞ within tolerance and λ_min positive beyond its reading accuracy (``note`` empty)."""
+        return (self.grad_inf <= self.grad_tol and self.lambda_min is not None and self.lambda_min > 0
+                and not self.note)
+
+    def describe(self) -> str:
+        eig = (f"λ_min {self.lambda_min:.3g}, λ_max {self.lambda_max:.3g}" if self.lambda_min is not None
+               else "eigenvalues not measured")
+        head = "certified minimum of P" if self.certified else "NOT a certified minimum of P"
+        return f"{head}: ‖∇P‖∞ {self.grad_inf:.2g}, {eig}" + (f" ({self.note})" if self.note else "")
+
+
+@dataclass
 class RunRecord:
     """One run. ``status`` ok: every section is set; failed: ``error`` (and ``traceback``)."""
 
@@ -180,6 +210,7 @@ class RunRecord:
     error: str | None = None
     traceback: str | None = None
     predictions_sha256: str | None = None
+    map_certificate: MapCertificate | None = None  # where the shared MAP stands on P (None: not recorded)
     schema: int = SCHEMA_VERSION  # as read: an older record is migrated, and says so here
 
     @property
@@ -265,6 +296,7 @@ def _parse(raw: dict[str, Any]) -> RunRecord:
         flags=[str(f) for f in raw.get("flags", [])],
         provenance=Provenance(**provenance) if provenance else None,
         predictions_sha256=raw.get(CHECKSUM_KEY),
+        map_certificate=MapCertificate(**raw["map_certificate"]) if raw.get("map_certificate") else None,
     )
 
 

@@ -21,6 +21,7 @@ from bench.cache import cache_lock, cache_root
 from bench.device import select_device
 from bench.errors import BenchError
 from bench.logit_gaussian import gaussian_scores
+from bench.map_finish import certify, finish_seconds
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
 from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds
@@ -28,7 +29,7 @@ from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, measure, sett
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.record import Config as RecordConfig
-from bench.record import CostEstimate, Costs, Data, Memory, NetworkCost, Provenance, RunRecord, Status
+from bench.record import CostEstimate, Costs, Data, MapCertificate, Memory, NetworkCost, Provenance, RunRecord, Status
 from bench.registry import parse_spec
 from bench.results import ensure_writable, pack_predictions, run_paths, write_run
 from bench.seeding import check_seed, derive_seed, seed_everything
@@ -39,7 +40,9 @@ from bench.training import (
     fingerprint_parts,
     load_state,
     map_checkpoint,
+    read_certificate,
     read_cost,
+    save_certificate,
     save_cost,
     save_parts,
     save_state,
@@ -144,6 +147,7 @@ class ModelCache:
         self.baseline = baseline  # memory figures are above this RSS (None on a GPU)
         self.recipe = task.recipe()
         self.costs: dict[int, TrainingCost] = {}  # member → its training cost (0: the MAP network)
+        self.certificates: dict[int, MapCertificate] = {}  # member → where it stands on its objective
         self.trained_now_s = 0.0  # training done in this process (to separate it from post-hoc time)
         self.fingerprint: str | None = None  # of architecture and training data, hashed once
         self.loaded: list[int] = []
@@ -159,9 +163,11 @@ class ModelCache:
         with cache_lock(path):  # a parallel run training the same model: wait, then load
             if load_state(model, path):
                 self.costs[member] = read_cost(path)
+                self.certificates[member] = self._cached_certificate(model, path)
                 self.loaded.append(member)
                 self.reporter.log(f"{what}: loaded cached checkpoint {path} (trained in "
-                                  f"{self.costs[member].seconds:.1f} s; charged as if trained now)")
+                                  f"{self.costs[member].seconds:.1f} s; charged as if trained now); "
+                                  f"{self.certificates[member].describe()}")
                 return model.to(self.device).eval()
             parts = fingerprint_parts(model, self.data.train)
             self.reporter.log(f"{what}: {why_not_cached(path, parts)}; training {self.recipe.epochs} epoch(s) "
@@ -170,14 +176,29 @@ class ModelCache:
             generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
             with measure(self.device, self.baseline, separate=True) as m:  # its peak: its own record
                 train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
+                self.certificates[member] = certify(model, self.data.train, self.recipe, self.reporter.log)
+            self.reporter.log(f"{what}: {self.certificates[member].describe()}")
             self.costs[member] = TrainingCost(m.seconds, str(self.device), torch.get_num_threads(),
                                               m.peak_bytes, memory_kind(m, self.device))
             self.trained_now_s += m.seconds
             self.trained.append(member)
             save_cost(path, self.costs[member])  # first: a checkpoint without its cost is never left behind
+            save_certificate(path, self.certificates[member])
             save_state(model, path)
             save_parts(path, parts)
         return model.eval()
+
+    def _cached_certificate(self, model: torch.nn.Module, path: Path) -> MapCertificate:
+        """The certificate kept with a cached network; one trained before certificates were kept
+        (never a finished one: finishing changed the recipe's key) is measured now, as trained."""
+        kept = read_certificate(path)
+        if kept is not None:
+            return kept
+        if self.recipe.newton_finish:
+            raise BenchError(f"cached checkpoint {path} has no MAP certificate; delete it and rerun")
+        certificate = certify(model.to(self.device), self.data.train, self.recipe)
+        save_certificate(path, certificate)
+        return certificate
 
     def member_seconds(self) -> float:
         """Training seconds of the ensemble members (k > 0) this run used, cached or trained now."""
@@ -315,7 +336,8 @@ def is_map_cached(task: Task, data: TaskData, seed: int) -> bool:
 
 
 def estimate_run(task: Task, plan: LoadPlan, method: Method, device: torch.device, map_cached: bool) -> Estimate:
-    """Embedding (the task's probe), MAP training (a probe of the recipe's steps, 0 when cached)
+    """Embedding (the task's probe), MAP training (a probe of the recipe's steps and of its Newton
+    finish, 0 when cached)
     and the method's own fit and prediction estimate."""
     recipe = task.recipe()
 
@@ -325,6 +347,9 @@ def estimate_run(task: Task, plan: LoadPlan, method: Method, device: torch.devic
     train_s = 0.0
     if method.uses_map and not map_cached:
         train_s = training_seconds(make_model, recipe, plan.example, plan.num_classes, plan.sizes["train"], device)
+        if recipe.newton_finish:
+            train_s += finish_seconds(make_model, plan.example, plan.num_classes, plan.sizes["train"],
+                                      recipe.weight_decay, device)
     own = method.estimate(CostPlan(plan, make_model, recipe, device))
     notes = [f"{plan.embed_texts:,} texts to embed"] if plan.embed_texts else []
     return Estimate(plan.embed_s, train_s, *(own or (None, None)), notes=notes)
@@ -399,6 +424,12 @@ def score(pred: Predicted) -> dict[str, float]:
     )
 
 
+def certificate_flags(certificates: dict[int, MapCertificate]) -> list[str]:
+    """One flag per network the run used that is not a certified minimum of its objective."""
+    return [f"{'MAP' if member == 0 else f'ensemble member {member}'} is {c.describe()}"
+            for member, c in sorted(certificates.items()) if not c.certified]
+
+
 def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
                 metrics: dict[str, float]) -> RunRecord:
     r, cache = p.resolved, p.cache
@@ -426,7 +457,9 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
             predict_peak_bytes=pred.test_time.peak_bytes, baseline_bytes=p.baseline,
             runs_in_process=_runs_in_this_process, settled=True,
         ),
-        metrics=metrics, method_summary=summary, flags=[str(f) for f in summary.get(FLAGS_KEY, [])] + pred.flags,
+        metrics=metrics, method_summary=summary,
+        flags=[str(f) for f in summary.get(FLAGS_KEY, [])] + pred.flags + certificate_flags(cache.certificates),
+        map_certificate=cache.certificates.get(0),
         provenance=Provenance(git_commit(), versions(), machine(p.device)),
     )
 

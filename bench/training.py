@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench.cache import cache_root
 from bench.errors import BenchError
+from bench.record import MapCertificate
 from bench.results import atomic_write_bytes
 from bench.seeding import derive_seed
 from bench.tasks.base import Task, TaskData, TrainRecipe
@@ -177,6 +178,26 @@ def read_cost(path: Path) -> TrainingCost:
         return TrainingCost(**json.loads(_cost_path(path).read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise BenchError(f"cached checkpoint {path} has no readable training cost ({type(exc).__name__}); "
+                         "delete the checkpoint and rerun") from None
+
+
+def _certificate_path(path: Path) -> Path:
+    return path.with_suffix(".map.json")
+
+
+def save_certificate(path: Path, certificate: MapCertificate) -> None:
+    atomic_write_bytes(_certificate_path(path), json.dumps(dataclasses.asdict(certificate)).encode())
+
+
+def read_certificate(path: Path) -> MapCertificate | None:
+    """The certificate kept beside checkpoint ``path`` (None: trained before they were kept)."""
+    where = _certificate_path(path)
+    if not where.exists():
+        return None
+    try:
+        return MapCertificate(**json.loads(where.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise BenchError(f"cached checkpoint {path} has an unreadable MAP certificate ({type(exc).__name__}); "
                          "delete the checkpoint and rerun") from None
 
 

@@ -12,25 +12,20 @@ log-joint λ is lam·n.
 Two registered methods, named by what they refit (never switched silently):
 
 - ``regvar``: every trainable weight, as in the paper. Before the run embeds or trains anything
-  it prices its polish and solves from a Hessian-vector product timed on random inputs of the
+  it prices its solves from a Hessian-vector product timed on random inputs of the
   network's shape (``estimate``), and the harness refuses, with one line, a run whose whole
   estimate exceeds ``budget_s``; the fit checks again on the real rows.
 - ``regvar-ll``: only the final ``nn.Linear`` on the MAP's fixed features (the counterpart of
   ``laplace-ll``); cheap, so it evaluates more inputs by default.
 
-One network (option ``reference``): the fits start from θ₀ and the predictive mean is θ₀'s
-logits, so mean and variance come from the same weights. The fits minimise the *tilted*
-objective ``P(θ) − ∇P(θ₀)ᵀθ − lam·g(x*; θ)``: the linear term makes θ₀ an exact stationary
-point (its λ = 0 fit is θ₀ itself, what a λ = 0 fit sharing the solver differences away to first
-order) and leaves every second derivative, hence the variance, unchanged.
-
-- ``polished`` (``regvar``'s default): θ₀ is the MAP continued by full-batch L-BFGS to a
-  stationary point of P, the paper's θ̂. An AdamW MAP is not one, and there ∇²P is indefinite
-  (IMDB head: smallest eigenvalue ≈ −0.007 with wd = 0.01; CG meets negative curvature along
-  every probed query), so the Laplace variance, RegVar's limit, is not defined at it. The
-  summary records how far polishing moved the network (validation logits, changed argmaxes).
-- ``map`` (``regvar-ll``'s default): θ₀ is the MAP. Exact for a last layer, whose objective is
-  convex; for all weights only where ∇²P(MAP) is positive definite, which the flags below check.
+One network: the fits start from θ₀, the shared MAP every other method reads (finished by the
+harness to a certified minimum of P where the task's recipe affords it, ``bench.map_finish``),
+and the predictive mean is θ₀'s logits, so mean and variance come from the same weights as the
+``map`` row's. The fits minimise the *tilted* objective ``P(θ) − ∇P(θ₀)ᵀθ − lam·g(x*; θ)``: the
+linear term makes θ₀ an exact stationary point (its λ = 0 fit is θ₀ itself) and leaves every
+second derivative, hence the variance, unchanged; at a certified MAP it is below 1e-6. Where the
+MAP is not certified (the run record's ``map_certificate`` says so and flags the row), ∇²P may
+be indefinite there and the solver's negative-curvature count below says whether it was met.
 
 Solvers (option ``solver``), both Hessian-free:
 
@@ -115,7 +110,6 @@ from .regvar_common import (
     Regularizer,
     SolverSettings,
     StackedObjective,
-    polish,
     solve,
     train_tensors,
 )
@@ -123,14 +117,11 @@ from .regvar_kfac import KroneckerPreconditioner
 from .regvar_mlp import MLPProducts
 from .regvar_newton import ENERGY_DELAY, CurvatureProducts, ProductEngine, batched_cg, curvature_products
 
-# Planning figures for the budget estimate (`python -m bench perf regvar`; IMDB's polished
-# head: 18 CG iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
+# Planning figures for the budget estimate (`python -m bench perf regvar`; IMDB's head: 18 CG
+# iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.
 PLANNING_CG_ITERATIONS = 40
 PLANNING_CG_ITERATIONS_PRECONDITIONED = 8
 PLANNING_CG_ITERATIONS_BLOCK = 5
-# An L-BFGS polish step (a full-batch gradient through autograd and its line search) costs about
-# this many exact curvature products (Rotten Tomatoes head: 204 s for 1,000 steps at 0.061 s each).
-POLISH_PRODUCTS_PER_STEP = 3.3
 PLANNING_LBFGS_ITERATIONS = 150
 # The budget probe times products on a slice of the training rows that doubles from
 # PROBE_MIN_ROWS until one product takes PROBE_SECONDS (then its time is the per-row cost, not
@@ -183,24 +174,11 @@ class Preconditioner(str, enum.Enum):
     """Plain conjugate gradients."""
 
 
-class Reference(str, enum.Enum):
-    """The network θ₀ the fits start from and the predictive mean comes from (the same one)."""
-
-    POLISHED = "polished"
-    """The MAP continued by full-batch L-BFGS to a stationary point of P (the paper's
-    θ̂ = argmax of the log-joint). Needed for all weights: at an AdamW MAP the Hessian of P
-    is indefinite (IMDB: λ_min ≈ −0.007 with wd = 0.01), so the variance is not defined there."""
-    MAP = "map"
-    """The MAP itself (the tilt makes it stationary). Exact for a last layer, whose objective is
-    convex; for all weights only where ∇²P(MAP) is positive definite (else flagged)."""
-
-
 @dataclass
 class RegVarOptions:
     lam: float = option(1e-5, "λ/n: the loss term is −lam·g(x*) (the paper's λ is lam·n_train)", min=0.0)
     output: Output = option(Output.TOP, "regularised read-out of the logits")
     difference: Difference = option(Difference.CENTRAL, "finite-difference scheme")
-    reference: Reference = option(Reference.POLISHED, "network the fits start from and the mean comes from")
     solver: Solver = option(Solver.NEWTON_CG, "solver of the regularised fits (both Hessian-free)")
     precision: Precision = option(Precision.FLOAT32, "arithmetic of the solver (read-outs: float64)")
     cg_tol: float = option(1e-3, "CG stops when the variance grew ≤ cg_tol (relative) over cg_window iterations",
@@ -213,7 +191,6 @@ class RegVarOptions:
     cg_block: bool = option(True, "block CG: the stacked queries share one Krylov space (fewer iterations each)")
     products: ProductEngine = option(ProductEngine.AUTO, "how exact Hessian-vector products are computed")
     preconditioner: Preconditioner = option(Preconditioner.AUTO, "CG preconditioner (the solve stays exact)")
-    polish_steps: int = option(1000, "L-BFGS iterations of reference=polished", min=1)
     lbfgs_steps: int = option(500, "solver=lbfgs: most iterations per fit", min=1)
     lbfgs_history: int = option(100, "solver=lbfgs: history length", min=1)
     fit_rtol: float = option(1e-2, "solver=lbfgs: converged when the fit's gradient ≤ fit_rtol × its λ term's", min=0.0)
@@ -227,7 +204,6 @@ class RegVarOptions:
 
 @dataclass
 class RegVarLLOptions(RegVarOptions):
-    reference: Reference = option(Reference.MAP, "network the fits start from and the mean comes from")
     max_queries: int = option(500, "most inputs per predict call (see eval_limit)", min=1)
     val_queries: int = option(500, "validation inputs for tuning the variance scale (0: s=1)", min=0)
 
@@ -578,8 +554,7 @@ class RegVar(Method):
             "lam_joint": o.lam * n_train,
             "output": o.output.value,
             "difference": o.difference.value,
-            "reference": o.reference.value,
-            "mean_and_variance_from": o.reference.value,  # one network: θ₀
+            "mean_and_variance_from": "map",  # one network: θ₀, the shared MAP
             "max_queries": o.max_queries,
             "planned_inputs": planned,
         }
@@ -587,10 +562,7 @@ class RegVar(Method):
         inputs = self.network_inputs(x_tr)
         fm = FlatModel(net, dtype, ctx.device)
         self._check_budget(fm, inputs, y_tr, wd, planned * k_out, ctx)
-        theta0 = None
-        if o.reference is Reference.POLISHED:
-            theta0 = self._polish(fm, inputs, y_tr, wd, ctx)
-        self.problem = Problem(net, inputs, y_tr, wd, dtype, ctx.device, theta0, o.products, self._preconditioner())
+        self.problem = Problem(net, inputs, y_tr, wd, dtype, ctx.device, None, o.products, self._preconditioner())
         self.info["products"] = type(self.problem.products).__name__
         self.info["preconditioner"] = self.problem.preconditioner_name
         self.info["theta0_grad_norm"] = float(self.problem.grad_map.norm())
@@ -598,7 +570,7 @@ class RegVar(Method):
         self.info["setup_s"] = time.perf_counter() - t0
         ctx.log(
             f"{self.name}: {dim} params ({self.info['weights']}), {o.solver.value}/{self.info['dtype']}, "
-            f"θ₀ = {o.reference.value}, λ/n={o.lam}, output={o.output.value}, "
+            f"θ₀ = the MAP, λ/n={o.lam}, output={o.output.value}, "
             f"≈{duration(self.info['estimated_s'])} estimated"
         )
         self.scale = 1.0
@@ -617,27 +589,6 @@ class RegVar(Method):
                 self.info.setdefault(FLAGS_KEY, []).append(flag)
         self.info["scale"] = self.scale
 
-    def _polish(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, wd: float, ctx: FitContext) -> torch.Tensor:
-        """θ₀ for reference=polished, and how far it moved the network (validation logits)."""
-        o = self.options
-        xt, yt = train_tensors(TensorDataset(x, y), fm)
-        settings = SolverSettings(Optimizer.LBFGS, o.polish_steps, 0.0, 128, o.lbfgs_history)
-        t0 = time.perf_counter()
-        theta, info = polish(fm, xt, yt, wd, settings, o.polish_steps, ctx.progress)
-        xv = self.network_inputs(ctx.data.val.tensors[0])
-        moved = (fm.logits(theta, xv) - fm.logits(fm.theta0, xv)).abs()
-        self.info.update(info)
-        self.info.update({
-            "polish_s": time.perf_counter() - t0,
-            "polish_val_logit_change_max": float(moved.max()),
-            "polish_val_logit_change_mean": float(moved.mean()),
-            "polish_val_argmax_changed": float((fm.logits(theta, xv).argmax(1) != fm.logits(fm.theta0, xv).argmax(1))
-                                               .double().mean()),
-        })
-        ctx.log(f"{self.name}: polished the MAP (‖∇P‖∞ {info['polish_grad_inf_before']:.2g} → "
-                f"{info['polish_grad_inf_after']:.2g}); validation logits moved ≤ {float(moved.max()):.3g}")
-        return theta
-
     def _planned_inputs(self, ctx: FitContext) -> int:
         """Inputs the run will fit: the validation subset and each capped evaluation set."""
         o, d = self.options, ctx.data
@@ -651,7 +602,7 @@ class RegVar(Method):
         o = self.options
         per_product, rows = product_seconds(fm, x, y, wd, max(1, min(o.query_batch, solves, PROBE_STACK)), o.products)
         per_solve, what = self._per_solve(per_product)
-        estimate = solves * per_solve + self._polish_seconds(per_product)
+        estimate = solves * per_solve
         self.info.update({"probe_s_per_product": per_product, "probe_rows": rows,
                           "estimated_s": estimate, "budget_s": o.budget_s})
         if estimate > o.budget_s:
@@ -684,14 +635,9 @@ class RegVar(Method):
         return (not self.last_layer and self.options.products is ProductEngine.AUTO
                 and self._preconditioner() is not Preconditioner.NONE)
 
-    def _polish_seconds(self, per_product: float) -> float:
-        if self.options.reference is not Reference.POLISHED:
-            return 0.0
-        return per_product * POLISH_PRODUCTS_PER_STEP * self.options.polish_steps
-
     def estimate(self, plan: CostPlan) -> tuple[float, float]:
         """(fit, prediction) seconds from the sizes and a product timed on random inputs of the
-        network's shape: polishing, the scale-tuning solves, then one solve per evaluated input
+        network's shape: the scale-tuning solves, then one solve per evaluated input
         (the capped evaluation sets and the harness's validation subset)."""
         o, sizes = self.options, plan.load.sizes
         net, example = plan.make_model(), plan.load.example
@@ -710,7 +656,7 @@ class RegVar(Method):
         per_solve, _ = self._per_solve(per_product)
         evaluated = [min(v, o.max_queries) for k, v in sizes.items() if k not in ("train", "val")]
         val = sizes.get("val", 0)
-        fit_s = self._polish_seconds(per_product) + min(o.val_queries, val) * k_out * per_solve
+        fit_s = min(o.val_queries, val) * k_out * per_solve
         predict_s = (sum(evaluated) + min(val, o.max_queries)) * k_out * per_solve
         return fit_s, predict_s
 
@@ -724,8 +670,8 @@ class RegVar(Method):
             )
 
     def reference_network(self) -> nn.Module:
-        """A copy of the network at θ₀ (the polished MAP or the MAP): what a study comparing
-        solver settings at the same point starts another fit from (``reference=map``)."""
+        """A copy of the network at θ₀ (the MAP, in the fits' precision): what a study comparing
+        solver settings at the same point starts another fit from."""
         if self.problem is None:
             raise BenchError(f"{self.name}: reference_network called before fit")
         net = copy.deepcopy(self.problem.fm.module).float()

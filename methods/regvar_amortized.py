@@ -18,13 +18,13 @@ Defaults follow the paper's listing: the variance is |f_λ − f_MAP|/λ (``diff
 the predictive mean is the MAP's logits (``map_mean=true``), so that the row differs from the
 ``map`` row only by its variance: the ``map`` row *is* this method with the variance removed
 (same logits, scale 0), which the leaderboard shows beside it. Because a MAP from AdamW is not a
-stationary point of the objective, any fine-tune drifts and that drift divided by λ enters the
-variance (see regvar.md); the options ``central`` (fine-tunes +λ and −λ with the same
-optimizer, steps and data order, |f₊ − f₋|/2λ) and ``forward`` (a λ = 0 fine-tune as the
-reference) cancel the drift. With ``map_mean=false`` their mean is the fits' ((f₊ + f₋)/2 or
-f₀): the MAP refined by 500 more steps, which is then a different network from the MAP. With the
-full-batch L-BFGS solver (small problems) the ``central``/``forward`` fine-tunes start from the
-MAP continued to a stationary point of the objective (option ``polish``, as in per-input RegVar).
+stationary point of the objective (the harness finishes it to one only where the task's recipe
+affords it), any fine-tune drifts and that drift divided by λ enters the variance (see
+regvar.md); the options ``central`` (fine-tunes +λ and −λ with the same optimizer, steps and
+data order, |f₊ − f₋|/2λ) and ``forward`` (a λ = 0 fine-tune as the reference) cancel the drift.
+With ``map_mean=false`` their mean is the fits' ((f₊ + f₋)/2 or f₀): the MAP refined by 500
+more steps, which is then a different network from the MAP. Every fine-tune starts from the
+shared MAP itself.
 λ is per example (``lam_grid`` holds λ/n, the listing's coefficient of mean|f|; the paper's λ is
 λ/n·n, recorded as ``lam_joint``).
 The ``variance`` score is σ² of the predicted class's logit (as per-input RegVar's default);
@@ -49,11 +49,9 @@ from bench.types import Prediction
 
 from .regvar_common import (
     FlatModel,
-    Optimizer,
     Regularizer,
     SolverOptions,
     StackedObjective,
-    polish,
     resolve,
     solve,
     train_tensors,
@@ -113,9 +111,6 @@ class RegVarAmortized(Method):
         settings = o.settings(opt, derive_seed(ctx.seed, "regvar-amortized", "data-order"), ctx.recipe.batch_size)
         lams = torch.tensor(o.lam_grid, dtype=dtype, device=ctx.device) * n_train  # log-joint λ
         self.info = {}
-        if opt is Optimizer.LBFGS and o.polish > 0 and o.difference is not Reference.PAPER:
-            fm.theta0, polished = polish(fm, x_train, y_train, ctx.recipe.weight_decay, settings, o.polish)
-            self.info.update(polished)
         second = {Reference.CENTRAL: -1.0, Reference.FORWARD: 0.0, Reference.PAPER: None}[o.difference]
         # Copies: λ_j for every j, then the reference fits (−λ_j or 0) unless the MAP is it.
         coefs = [lams] + ([lams * second] if second is not None else [])

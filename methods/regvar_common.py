@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -240,7 +240,6 @@ class SolverOptions:
     xtol: float = option(
         1e-4, "L-BFGS stops a fit when its step is below xtol × its distance travelled (0: off)", min=0.0
     )
-    polish: int = option(1000, "lbfgs: iterations taking the MAP to a stationary point first (0: off)", min=0)
     full_batch_budget: float = option(
         5e7, "auto picks lbfgs when n_train·n_params ≤ this (frozen weights count: they cost a pass)", min=0.0)
 
@@ -444,24 +443,6 @@ def data_chunk(batch_size: int, copies: int, x: torch.Tensor) -> int:
     each: a last-layer fit on 55k rows in chunks of 128 spent its time in Python overhead."""
     per_row = max(1, x[0].numel() if len(x) else 1)
     return max(1, batch_size, CHUNK_ELEMENTS // (max(1, copies) * per_row))
-
-
-def polish(
-    fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_decay: float, settings: SolverSettings, steps: int,
-    progress: ProgressBar | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Continue from the MAP to a stationary point θ₀ of the objective (full-batch L-BFGS,
-    λ = 0). A MAP from a few epochs of AdamW is not one, and fits from a non-stationary start
-    travel far; their difference then measures the trajectories, not λ (see regvar.md)."""
-    obj = StackedObjective(fm, x, y, weight_decay, Regularizer(coef=fm.theta0.new_zeros(1)))
-    chunk = data_chunk(settings.batch_size, 1, x)
-    before = float(obj.full_grad(fm.theta0[None], chunk).abs().max())
-    atol = 16 * torch.finfo(fm.dtype).eps  # the round-off floor of a full-batch mean gradient
-    to_floor = replace(settings, steps=steps, rtol=1e-9, atol=atol, xtol=0.0)  # no early stop
-    theta = batched_lbfgs(obj, fm.theta0[None].clone(), to_floor, progress=progress)[0]
-    after = float(obj.full_grad(theta[None], chunk).abs().max())
-    moved = float((fm(theta, x[:512]) - fm(fm.theta0, x[:512])).abs().max())
-    return theta, {"polish_grad_inf_before": before, "polish_grad_inf_after": after, "polish_max_logit_change": moved}
 
 
 def resolve(

@@ -24,7 +24,6 @@ def test_perf_regvar_reports_per_query_seconds_for_both_methods(tiny_task: str, 
         assert r["per_query_s"] > 0 and r["cg_iterations_mean"] >= 1
         assert r["per_query_s_full_rows"] == pytest.approx(r["per_query_s"] * 1000 / 400)
         assert r["stacking_speedup"] == pytest.approx(r["loop_per_query_s"] / r["per_query_s"])
-    assert entry["regvar"]["polish_s"] > 0 and entry["regvar-ll"]["polish_s"] == 0  # regvar-ll: at the MAP
     assert math.isfinite(entry["amortized_vs_map"]["ratio"])
 
 

@@ -188,8 +188,6 @@ def context(model: nn.Module, logs: list[str] | None = None) -> FitContext:
 
 
 def fit_predict(method: str = "regvar", **settings: str):
-    if method == "regvar" and settings.get("reference", "polished") == "polished":
-        settings.setdefault("polish_steps", "100")  # the default 1000 only costs test time
     data, model = tiny_data(), tiny_model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cls = METHODS.get(method)
@@ -204,9 +202,9 @@ def fit_predict(method: str = "regvar", **settings: str):
 @pytest.mark.parametrize(
     ("method", "settings"),
     [
-        ("regvar", {"val_queries": "8", "polish_steps": "100"}),
-        ("regvar", {"solver": "lbfgs", "lbfgs_steps": "30", "val_queries": "4", "reference": "map"}),
-        ("regvar", {"output": "logits", "val_queries": "4", "reference": "map"}),
+        ("regvar", {"val_queries": "8"}),
+        ("regvar", {"solver": "lbfgs", "lbfgs_steps": "30", "val_queries": "4"}),
+        ("regvar", {"output": "logits", "val_queries": "4"}),
         ("regvar-ll", {"output": "mean-abs", "difference": "forward", "val_queries": "0"}),
         ("regvar-ll", {"val_queries": "8"}),
     ],
@@ -218,7 +216,7 @@ def test_methods_predict_and_record_their_settings(method, settings):
     assert pred.scores["variance"].shape == (10,)
     assert torch.isfinite(pred.scores["variance"]).all()
     summary = m.summary()
-    assert {"scale", "lam", "solver", "prior_precision", "max_queries", "weights", "reference",
+    assert {"scale", "lam", "solver", "prior_precision", "max_queries", "weights", "mean_and_variance_from",
             "solver_flags", "cg_iterations_max", "curvature_formed", "products", "preconditioner"} <= set(summary)
     assert summary["preconditioner"] in {"kfac", "none"}
     assert summary["curvature_formed"] is False
@@ -248,7 +246,7 @@ def test_budget_refusal_is_one_line_before_any_fit():
     assert "\n" not in msg
     for hint in ("budget_s", "max_queries", "GPU", "regvar-ll"):
         assert hint in msg
-    assert m.problem is None and "polish_s" not in m.info and not logs  # nothing was fitted
+    assert m.problem is None and "setup_s" not in m.info and not logs  # nothing was fitted
 
 
 @pytest.mark.parametrize("probe_seconds, rows", [(0.0, 16), (1e9, 64)])
@@ -266,33 +264,24 @@ def test_budget_probe_stops_growing_its_slice_once_a_product_is_slow_enough_to_t
     assert m.info["probe_rows"] == rows and m.info["probe_s_per_product"] > 0
 
 
-def test_mean_and_variance_come_from_the_same_network():
-    """The predictive mean is the network θ₀ the fits start from: the MAP itself for
-    reference=map, the polished MAP (recorded, with how far it moved) for reference=polished."""
+def test_mean_and_variance_come_from_the_shared_map():
+    """The predictive mean is the network θ₀ the fits start from, and θ₀ is the MAP the harness
+    hands every method: no private copy is polished or moved."""
     data, model = tiny_data(), tiny_model()
     x = data.test.tensors[0]
     with torch.no_grad():
         map_logits = model.eval()(x).double()
-    for reference in ("map", "polished"):
-        m, _ = fit_predict("regvar", reference=reference, val_queries="0")
-        problem = m.problem
+    for name in ("regvar", "regvar-ll"):
+        m, _ = fit_predict(name, val_queries="0")
         logits, _var = m.moments(x)
-        theta0_logits = problem.fm64.logits(problem.fm64.theta0, x)
-        torch.testing.assert_close(logits, theta0_logits, rtol=0, atol=0)
-        m.scale = 0.0  # variance off: the predictive is the softmax of θ₀'s logits
-        torch.testing.assert_close(m.predict(x).probs.double(), theta0_logits.softmax(1), rtol=1e-6, atol=1e-7)
-        summary = m.summary()
-        assert summary["mean_and_variance_from"] == reference
-        if reference == "map":
-            torch.testing.assert_close(logits, map_logits, rtol=1e-6, atol=1e-6)
-        else:
-            moved = float((logits - map_logits).abs().max())
-            assert summary["polish_val_logit_change_max"] > 0 and moved > 0
-            assert summary["theta0_grad_inf"] < summary["polish_grad_inf_before"]
+        torch.testing.assert_close(logits, map_logits, rtol=1e-6, atol=1e-6)
+        m.scale = 0.0  # variance off: the predictive is the softmax of the MAP's logits
+        torch.testing.assert_close(m.predict(x).probs.double(), map_logits.softmax(1), rtol=1e-6, atol=1e-6)
+        assert m.summary()["mean_and_variance_from"] == "map"
 
 
 def test_regvar_ll_equals_exact_last_layer_laplace_at_the_map():
-    """regvar-ll reads the variance at the MAP's own last layer (reference=map): J P⁻¹ Jᵀ with
+    """regvar-ll reads the variance at the MAP's own last layer: J P⁻¹ Jᵀ with
     P the exact Hessian of the last layer's objective there (convex: positive definite)."""
     data, model = tiny_data(), tiny_model()
     m, pred = fit_predict("regvar-ll", val_queries="0", precision="float64")
@@ -341,7 +330,7 @@ def test_predict_refuses_too_many_inputs_and_is_deterministic():
 
 def test_flags_are_logged_as_warnings():
     cls = METHODS.get("regvar")
-    m = cls(build(cls.Options, {"val_queries": "0", "cg_max_iter": "1", "reference": "map", "cg_block": "false"},
+    m = cls(build(cls.Options, {"val_queries": "0", "cg_max_iter": "1", "cg_block": "false"},
                   "regvar"))
     logs: list[str] = []
     m.fit(context(tiny_model(), logs))

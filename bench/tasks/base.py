@@ -30,9 +30,15 @@ class TrainRecipe:
     weight_decay: float
     optimizer: str = "adamw"
     schedule: str = "cosine"
+    # After training, a trust-region Newton finish to a certified minimum of mean CE + (wd/2)‖θ‖²
+    # (``bench.map_finish``). False where it is unaffordable: the MAP is then measured, not finished.
+    newton_finish: bool = False
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = dataclasses.asdict(self)
+        if not self.newton_finish:  # recipes without a finish keep the keys they had before it existed
+            del fields["newton_finish"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
