@@ -384,9 +384,11 @@ def run(
     }
 
 
-TARGET_RTOL = 1e-10  # float64 CG of the exact targets: residual ‖Au − b‖ ≤ this·‖b‖, or ...
-TARGET_ENERGY_TOL = 1e-7  # ... the variance grew by ≤ this (relative) over its last 10 iterations
-TARGET_MAX_ITER = 2000
+# A target is converged only when float64 CG ends with the true residual ‖Au − b‖ ≤ this·‖b‖
+# (recomputed after the solve) and met no direction of non-positive curvature; anything else is
+# counted as not converged, whatever else the solve reports.
+TARGET_RTOL = 1e-8
+TARGET_MAX_ITER = 5000
 MAP_PROBE = 8  # test inputs along which ∇²P at the raw checkpoint is probed
 
 
@@ -396,7 +398,7 @@ def exact_variance(
     """g'ᵀ(n·A)⁻¹g' for each row of ``jg`` (N, D) with A the products' curvature at ``theta``
     (mean scale), by float64 CG; and what the solve reached: iterations, the true relative
     residual ‖Au − g'‖/‖g'‖ recomputed at the end, solves stopped at non-positive curvature."""
-    res = batched_cg(lambda p, _r: products.at(theta, p), jg, TARGET_RTOL, TARGET_MAX_ITER, TARGET_ENERGY_TOL)
+    res = batched_cg(lambda p, _r: products.at(theta, p), jg, TARGET_RTOL, TARGET_MAX_ITER)
     true_res = torch.cat([
         (products.at(theta, res.x[i : i + 16]) - jg[i : i + 16]).norm(dim=1) / jg[i : i + 16].norm(dim=1)
         for i in range(0, len(jg), 16)
@@ -404,13 +406,13 @@ def exact_variance(
     info = {
         "curvature": products.kind.value,
         "dtype": str(jg.dtype).removeprefix("torch."),
-        "stop_rule": f"‖r‖ ≤ {TARGET_RTOL:g}‖b‖ or variance gain over 10 iterations ≤ {TARGET_ENERGY_TOL:g}",
+        "stop_rule": f"converged: true residual ‖r‖ ≤ {TARGET_RTOL:g}‖b‖ and no non-positive curvature",
         "cg_iterations_max": int(res.iterations.max()),
         "cg_iterations_median": float(res.iterations.double().median()),
         "rel_residual_max": float(true_res.max()),
         "rel_residual_median": float(true_res.median()),
         "variance_gain_last10_max": float(res.energy_gain.max()),
-        "not_converged": int((~res.converged & ~res.negative_curvature).sum()),
+        "not_converged": int(((true_res > TARGET_RTOL) | res.negative_curvature).sum()),
         "negative_curvature": int(res.negative_curvature.sum()),
     }
     return (jg * res.x).sum(1) / n, info
@@ -437,7 +439,7 @@ def _probe_map_curvature(model: nn.Module, data: TaskData, wd: float, x_q: torch
     products = CurvatureProducts(fm, x, y, wd)
     xq = x_q[:MAP_PROBE].to(DTYPE)
     jg = output_jacobians(fm, fm.theta0, xq, output_weights(fm.logits(fm.theta0, xq), RegVarOptions().output))[:, 0]
-    res = batched_cg(lambda p, _r: products.at(fm.theta0, p), jg, TARGET_RTOL, 200, TARGET_ENERGY_TOL)
+    res = batched_cg(lambda p, _r: products.at(fm.theta0, p), jg, TARGET_RTOL, 200)
     grad_map = products.gradient(fm.theta0[None])[0]
     return {
         "grad_norm": float(grad_map.norm()),
@@ -545,15 +547,15 @@ def _notes(out: dict[str, Any]) -> list[str]:
             "variance is not defined there"
         )
     for key in ("regvar", "regvar-ll"):
-        t = out[key]["target_true_hessian"]
-        if t["negative_curvature"]:
-            notes.append(
-                f"{key}: CG on the true Hessian at θ₀ met non-positive curvature in {t['negative_curvature']} of "
-                f"{out['n']} solves (near-null directions); each such target is the CG value there (median residual "
-                f"{t['rel_residual_median']:.2g}, variance gain over its last 10 iterations ≤ "
-                f"{t['variance_gain_last10_max']:.2g}); the GGN target converged (residual ≤ "
-                f"{out[key]['target_ggn']['rel_residual_max']:.2g})"
-            )
+        for kind in ("true_hessian", "ggn"):
+            t = out[key][f"target_{kind}"]
+            if t["not_converged"]:
+                notes.append(
+                    f"{key}: {t['not_converged']} of {out['n']} {kind} targets NOT converged "
+                    f"({t['negative_curvature']} met non-positive curvature; true residual median "
+                    f"{t['rel_residual_median']:.2g}, max {t['rel_residual_max']:.2g}, tolerance {TARGET_RTOL:g}): "
+                    "comparisons against this target are not against the Laplace variance"
+                )
     return notes
 
 

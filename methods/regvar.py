@@ -441,7 +441,7 @@ def _newton_stack(problem: Problem, xq: torch.Tensor, wq: torch.Tensor, lams: tu
     stats.cg_rel_residual_max = max(stats.cg_rel_residual_max, float(cg.rel_residual.max()))
     stats.cg_variance_gain_max = max(stats.cg_variance_gain_max, float(cg.energy_gain.max()))
     stats.negative_curvature += int(cg.negative_curvature.sum())
-    stats.cg_not_converged += int((~cg.converged & ~cg.negative_curvature).sum())
+    stats.cg_not_converged += int((~cg.converged).sum())  # negative curvature included: never converged
     thetas = theta64 + coef[:, None] * cg.x.double()[owner]
     out = _read(problem, thetas, xq, lams, config)
     if config.difference is Difference.CENTRAL:  # how far from linear the response is
