@@ -219,7 +219,9 @@ class _LaplaceBase(Method):
         self._after_fit()
         structure = self._prior_structure()
         flag = tune_prior(
-            self.la, o.prior_method, structure, o.prior_precision,
+            self.la, o.prior_method, structure,
+            len(ctx.data.train) * ctx.recipe.weight_decay if o.prior_method is PriorMethod.OBJECTIVE
+            else o.prior_precision,
             marglik_steps=o.marglik_steps, marglik_lr=o.marglik_lr,
             grid=log_grid(o.grid_min, o.grid_max, o.grid_size), val=ctx.data.val,
             batch_size=self._pred_batch(), link=o.link, n_samples=o.n_samples,

@@ -46,6 +46,9 @@ class PriorMethod(str, Enum):
     """the value on a log grid with the lowest validation NLL of the chosen predictive"""
     FIXED = "fixed"
     """use the ``prior_precision`` option as is"""
+    OBJECTIVE = "objective"
+    """the MAP objective's own prior, n·wd (mean CE + (wd/2)‖θ‖² times n): the precision RegVar
+    reads, so ``laplace`` vs ``regvar`` and ``laplace-ll`` vs ``regvar-ll`` differ by method only"""
 
 
 class PriorStructure(str, Enum):
@@ -138,7 +141,7 @@ def tune_prior(
     (the all-weights method passes its fast predictive, since laplace-torch's grid search would
     call laplace-torch's own slow predictive on the whole validation set at every grid point).
     """
-    if method is PriorMethod.FIXED:
+    if method in (PriorMethod.FIXED, PriorMethod.OBJECTIVE):  # OBJECTIVE: the caller passes n·wd as init
         la.prior_precision = float(init)
         return None
     if method is PriorMethod.MARGLIK:

@@ -218,3 +218,18 @@ def test_auto_backend_for_diag_depends_on_the_container():
     assert resolve_backend(Backend.AUTO, Structure.DIAG, TinyCNN()).__name__ == "AsdlGGN"
     assert resolve_backend(Backend.AUTO, Structure.KRON, seq).__name__ == "CurvlinopsGGN"
     assert resolve_backend(Backend.ASDL, Structure.KRON, seq).__name__ == "AsdlGGN"
+
+
+@pytest.mark.parametrize("name", ["laplace", "laplace-ll"])
+def test_objective_prior_is_the_maps_own_n_times_wd_as_regvar_reads_it(setup, name):
+    """prior_method=objective puts Laplace at the MAP objective's prior, n·wd: the precision
+    per-input RegVar's summary reports for the same run, so the pair differs by method only."""
+    data, _ = setup
+    method, _ = run(setup, name, prior_method="objective")
+    expected = len(data.train) * RECIPE.weight_decay
+    assert method.summary()["prior_precision"] == pytest.approx(expected)
+    assert method.summary()["prior_method"] == "objective"
+    regvar_cls = METHODS.get(name.replace("laplace", "regvar"))
+    regvar = regvar_cls(build(regvar_cls.Options, {"val_queries": "0", "max_queries": "2"}, "regvar"))
+    regvar.fit(context(*setup))
+    assert regvar.summary()["prior_precision"] == pytest.approx(expected)
