@@ -6,8 +6,8 @@ per-logit variances) for every evaluation set and for the validation inputs it p
 those arrays alone this module derives the probit predictive at s = 1 (the untuned Bayesian
 predictive) and at the s with the lowest validation NLL on the shared grid
 (``bench.scale_tuning``); a tuned s on the grid's edge is flagged. Laplace and RegVar are then
-compared on the same terms, whatever their own predictive does (Laplace's is s = 1, RegVar's
-tunes s on its own validation inputs).
+compared on the same terms; no method tunes s itself (Laplace's and RegVar's own predictive is
+s = 1). The run record keeps the curve (``ScaleTuning``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from bench.formulas import probit_probs
-from bench.scale_tuning import scale_edge_flag, tune_scale
+from bench.record import ScaleTuning
+from bench.scale_tuning import SCALE_GRID, scale_curve, scale_edge_flag
 from bench.validation import GAUSSIAN_KEY as _GAUSSIAN_KEY
 
 UNTUNED, TUNED = "[s=1]", "[s tuned]"
@@ -58,11 +59,21 @@ def _with_scale(arrays: dict[str, np.ndarray], scale: float, drop: tuple[str, ..
     return out
 
 
+def tune(arrays: dict[str, np.ndarray]) -> ScaleTuning:
+    """The one scale rule on a run's stored validation Gaussian: the NLL curve over the grid,
+    the s with the lowest NLL (the first of equal minima) and its flag."""
+    val_var = _tensor(arrays["val/logit_var"])
+    curve = scale_curve(_tensor(arrays["val/logit_mean"]), val_var, torch.from_numpy(arrays["val/labels"]))
+    nlls = curve.mean(1)
+    scale = float(SCALE_GRID[int(nlls.argmin())])
+    return ScaleTuning(list(SCALE_GRID), nlls.tolist(), scale, curve.shape[1],
+                       scale_edge_flag(scale, val_var, curve=curve))
+
+
 def derive(arrays: dict[str, np.ndarray]) -> dict[str, tuple[dict[str, np.ndarray], float, str | None]]:
     """kind → (the derived row's arrays, its scale s, its flag or None)."""
-    val_var = _tensor(arrays["val/logit_var"])
-    scale, _ = tune_scale(_tensor(arrays["val/logit_mean"]), val_var, torch.from_numpy(arrays["val/labels"]))
+    tuned = tune(arrays)
     return {
         UNTUNED: (_with_scale(arrays, 1.0, ()), 1.0, None),
-        TUNED: (_with_scale(arrays, scale, S_DEPENDENT_SCORES), scale, scale_edge_flag(scale, val_var)),
+        TUNED: (_with_scale(arrays, tuned.chosen, S_DEPENDENT_SCORES), tuned.chosen, tuned.flag),
     }

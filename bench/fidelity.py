@@ -292,7 +292,7 @@ def run(
         lambda: make_small(task, data.num_classes, x_tr[0]).to(DTYPE),
     )
     # The network is converged: the variance is read there (reference=map).
-    per_input = RegVar(RegVarOptions(val_queries=0, max_queries=len(x_q)))
+    per_input = RegVar(RegVarOptions(max_queries=len(x_q)))
     _, t_fit = _timed(log, "regvar fit", lambda: per_input.fit(ctx))
     var_rv, t_rv = _timed(log, f"regvar on {len(x_q)} queries", lambda: _variance(per_input, x_q).double())
     amort = RegVarAmortized(AmortizedOptions(steps=100) if smoke else AmortizedOptions())
@@ -488,8 +488,8 @@ def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
         "raw_checkpoint_curvature": probe,
         "seconds": {"map_probe": t_probe},
     }
-    for label, method in (("regvar", RegVar(RegVarOptions(val_queries=0, max_queries=len(x_q)))),
-                          ("regvar-ll", RegVarLastLayer(RegVarLLOptions(val_queries=0, max_queries=len(x_q))))):
+    for label, method in (("regvar", RegVar(RegVarOptions(max_queries=len(x_q)))),
+                          ("regvar-ll", RegVarLastLayer(RegVarLLOptions(max_queries=len(x_q))))):
         _, t_fit = _timed(log, f"{label} fit", lambda method=method: method.fit(ctx))
         var, t_pred = _timed(log, f"{label} on {len(x_q)} inputs", lambda method=method: _variance(method, x_q))
         problem = method.problem

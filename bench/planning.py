@@ -38,6 +38,17 @@ class EvaluationPlan:
     limit: int | None = None
 
 
+# Validation inputs the harness predicts to tune the variance scale s (``bench.derived_rows``): all
+# of them for a full-set method; for a capped (per-input) method this seed's subset of at least
+# this many, so that the curve's bootstrap has inputs enough.
+VALIDATION_INPUTS_CAPPED = 200
+
+
+def validation_inputs(limit: int | None, n_val: int) -> int:
+    """How many validation inputs a run with evaluation cap ``limit`` predicts."""
+    return n_val if limit is None else min(n_val, max(limit, VALIDATION_INPUTS_CAPPED))
+
+
 @dataclass
 class LoadPlan:
     """What loading will produce and cost, known before it happens: the sets' sizes as the run

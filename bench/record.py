@@ -11,7 +11,8 @@ training seconds of networks they loaded from the cache (charged 0 s then), and 
 of kind ``cpu_rss_growth`` (growth inside a reused process, not a peak). 3 lacks
 ``memory.settled`` and loads with it False (its CPU figures are lower bounds). 4 lacks
 ``costs.estimate`` (the cost predicted before the run started) and loads without one. 5 lacks
-``map_certificate`` (where the MAP stands on its objective) and loads without one. 6 is current.
+``map_certificate`` (where the MAP stands on its objective) and ``scale_tuning`` and loads
+without them. 6 is current.
 """
 
 from __future__ import annotations
@@ -192,6 +193,19 @@ class MapCertificate:
 
 
 @dataclass
+class ScaleTuning:
+    """The harness's one variance-scale rule on this run's stored validation Gaussian
+    (``bench.derived_rows``): validation NLL at every grid scale, the chosen s, and its flag
+    (an edge, or a curve flat within the bootstrap noise)."""
+
+    scales: list[float]
+    val_nll: list[float]
+    chosen: float
+    val_inputs: int
+    flag: str | None = None
+
+
+@dataclass
 class RunRecord:
     """One run. ``status`` ok: every section is set; failed: ``error`` (and ``traceback``)."""
 
@@ -211,6 +225,7 @@ class RunRecord:
     traceback: str | None = None
     predictions_sha256: str | None = None
     map_certificate: MapCertificate | None = None  # where the shared MAP stands on P (None: not recorded)
+    scale_tuning: ScaleTuning | None = None  # methods with a logit Gaussian (None: none, or not recorded)
     schema: int = SCHEMA_VERSION  # as read: an older record is migrated, and says so here
 
     @property
@@ -297,6 +312,7 @@ def _parse(raw: dict[str, Any]) -> RunRecord:
         provenance=Provenance(**provenance) if provenance else None,
         predictions_sha256=raw.get(CHECKSUM_KEY),
         map_certificate=MapCertificate(**raw["map_certificate"]) if raw.get("map_certificate") else None,
+        scale_tuning=ScaleTuning(**raw["scale_tuning"]) if raw.get("scale_tuning") else None,
     )
 
 

@@ -18,13 +18,14 @@ import torch
 import bench_methods  # noqa: F401 - registers the built-in methods
 from bench import options as opts
 from bench.cache import cache_lock, cache_root
+from bench.derived_rows import has_gaussian, tune
 from bench.device import select_device
 from bench.errors import BenchError
 from bench.logit_gaussian import gaussian_scores
 from bench.map_finish import certify, finish_seconds
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
-from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds
+from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds, validation_inputs
 from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, measure, settled_rss_bytes
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
@@ -406,7 +407,11 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
             shift[name] = (on(f"shift/{name}", xs, f"shift set {name!r}"), ys)
         val = None
         if test_pred.has_gaussian and len(p.data.val):  # for the harness's one scale-tuning rule
-            xv, yv = subset("val", *p.data.val.tensors)
+            n_val = validation_inputs(limit, len(p.data.val))
+            pick = draw_subset(len(p.data.val), n_val, config.seed, "val", p.data.val.tensors[1])
+            if n_val < len(p.data.val):
+                subsets["val"], indices["val"] = n_val, pick
+            xv, yv = (t[torch.from_numpy(pick)] for t in p.data.val.tensors)
             val = (on("val", xv, "the validation set"), yv)
     _same_scores(method, test_pred, {**{f"OOD set {k!r}": v for k, v in ood.items()},
                                      **{f"shift set {k!r}": v for k, (v, _) in shift.items()}})
@@ -479,6 +484,8 @@ def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, di
         prepared.reporter.log(f"WARNING {r.method_label}: {flag}")
     arrays = pack_predictions(predicted.test, predicted.y_test, predicted.ood, predicted.shift, predicted.val)
     arrays.update({f"index/{name}": idx for name, idx in predicted.indices.items()})  # for paired tables
+    if has_gaussian(arrays):  # the curve the [s tuned] row is chosen on, kept with the run
+        record.scale_tuning = tune(arrays)
     return record, arrays
 
 

@@ -72,10 +72,12 @@ small); the solver's arithmetic is ``precision``.
 
 The ``variance`` score is σ² of the regularised output (``logits``: mean over logits). The
 predictive is the linearized-Laplace probit per logit, ``softmax(f_θ₀ / sqrt(1 + π/8 · s ·
-σ²))``, with the scale s tuned on validation NLL over ``val_queries`` inputs.
+σ²))`` at s = 1: the method tunes nothing. The harness tunes s once per run, by one rule for
+every method with a logit Gaussian, on its validation inputs (the ``[s tuned]`` row).
 
 Cost and the evaluated subset: each input costs one (``top``) or C solves. ``predict`` computes
-the variance of every input it is given and refuses more than ``max_queries`` inputs per call;
+the variance of every input it is given and refuses more than ``max_queries`` inputs per call
+(or the harness's validation subset, ``bench.planning.validation_inputs``, if larger);
 the harness evaluates a subset of each evaluation set for methods that set ``eval_limit``.
 """
 
@@ -97,9 +99,7 @@ from bench.errors import BenchError
 from bench.formulas import probit_probs
 from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
 from bench.options import option
-from bench.planning import CostPlan, Estimate, duration, random_inputs
-from bench.scale_tuning import scale_edge_flag, tune_scale
-from bench.seeding import derive_seed
+from bench.planning import VALIDATION_INPUTS_CAPPED, CostPlan, Estimate, duration, random_inputs, validation_inputs
 from bench.types import Prediction
 
 from .regvar_block import block_cg
@@ -196,7 +196,6 @@ class RegVarOptions:
     fit_rtol: float = option(1e-2, "solver=lbfgs: converged when the fit's gradient ≤ fit_rtol × its λ term's", min=0.0)
     query_batch: int = option(128, "solves stacked into one pass over the training rows (and one CG block)", min=1)
     max_queries: int = option(100, "most inputs per predict call (see eval_limit)", min=1)
-    val_queries: int = option(50, "validation inputs for tuning the variance scale (0: s=1)", min=0)
     budget_s: float = option(
         4 * 3600.0, "most seconds the whole run may take, estimated before it embeds or trains anything", min=0.0
     )
@@ -205,7 +204,6 @@ class RegVarOptions:
 @dataclass
 class RegVarLLOptions(RegVarOptions):
     max_queries: int = option(500, "most inputs per predict call (see eval_limit)", min=1)
-    val_queries: int = option(500, "validation inputs for tuning the variance scale (0: s=1)", min=0)
 
 
 def output_weights(logits: torch.Tensor, output: Output) -> torch.Tensor:
@@ -573,27 +571,14 @@ class RegVar(Method):
             f"θ₀ = the MAP, λ/n={o.lam}, output={o.output.value}, "
             f"≈{duration(self.info['estimated_s'])} estimated"
         )
-        self.scale = 1.0
-        if o.val_queries > 0:
-            xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
-            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "regvar", "val-subset"))
-            pick = torch.randperm(len(xv), generator=gen)[: o.val_queries]
-            t0 = time.perf_counter()
-            logits, var = self.moments(xv[pick])
-            self.scale, val_nll = tune_scale(logits, self._probit_var(var), yv[pick])
-            elapsed = time.perf_counter() - t0
-            self.info.update({"val_nll": val_nll, "val_queries": len(pick), "seconds_per_query": elapsed / len(pick)})
-            ctx.log(f"{self.name}: scale s={self.scale:.3g} (val NLL {val_nll:.4f}), "
-                    f"{self.info['seconds_per_query']:.2f} s/query")
-            if flag := scale_edge_flag(self.scale, self._probit_var(var)):
-                self.info.setdefault(FLAGS_KEY, []).append(flag)
+        self.scale = 1.0  # the harness tunes s (its [s tuned] row), never the method
         self.info["scale"] = self.scale
 
     def _planned_inputs(self, ctx: FitContext) -> int:
         """Inputs the run will fit: the validation subset and each capped evaluation set."""
         o, d = self.options, ctx.data
         sizes = [len(d.test), *(len(v) for v in d.ood.values()), *(len(v) for v in d.shift.values())]
-        return min(o.val_queries, len(d.val)) + sum(min(s, o.max_queries) for s in sizes)
+        return validation_inputs(o.max_queries, len(d.val)) + sum(min(s, o.max_queries) for s in sizes)
 
     def _check_budget(self, fm: FlatModel, x: torch.Tensor, y: torch.Tensor, wd: float, solves: int,
                       ctx: FitContext) -> None:
@@ -610,7 +595,7 @@ class RegVar(Method):
             raise BenchError(
                 f"{self.name}: {solves} solves over {fm.dim:,} parameters and {len(x):,} rows would take "
                 f"≈{duration(estimate)} on {ctx.device} ({what}), over budget_s={o.budget_s:g}: use fewer "
-                f"inputs (--set max_queries=N --set val_queries=N), a GPU (--device cuda){alt}"
+                f"inputs (--set max_queries=N), a GPU (--device cuda){alt}"
             )
 
     def _per_solve(self, per_product: float) -> tuple[float, str]:
@@ -655,18 +640,16 @@ class RegVar(Method):
                                          o.products, total_rows=n)
         per_solve, _ = self._per_solve(per_product)
         evaluated = [min(v, o.max_queries) for k, v in sizes.items() if k not in ("train", "val")]
-        val = sizes.get("val", 0)
-        fit_s = min(o.val_queries, val) * k_out * per_solve
-        predict_s = (sum(evaluated) + min(val, o.max_queries)) * k_out * per_solve
-        return fit_s, predict_s
+        val = validation_inputs(o.max_queries, sizes.get("val", 0))  # the harness's scale-tuning inputs
+        return 0.0, (sum(evaluated) + val) * k_out * per_solve
 
     def check_estimate(self, estimate: Estimate) -> None:
         total = estimate.total_s
         if total is not None and total > self.options.budget_s:
             raise BenchError(
                 f"{self.name}: this run is estimated at ≈{duration(total)} (the estimate line above), over "
-                f"budget_s={self.options.budget_s:g}: raise budget_s, use fewer inputs (--set max_queries=N "
-                f"--set val_queries=N) or a GPU (--device cuda)"
+                f"budget_s={self.options.budget_s:g}: raise budget_s, use fewer inputs (--set max_queries=N) "
+                "or a GPU (--device cuda)"
             )
 
     def reference_network(self) -> nn.Module:
@@ -720,7 +703,7 @@ class RegVar(Method):
     def predict(self, x: torch.Tensor) -> Prediction:
         if self.problem is None:
             raise BenchError(f"{self.name}: predict called before fit; call fit(ctx) first")
-        if len(x) > self.options.max_queries:
+        if len(x) > max(self.options.max_queries, VALIDATION_INPUTS_CAPPED):
             raise BenchError(
                 f"{self.name} refits the model for every input: {len(x)} inputs exceed "
                 f"max_queries={self.options.max_queries}; raise it (--set max_queries=N) or evaluate a subset"

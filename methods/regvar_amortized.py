@@ -43,7 +43,7 @@ from bench.errors import BenchError
 from bench.formulas import probit_probs
 from bench.method_api import FLAGS_KEY, FitContext, Method, grid_edge_flag, register_method
 from bench.options import option
-from bench.scale_tuning import SCALE_GRID, scale_edge_flag, scale_nlls
+from bench.scale_tuning import SCALE_GRID, flat_within_noise, scale_curve, scale_edge_flag
 from bench.seeding import derive_seed
 from bench.types import Prediction
 
@@ -125,10 +125,11 @@ class RegVarAmortized(Method):
         refs = thetas[k:] if second is not None else fm.theta0.expand(k, -1)
         # Tune (λ, s) jointly on validation NLL over the whole validation set (2 passes each).
         xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
-        nll_grid, val_vars = [], []  # nll_grid[j][i]: λ_j, scale s_i
+        nll_grid, val_vars, curves = [], [], []  # nll_grid[j][i]: λ_j, scale s_i; curves: per input
         for j in range(k):
             logits, var = self._mean_var(thetas[j], refs[j], float(lams[j]), xv)
-            nll_grid.append(scale_nlls(logits, var, yv, SCALE_GRID))
+            curves.append(scale_curve(logits, var, yv, SCALE_GRID))
+            nll_grid.append(curves[-1].mean(1).tolist())
             val_vars.append(var)
         val_nll, j, i = min((v, j, i) for j, row in enumerate(nll_grid) for i, v in enumerate(row))
         self.scale = float(SCALE_GRID[i])
@@ -155,8 +156,12 @@ class RegVarAmortized(Method):
             "validation_nll_grid": {"lambdas": list(o.lam_grid), "scales": list(SCALE_GRID), "nll": nll_grid},
         }
         ctx.log(f"regvar-amortized: λ={self.lam:g}, scale s={self.scale:.3g} (val NLL {val_nll:.4f})")
-        flags = [scale_edge_flag(self.scale, val_vars[j]),
-                 grid_edge_flag("λ", self.lam, o.lam_grid, "the best λ may lie outside the grid")]
+        at_best_scale = torch.stack([c[int(c.mean(1).argmin())] for c in curves])  # λ × inputs
+        lam_flag = ("the amortized variance does not change validation NLL here: every λ on the grid is within "
+                    "the bootstrap noise of the best, so λ is not a tuned choice") if (
+            len(o.lam_grid) > 1 and flat_within_noise(at_best_scale)) else grid_edge_flag(
+            "λ", self.lam, o.lam_grid, "the best λ may lie outside the grid")
+        flags = [scale_edge_flag(self.scale, val_vars[j], curve=curves[j]), lam_flag]
         if flags := [f for f in flags if f]:
             self.info[FLAGS_KEY] = flags
 

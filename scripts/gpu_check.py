@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
         print("[gpu_check] no CUDA device here; run with --dry-run to check the script on CPU", file=sys.stderr)
         return 2
     py, bench = sys.executable, [sys.executable, "-m", "bench", "--plugin", TINY]
-    queries = ["--set", "max_queries=20", "--set", "val_queries=10"]
+    queries = ["--set", "max_queries=20"]
     steps = [
         _step("cuda_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda",
                              "tests/test_ensemble.py", "tests/test_mc_dropout.py", "tests/test_harness_pieces.py",
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
               out, 900),
         _step("lora_smoke_sweep", [py, "-m", "bench", "--plugin", TINY_LORA, "sweep", "--methods", "all", "--tasks",
                                    "tiny-lora", "--seeds", "0", "--device", device, "--jobs", "1", "--out",
-                                   str(out / "smoke"), "--set", "max_queries=5", "--set", "val_queries=5"],
+                                   str(out / "smoke"), "--set", "max_queries=5"],
               out, 900),  # all-weight RegVar: each query's solve passes the transformer over every review
         _step("smoke_table", [py, "-m", "bench", "table", "--results", str(out / "smoke")], out, 300),
         _step("perf_laplace", [*bench, "perf", "laplace", "--task", "tiny-digits", "--device", device, "--json",

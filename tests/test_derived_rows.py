@@ -127,7 +127,7 @@ def test_negative_variance_estimates_are_clamped_and_flagged_not_quiet(tmp_path)
     assert main(["--plugin", str(TINY_TASK), "--plugin", str(plugin), "run", "--method", "negative-gauss",
                  "--task", "tiny-digits", "--out", str(tmp_path), "--quiet"]) == 0
     record = json.loads((tmp_path / "runs" / "tiny-digits" / "negative-gauss" / "seed0.json").read_text())
-    (flag,) = record["flags"]
+    (flag,) = [f for f in record["flags"] if not f.startswith("MAP is NOT a certified")]  # the plugin has no finish
     assert flag.startswith("negative variances clamped at 0")
     assert "10 of 4970 variance estimates for the test set" in flag
     with np.load(tmp_path / "runs" / "tiny-digits" / "negative-gauss" / "seed0.npz") as arrays:

@@ -24,8 +24,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 QUICK = {
     "ensemble": {"members": "2"},
     "mc-dropout": {"samples": "4"},
-    "regvar": {"max_queries": "3", "val_queries": "3"},
-    "regvar-ll": {"max_queries": "5", "val_queries": "5"},
+    "regvar": {"max_queries": "3"},
+    "regvar-ll": {"max_queries": "5"},
     "regvar-amortized": {"steps": "3", "optimizer": "adam"},
 }
 

@@ -230,6 +230,6 @@ def test_objective_prior_is_the_maps_own_n_times_wd_as_regvar_reads_it(setup, na
     assert method.summary()["prior_precision"] == pytest.approx(expected)
     assert method.summary()["prior_method"] == "objective"
     regvar_cls = METHODS.get(name.replace("laplace", "regvar"))
-    regvar = regvar_cls(build(regvar_cls.Options, {"val_queries": "0", "max_queries": "2"}, "regvar"))
+    regvar = regvar_cls(build(regvar_cls.Options, {"max_queries": "2"}, "regvar"))
     regvar.fit(context(*setup))
     assert regvar.summary()["prior_precision"] == pytest.approx(expected)

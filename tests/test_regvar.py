@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 from bench.errors import BenchError
 from bench.method_api import METHODS, FitContext
 from bench.options import build
+from bench.planning import VALIDATION_INPUTS_CAPPED
 from bench.tasks.base import TaskData, TrainRecipe
 from bench_methods.regvar import (
     Difference,
@@ -202,11 +203,11 @@ def fit_predict(method: str = "regvar", **settings: str):
 @pytest.mark.parametrize(
     ("method", "settings"),
     [
-        ("regvar", {"val_queries": "8"}),
-        ("regvar", {"solver": "lbfgs", "lbfgs_steps": "30", "val_queries": "4"}),
-        ("regvar", {"output": "logits", "val_queries": "4"}),
-        ("regvar-ll", {"output": "mean-abs", "difference": "forward", "val_queries": "0"}),
-        ("regvar-ll", {"val_queries": "8"}),
+        ("regvar", {}),
+        ("regvar", {"solver": "lbfgs", "lbfgs_steps": "30"}),
+        ("regvar", {"output": "logits"}),
+        ("regvar-ll", {"output": "mean-abs", "difference": "forward"}),
+        ("regvar-ll", {}),
     ],
 )
 def test_methods_predict_and_record_their_settings(method, settings):
@@ -225,8 +226,8 @@ def test_methods_predict_and_record_their_settings(method, settings):
 
 
 def test_the_two_methods_refit_what_their_names_say_and_never_swap():
-    all_w, _ = fit_predict("regvar", val_queries="0")
-    ll, _ = fit_predict("regvar-ll", val_queries="0")
+    all_w, _ = fit_predict("regvar")
+    ll, _ = fit_predict("regvar-ll")
     assert all_w.summary()["weights"] == "all"
     assert all_w.summary()["n_params"] == sum(p.numel() for p in tiny_model().parameters())
     assert ll.summary()["weights"] == "last-layer" and ll.summary()["n_params"] == 8 * C + C
@@ -272,7 +273,7 @@ def test_mean_and_variance_come_from_the_shared_map():
     with torch.no_grad():
         map_logits = model.eval()(x).double()
     for name in ("regvar", "regvar-ll"):
-        m, _ = fit_predict(name, val_queries="0")
+        m, _ = fit_predict(name)
         logits, _var = m.moments(x)
         torch.testing.assert_close(logits, map_logits, rtol=1e-6, atol=1e-6)
         m.scale = 0.0  # variance off: the predictive is the softmax of the MAP's logits
@@ -284,7 +285,7 @@ def test_regvar_ll_equals_exact_last_layer_laplace_at_the_map():
     """regvar-ll reads the variance at the MAP's own last layer: J P⁻¹ Jᵀ with
     P the exact Hessian of the last layer's objective there (convex: positive definite)."""
     data, model = tiny_data(), tiny_model()
-    m, pred = fit_predict("regvar-ll", val_queries="0", precision="float64")
+    m, pred = fit_predict("regvar-ll", precision="float64")
     body = nn.Sequential(*list(model)[:-1]).eval()
     with torch.no_grad():
         feats = body(data.train.tensors[0]).double()
@@ -314,23 +315,24 @@ def test_regvar_ll_refuses_a_model_whose_output_is_not_its_last_linear():
             return 2.0 * self.net(x)
 
     cls = METHODS.get("regvar-ll")
-    m = cls(build(cls.Options, {"val_queries": "0"}, "regvar-ll"))
+    m = cls(build(cls.Options, {}, "regvar-ll"))
     with pytest.raises(BenchError, match="last nn.Linear"):
         m.fit(context(Scaled()))
 
 
 def test_predict_refuses_too_many_inputs_and_is_deterministic():
-    a, pa = fit_predict("regvar", val_queries="4")
-    _, pb = fit_predict("regvar", val_queries="4")
+    a, pa = fit_predict("regvar")
+    _, pb = fit_predict("regvar")
     torch.testing.assert_close(pa.probs, pb.probs, rtol=0, atol=0)
-    a.options.max_queries = 3
+    a.options.max_queries = 3  # the harness's validation subset (200) is still allowed, more is not
+    x = tiny_data().test.tensors[0]
     with pytest.raises(BenchError, match="max_queries"):
-        a.predict(tiny_data().test.tensors[0])
+        a.predict(x.repeat(21, 1, 1, 1)[:VALIDATION_INPUTS_CAPPED + 1])
 
 
 def test_flags_are_logged_as_warnings():
     cls = METHODS.get("regvar")
-    m = cls(build(cls.Options, {"val_queries": "0", "cg_max_iter": "1", "cg_block": "false"},
+    m = cls(build(cls.Options, {"cg_max_iter": "1", "cg_block": "false"},
                   "regvar"))
     logs: list[str] = []
     m.fit(context(tiny_model(), logs))

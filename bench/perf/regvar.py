@@ -84,7 +84,7 @@ def per_query(
     **settings: Any,
 ) -> dict[str, Any]:
     """Fit the method as a run does, then time its variances for ``x`` in one stack."""
-    options = replace(method_cls.Options(), val_queries=0, max_queries=len(x), query_batch=len(x), **settings)
+    options = replace(method_cls.Options(), max_queries=len(x), query_batch=len(x), **settings)
     method = method_cls(options)
     with measure(device) as fit:
         method.fit(ctx)
