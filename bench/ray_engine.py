@@ -15,10 +15,13 @@ lock). Without shared storage each node trains its own, identical copy once.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
@@ -80,6 +83,38 @@ def _warm_groups(todo: list[RunConfig]) -> list[RunConfig]:
     return firsts
 
 
+CONNECT_TIMEOUT_S = 10.0
+# Where a running local Ray cluster (``ray start --head``) writes its address.
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+
+
+def _reachable(host: str, port: int) -> OSError | None:
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def check_address(address: str | None) -> None:
+    """One line (exit 2) for an ``--address`` Ray could not join, within seconds: ``ray.init``
+    itself retries an unreachable address for minutes and raises tracebacks for the others."""
+    if address is None:
+        return
+    if address == "auto":
+        try:
+            address = CURRENT_CLUSTER.read_text().strip()
+        except OSError:
+            raise BenchError("--address auto: no Ray cluster is running on this machine; start one with "
+                             "`ray start --head`, or drop --address to start Ray for this sweep") from None
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or " " in host:
+        raise BenchError(f"bad --address {address!r}; give HOST:PORT of a Ray cluster (e.g. 127.0.0.1:6379) or auto")
+    if (exc := _reachable(host, int(port))) is not None:
+        raise BenchError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); check the address, "
+                         "or drop --address to start Ray for this sweep")
+
+
 def _failure_of(exc: BaseException) -> BaseException:
     """The run's own exception inside Ray's wrapper (so its record reads like a local one)."""
     cause = getattr(exc, "cause", None)
@@ -88,16 +123,37 @@ def _failure_of(exc: BaseException) -> BaseException:
 
 @contextmanager
 def in_ray(
-    todo: list[RunConfig], address: str | None, plugins: list[str]
+    todo: list[RunConfig], address: str | None, plugins: list[str], skip_done: bool = True
 ) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
     """Runs as Ray tasks; yields (index in ``todo``, (error, seconds)) as they finish, after the
-    driver has written each finished run."""
+    driver has written each finished run. The driver claims every run before submitting it
+    (``bench.claims``) and holds the claim until the run is written or recorded as failed."""
+    from bench.claims import CLAIMED, claimed
     from bench.record import RunRecord
-    from bench.runner import write
-    from bench.sweep import record_failure
+    from bench.runner import result_paths, write
+    from bench.sweep import is_done, record_failure
+
+    claims = contextlib.ExitStack()
+    held: dict[int, contextlib.ExitStack] = {}
+    skipped: list[tuple[int, tuple[str | None, float]]] = []
+    for i, config in enumerate(todo):
+        stack = contextlib.ExitStack()
+        if not stack.enter_context(claimed(config.out, result_paths(config)[0])):
+            skipped.append((i, (CLAIMED, 0.0)))
+        elif skip_done and is_done(config):  # finished by another sweep before the claim was ours
+            stack.close()
+            skipped.append((i, (None, 0.0)))
+        else:
+            held[i] = claims.enter_context(stack)
 
     ray = require_ray()
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    check_address(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the user gets one line
+        claims.close()
+        raise BenchError(f"Ray could not start or join a cluster at {address or 'this machine'} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False}
     runs = ray.remote(run_task)
     warm = ray.remote(warm_task).options(**options)
@@ -108,10 +164,13 @@ def in_ray(
             pass
     refs = {}
     for i, config in enumerate(todo):
+        if i not in held:
+            continue
         gpus = 1 if config.device.startswith("cuda") else 0
         refs[runs.options(**options, num_gpus=gpus).remote(config, plugins)] = i
 
     def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
+        yield from skipped
         pending = list(refs)
         while pending:
             (ref,), pending = ray.wait(pending, num_returns=1)
@@ -120,8 +179,10 @@ def in_ray(
                 record_json, arrays, seconds = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - the run failed (or its retries ran out)
                 yield i, (record_failure(todo[i], _failure_of(exc)), 0.0)
+                held.pop(i).close()
                 continue
             write(todo[i], RunRecord.from_json(record_json), arrays)
+            held.pop(i).close()
             yield i, (None, seconds)
 
     try:
@@ -130,3 +191,4 @@ def in_ray(
         for ref in refs:
             ray.cancel(ref, force=True)
         ray.shutdown()
+        claims.close()

@@ -242,6 +242,18 @@ def read_record(path: Path) -> RunRecord:
     return load_record(read_json(path), str(path))
 
 
+def intact_pair(json_path: Path, npz_path: Path) -> RunRecord | None:
+    """The run's record when its JSON reads and its npz is the one the JSON was written with
+    (same SHA-256); None when either is missing, damaged or they do not belong together."""
+    try:
+        record = read_record(json_path)
+        if record.checkable and hashlib.sha256(npz_path.read_bytes()).hexdigest() != record.predictions_sha256:
+            return None
+    except (BenchError, OSError):
+        return None
+    return record
+
+
 def read_npz(path: Path, sha256: str | None = None) -> dict[str, np.ndarray]:
     """A run's prediction arrays; with ``sha256``, refused unless the file has that checksum."""
     try:

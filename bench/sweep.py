@@ -16,13 +16,14 @@ from pathlib import Path
 
 from bench import lifeline
 from bench import options as opts
+from bench.claims import CLAIMED, claimed
 from bench.device import select_device
 from bench.errors import BenchError
 from bench.method_api import METHODS
 from bench.progress import Reporter
 from bench.record import RunRecord, Status
 from bench.registry import parse_settings
-from bench.results import ensure_writable, read_record, write_failure
+from bench.results import ensure_writable, intact_pair, write_failure
 from bench.runner import RunConfig, resolve, result_paths, run
 from bench.schedule import DEFAULT_HISTORY, TimeLeft, estimate_seconds, fill_unknown, longest_first
 from bench.seeding import check_seed
@@ -74,11 +75,14 @@ def _applicable(settings: dict[str, str], method: str, task: str) -> dict[str, s
 
 
 def is_done(config: RunConfig) -> bool:
-    """A result exists, succeeded, and was made with the same options and smoke flag."""
+    """A result exists, succeeded, was made with the same options and smoke flag, and its JSON
+    and npz belong together (same checksum): a damaged or mismatched pair is rerun."""
     json_path, npz_path = result_paths(config)
     if not (json_path.exists() and npz_path.exists()):
         return False
-    record = read_record(json_path)
+    record = intact_pair(json_path, npz_path)
+    if record is None:
+        return False
     r = resolve(config)
     return (
         record.ok
@@ -86,6 +90,12 @@ def is_done(config: RunConfig) -> bool:
         and record.config.task_options == opts.as_dict(r.task_options)
         and record.config.smoke == config.smoke
     )
+
+
+def is_damaged(config: RunConfig) -> bool:
+    """Its result files exist but do not read as one intact run (reported, then rerun)."""
+    json_path, npz_path = result_paths(config)
+    return json_path.exists() and npz_path.exists() and intact_pair(json_path, npz_path) is None
 
 
 def record_failure(config: RunConfig, exc: BaseException) -> str:
@@ -103,12 +113,19 @@ def record_failure(config: RunConfig, exc: BaseException) -> str:
     return message
 
 
-def run_or_record(config: RunConfig) -> str | None:
-    """One run of the grid: None when it succeeded, else its one-line error (recorded on disk)."""
-    try:
-        run(config)
-    except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
-        return record_failure(config, exc)
+def run_or_record(config: RunConfig, skip_done: bool = True) -> str | None:
+    """One run of the grid under its claim: None when it succeeded (or, with ``skip_done``, was
+    found done once claimed), ``CLAIMED`` when another sweep holds it, else its one-line error
+    (recorded on disk)."""
+    with claimed(config.out, result_paths(config)[0]) as mine:
+        if not mine:
+            return CLAIMED
+        if skip_done and is_done(config):  # another sweep finished it before the claim was ours
+            return None
+        try:
+            run(config)
+        except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+            return record_failure(config, exc)
     return None
 
 
@@ -131,19 +148,20 @@ def _init_worker(plugins: list[str], threads: int, parent: int) -> None:
     load_plugins(plugins)
 
 
-def timed_run(config: RunConfig) -> tuple[str | None, float]:
+def timed_run(config: RunConfig, skip_done: bool = True) -> tuple[str | None, float]:
     """``run_or_record`` and its wall seconds (for the sweep's time-left estimate)."""
     started = time.perf_counter()
-    error = run_or_record(config)
+    error = run_or_record(config, skip_done)
     return error, time.perf_counter() - started
 
 
-def _child(config: RunConfig, plugins: list[str], threads: int, parent: int, conn: Connection) -> None:
+def _child(config: RunConfig, plugins: list[str], threads: int, parent: int, conn: Connection,
+           skip_done: bool) -> None:
     """One run in its own spawned process: sends back (error, seconds); on Ctrl-C or the end of
     the sweep it unwinds and sends nothing."""
     _init_worker(plugins, threads, parent)
     try:
-        result = lifeline.guarded(timed_run, config)
+        result = lifeline.guarded(timed_run, config, skip_done)
     except KeyboardInterrupt:
         return
     conn.send(result)
@@ -200,7 +218,7 @@ def _in_fresh_processes(
             return
         receive, send = context.Pipe(duplex=False)
         config = replace(todo[i], quiet=quiet or jobs > 1)  # parallel runs print no bars
-        process = context.Process(target=_child, args=(config, plugins, threads, os.getpid(), send))
+        process = context.Process(target=_child, args=(config, plugins, threads, os.getpid(), send, skip_done))
         process.start()
         send.close()
         live[i] = (process, receive)
@@ -252,9 +270,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     tasks = _names(args.tasks, TASKS, "task")
     seeds = _seeds(args.seeds)
     if getattr(args, "engine", "local") == "ray":
-        from bench.ray_engine import require_ray
+        from bench.ray_engine import check_address, require_ray
 
         require_ray()  # a missing Ray stops here, before anything runs
+        check_address(args.address)  # so does an address no cluster answers at, within seconds
     elif getattr(args, "address", None):
         raise BenchError("--address is for --engine ray; add --engine ray or drop --address")
     if args.jobs < 1:
@@ -268,6 +287,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     used = set().union(*(c.settings for c in grid)) if grid else set()
     if unused := sorted(set(settings) - used):
         raise BenchError(f"--set {', '.join(unused)}: no method or task in this sweep has such an option")
+    for config in grid:
+        if is_damaged(config):
+            reporter.log(f"damaged result of {config.method} on {config.task} seed {config.seed} "
+                         f"({result_paths(config)[0]}): its JSON or npz is unreadable or they do not belong "
+                         "together; rerunning it")
     todo = [c for c in grid if args.force or not is_done(c)]
     jobs = min(args.jobs, max(1, len(todo)))
     weights = _expected_seconds(todo, args.out)
@@ -283,7 +307,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "local") == "ray":
         from bench.ray_engine import in_ray
 
-        engine = in_ray(todo, args.address, plugins)
+        engine = in_ray(todo, args.address, plugins, skip_done=not args.force)
     else:
         engine = _in_fresh_processes(todo, jobs, plugins, args.quiet, skip_done=not args.force)
     with engine as results:
@@ -291,7 +315,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for count, (i, (error, seconds)) in enumerate(results, start=1):
             config = todo[i]
             label = f"{config.method} on {config.task} seed {config.seed}"
-            if error is not None:
+            if error == CLAIMED:
+                reporter.log(f"SKIPPED {label}: {error}")
+            elif error is not None:
                 failures.append((config, error))
                 reporter.log(f"FAILED {label}: {error}")
             elapsed = time.perf_counter() - started

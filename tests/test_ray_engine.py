@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import pytest
 from conftest import REPO, TINY_TASK, run_cli
 
 from bench.cli import main
+from bench.errors import BenchError
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -137,3 +139,18 @@ def _session(pid: int) -> int | None:
         return os.getsid(pid)
     except ProcessLookupError:
         return None
+
+
+@pytest.mark.parametrize(("address", "needle"), [
+    ("127.0.0.1:1", "cannot reach a Ray cluster at 127.0.0.1:1"),
+    ("not a host", "bad --address 'not a host'"),
+    ("auto", "no Ray cluster is running"),
+])
+def test_an_address_ray_could_not_join_is_one_line_within_seconds(address, needle, monkeypatch, tmp_path) -> None:
+    from bench import ray_engine
+
+    monkeypatch.setattr(ray_engine, "CURRENT_CLUSTER", tmp_path / "no-cluster")
+    started = time.perf_counter()
+    with pytest.raises(BenchError, match=re.escape(needle)) as err:
+        ray_engine.check_address(address)
+    assert "\n" not in str(err.value) and time.perf_counter() - started < 60

@@ -314,7 +314,7 @@ def test_runs_another_sweep_finished_meanwhile_are_skipped_not_rerun(monkeypatch
         def __init__(self, target, args):
             target(*args)
             self.sentinel, self.exitcode = None, 0
-            args[-1].send((None, 1.0))
+            args[4].send((None, 1.0))  # (config, plugins, threads, parent, conn, skip_done)
 
         def start(self):
             pass
@@ -348,3 +348,36 @@ def test_a_spec_with_several_options_is_one_name_in_the_grid() -> None:
     text = "map, regvar-amortized(optimizer=adam,steps=25,batch_size=16),mc-dropout(samples=8)"
     assert _names(text, METHODS, "method") == [
         "map", "regvar-amortized(optimizer=adam,steps=25,batch_size=16)", "mc-dropout(samples=8)"]
+
+
+def test_a_run_claimed_by_another_sweep_is_skipped_and_said_so(tmp_path: Path) -> None:
+    """Sweeps into one folder never run a run twice: one that another process holds is skipped."""
+    from bench.claims import claimed
+    from bench.plugins import load_plugins
+    from bench.runner import RunConfig, result_paths
+
+    load_plugins([str(TINY_TASK)])
+
+    json_path, _ = result_paths(RunConfig(method="map", task="tiny-digits", seed=0, out=tmp_path, smoke=True))
+    with claimed(tmp_path, json_path) as mine:
+        assert mine
+        busy = _sweep(tmp_path, "--methods", "map", "--seeds", "0")
+    assert busy.returncode == 0, busy.stderr
+    assert "SKIPPED map on tiny-digits seed 0: running in another sweep" in busy.stderr
+    assert not json_path.exists()
+    free = _sweep(tmp_path, "--methods", "map", "--seeds", "0")
+    assert free.returncode == 0 and json_path.exists()
+
+
+def test_a_json_and_npz_that_do_not_belong_together_are_rerun_not_counted_done(tmp_path: Path) -> None:
+    first = _sweep(tmp_path, "--methods", "map", "--seeds", "0,1")
+    assert first.returncode == 0, first.stderr
+    npz0, npz1 = sorted(tmp_path.rglob("seed*.npz"))
+    npz0.write_bytes(npz1.read_bytes())  # a readable npz, but not the one seed 0's JSON was written with
+    again = _sweep(tmp_path, "--methods", "map", "--seeds", "0,1")
+    assert again.returncode == 0, again.stderr
+    assert "damaged result of map on tiny-digits seed 0" in again.stderr
+    assert "1 already done, 1 to run" in again.stderr
+    from bench.results import intact_pair
+
+    assert intact_pair(npz0.with_suffix(".json"), npz0) is not None
