@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.cache import cache_root
 from bench.errors import BenchError
 from bench.logit_gaussian import diagonal
 from bench.record import RunRecord, load_record
@@ -77,10 +78,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise _unwritable(path, exc) from None
+        raise _unwritable(path, exc, _hint_for(path)) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+CACHE_HINT = "free space in the cache, or point BENCH_CACHE_DIR at a writable disk with room"
+
+
+def _hint_for(path: Path) -> str:
+    """The fix for a failed write: the cache's (checkpoints, features) or the results'."""
+    return CACHE_HINT if path.absolute().is_relative_to(cache_root().absolute()) else WRITABLE_HINT
 
 
 def ensure_writable(directory: Path, hint: str = WRITABLE_HINT) -> None:

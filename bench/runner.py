@@ -37,10 +37,12 @@ from bench.seeding import check_seed, derive_seed, seed_everything
 from bench.subsets import draw_subset
 from bench.tasks import TASKS, Task, TaskData
 from bench.training import (
+    CorruptCheckpoint,
     TrainingCost,
     fingerprint_parts,
     load_state,
     map_checkpoint,
+    move_aside,
     read_certificate,
     read_cost,
     save_certificate,
@@ -162,7 +164,7 @@ class ModelCache:
         self.fingerprint = path.parent.name  # every member shares the architecture and the data
         what = "MAP model" if member == 0 else f"ensemble member {member}"
         with cache_lock(path):  # a parallel run training the same model: wait, then load
-            if load_state(model, path):
+            if self._load(model, path, what):
                 self.costs[member] = read_cost(path)
                 self.certificates[member] = self._cached_certificate(model, path)
                 self.loaded.append(member)
@@ -188,6 +190,16 @@ class ModelCache:
             save_state(model, path)
             save_parts(path, parts)
         return model.eval()
+
+    def _load(self, model: torch.nn.Module, path: Path, what: str) -> bool:
+        """The cached weights into ``model`` (False: none cached); a corrupt checkpoint is moved
+        aside, said so, and the network retrained instead of stopping the run."""
+        try:
+            return load_state(model, path)
+        except CorruptCheckpoint as corrupt:
+            moved = move_aside(path)
+            self.reporter.log(f"{what}: {str(corrupt).split(';')[0]}; moved it to {moved.name} and retraining")
+            return False
 
     def _cached_certificate(self, model: torch.nn.Module, path: Path) -> MapCertificate:
         """The certificate kept with a cached network; one trained before certificates were kept

@@ -23,7 +23,7 @@ from bench.method_api import METHODS
 from bench.progress import Reporter
 from bench.record import RunRecord, Status
 from bench.registry import parse_settings
-from bench.results import ensure_writable, intact_pair, write_failure
+from bench.results import ensure_writable, failure_path, intact_pair, write_failure
 from bench.runner import RunConfig, resolve, result_paths, run
 from bench.schedule import DEFAULT_HISTORY, TimeLeft, estimate_seconds, fill_unknown, longest_first
 from bench.seeding import check_seed
@@ -76,10 +76,11 @@ def _applicable(settings: dict[str, str], method: str, task: str) -> dict[str, s
 
 def is_done(config: RunConfig) -> bool:
     """A result exists, succeeded, was made with the same options and smoke flag, and its JSON
-    and npz belong together (same checksum): a damaged or mismatched pair is rerun."""
+    and npz belong together (same checksum): a damaged or mismatched pair is rerun, and so is
+    one beside a later failure record."""
     json_path, npz_path = result_paths(config)
-    if not (json_path.exists() and npz_path.exists()):
-        return False
+    if not (json_path.exists() and npz_path.exists()) or failure_path(json_path).exists():
+        return False  # a failure recorded after the result (a failed --force rerun) is retried
     record = intact_pair(json_path, npz_path)
     if record is None:
         return False

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,19 +221,32 @@ def save_state(model: nn.Module, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+class CorruptCheckpoint(BenchError):
+    """A cached checkpoint that cannot be used (unreadable, mismatched or non-finite weights)."""
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint out of the cache's way (kept for inspection); its new path."""
+    target = path.with_name(path.name + ".corrupt")
+    path.replace(target)
+    return target
+
+
 def load_state(model: nn.Module, path: Path) -> bool:
-    """Load cached weights (``weights_only=True``); False if absent, error if corrupt."""
+    """Load cached weights (``weights_only=True``); False if absent, CorruptCheckpoint if corrupt."""
     if not path.exists():
         return False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns before failing on a damaged file: one line is ours
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys or set(result.missing_keys) - frozen_names(model):
             raise KeyError("the checkpoint's entries do not match the model's trainable state")
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise BenchError(
+        raise CorruptCheckpoint(
             f"cached checkpoint {path} is unreadable ({type(exc).__name__}); delete it and rerun"
         ) from None
     if not weights_finite(model):  # written by a diverged training before it was refused
-        raise BenchError(f"cached checkpoint {path} holds NaN or inf weights; delete it and rerun")
+        raise CorruptCheckpoint(f"cached checkpoint {path} holds NaN or inf weights; delete it and rerun")
     return True

@@ -214,3 +214,17 @@ def test_logit_gaussians_are_stored_in_half_precision_unless_out_of_range() -> N
     huge = pack_gaussian("test", Prediction(probs, {}, torch.zeros(2, 3), torch.full((2, 3), 1e6)))
     assert huge["test/logit_var"].dtype == np.float32 and huge["test/logit_mean"].dtype == np.float16
     assert pack_gaussian("test", Prediction(probs)) == {}
+
+
+def test_a_failed_write_into_the_cache_names_bench_cache_dir_not_out(tmp_path: Path, monkeypatch) -> None:
+    from bench.results import atomic_write_bytes
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("cache", "results"):  # a file where a folder should be: every write below fails
+        (tmp_path / name).write_text("not a folder")
+    with pytest.raises(BenchError, match="BENCH_CACHE_DIR") as err:
+        atomic_write_bytes(tmp_path / "cache" / "checkpoints" / "seed0.pt", b"weights")
+    assert "--out" not in str(err.value)
+    with pytest.raises(BenchError, match="--out") as err:
+        atomic_write_bytes(tmp_path / "results" / "runs" / "seed0.json", b"{}")
+    assert "BENCH_CACHE_DIR" not in str(err.value)

@@ -216,10 +216,13 @@ def test_failed_force_rerun_keeps_the_good_result(tmp_path: Path, monkeypatch, c
     assert main(["table", "--results", str(out)]) == 0  # the good result is in the table, the failure listed
     md = (out / "leaderboard.md").read_text()
     assert "| flaky " in md and "flaky broke on the rerun (the earlier result is kept)" in md
-    assert main(argv) == 0  # still done: a failed rerun does not undo a finished run
+    assert main(argv) == 1  # a plain sweep retries a recorded failure (still failing here) ...
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != "seed0.failed.json"} == good
     monkeypatch.delenv("FLAKY_FAIL")
-    assert main([*argv, "--force"]) == 0  # a successful rerun replaces it and clears the failure
+    assert main(argv) == 0  # ... and a successful retry replaces the result and clears the failure
     assert sorted(p.name for p in run_dir.iterdir()) == ["seed0.json", "seed0.npz"]
+    capsys.readouterr()
+    assert main(argv) == 0 and "0 run(s) done in 0 s, 1 skipped as already done" in capsys.readouterr().out
 
 
 def test_a_failure_that_cannot_be_recorded_is_reported_not_a_crash(tmp_path: Path, capsys) -> None:

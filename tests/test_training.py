@@ -39,3 +39,24 @@ def test_cost_round_trips_and_a_missing_one_is_a_clear_error(tmp_path: Path) -> 
     assert read_cost(path) == TrainingCost(12.5, "cpu")
     with pytest.raises(BenchError, match="no readable training cost.*delete the checkpoint"):
         read_cost(tmp_path / "seed1.pt")
+
+
+def test_a_corrupt_cached_checkpoint_is_moved_aside_and_retrained(tmp_path, monkeypatch, capsys) -> None:
+    from conftest import TINY_TASK
+
+    from bench.cli import main
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits", "--out",
+            str(tmp_path / "out"), "--smoke"]
+    assert main(argv) == 0
+    [checkpoint] = (tmp_path / "cache").rglob("seed0.pt")
+    good = checkpoint.read_bytes()
+    checkpoint.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "is unreadable (" in err and "moved it to seed0.pt.corrupt and retraining" in err
+    assert "Warning" not in err  # torch's own warning does not precede the line
+    assert checkpoint.with_name("seed0.pt.corrupt").read_bytes() == b"not a checkpoint"
+    assert checkpoint.read_bytes() == good  # retrained to the same weights (seeded)
