@@ -55,6 +55,7 @@ class Collected:
     def __init__(self) -> None:
         self.table: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
         self.failed: list[RunRecord] = []
+        self.damaged: list[str] = []  # one line per run whose files could not be used (the rest go on)
         self.old_format: list[Path] = []  # schema 1: metrics not checkable
         self.devices: dict[tuple[str, str], set[str]] = defaultdict(set)  # where costs were measured
         self.same_as_own: dict[tuple[str, str], set[str]] = defaultdict(set)  # derived rows not repeated
@@ -81,15 +82,19 @@ def collect(root: Path) -> Collected:
     out = Collected()
     table = out.table
     for path in iter_runs(root):
-        record = read_record(path)
-        if not record.ok:
-            out.failed.append(record)
+        try:
+            record = read_record(path)
+            if not record.ok:
+                out.failed.append(record)
+                continue
+            arrays = read_predictions(path, record)
+            metrics = evaluate(**unpack_predictions(arrays))
+            if record.checkable:
+                verify_metrics(path, record.metrics, metrics)
+        except BenchError as damaged:  # this run only: the others still make the table
+            out.damaged.append(str(damaged))
             continue
-        arrays = read_predictions(path, record)
-        metrics = evaluate(**unpack_predictions(arrays))
-        if record.checkable:
-            verify_metrics(path, record.metrics, metrics)
-        else:
+        if not record.checkable:
             out.old_format.append(path)
         key = (record.task, record.method)
         out.arrays[key][record.seed] = arrays
@@ -153,6 +158,12 @@ def cost_cells(record: RunRecord) -> dict[str, float]:
     return cells
 
 
+def warn_damaged(found: Collected) -> None:
+    """One stderr line per run left out because its files are damaged (the rest go on)."""
+    for line in found.damaged:
+        print(f"bench: warning: damaged run left out: {line}", file=sys.stderr)
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     root: Path = args.results
     if not (root / "runs").is_dir():
@@ -160,6 +171,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     if not args.check:
         ensure_writable(root)  # before reading every run, not after
     found = collect(root)
+    warn_damaged(found)
     md, csv_text = render(found)
     md_path, csv_path = root / "leaderboard.md", root / "leaderboard.csv"
     old = (f"{len(found.old_format)} run file(s) (e.g. {found.old_format[0]}) were written by an older bench "
@@ -167,6 +179,9 @@ def cmd_table(args: argparse.Namespace) -> int:
            "checked against their predictions; regenerate them (`python -m bench sweep --force`)"
            if found.old_format else "")
     if args.check:
+        if found.damaged:
+            print(f"bench: {len(found.damaged)} damaged run(s) (listed above); rerun them")
+            return 1
         if old:  # checked first: it also explains tables that differ (metrics recomputed differently)
             print(f"bench: {old}")
             return 1

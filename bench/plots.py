@@ -20,13 +20,15 @@ import numpy as np  # noqa: E402
 from bench.data.shift_suite import CORRUPTIONS, PARAMETERS, ROTATE, parse_set_name  # noqa: E402
 from bench.derived_rows import is_derived  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
-from bench.leaderboard import collect  # noqa: E402
+from bench.leaderboard import collect, warn_damaged  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
 from bench.metrics.scores import predictive_entropy  # noqa: E402
 from bench.ranking import summarize  # noqa: E402
+from bench.record import RunRecord  # noqa: E402
 from bench.results import (  # noqa: E402
     atomic_write_bytes,
     ensure_writable,
+    intact_pair,
     iter_runs,
     read_predictions,
     read_record,
@@ -53,13 +55,21 @@ def _first_seed_runs(root: Path) -> dict[str, dict[str, Path]]:
     """task → method → path of the lowest-seed successful run."""
     runs: dict[str, dict[str, tuple[int, Path]]] = defaultdict(dict)
     for path in iter_runs(root):
-        record = read_record(path)
-        if not record.ok:
+        record = intact_pair(path, path.with_suffix(".npz"))
+        if record is None or not record.ok or not _readable(path, record):  # damaged: listed, not plotted
             continue
         current = runs[record.task].get(record.method)
         if current is None or current[0] > record.seed:
             runs[record.task][record.method] = (record.seed, path)
     return {task: {m: path for m, (_, path) in methods.items()} for task, methods in runs.items()}
+
+
+def _readable(path: Path, record: RunRecord) -> bool:
+    try:
+        read_predictions(path, record)
+    except BenchError:
+        return False
+    return True
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -267,7 +277,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = root / "plots"
     ensure_writable(out)
     written: list[Path] = []
-    table = collect(root).table
+    found = collect(root)
+    warn_damaged(found)
+    table = found.table
     for task, methods in sorted(runs.items()):
         written.append(plot_cost_quality(task, table[task], out))
         written.append(plot_reliability(task, methods, out))

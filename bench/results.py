@@ -251,6 +251,14 @@ def read_record(path: Path) -> RunRecord:
     return load_record(read_json(path), str(path))
 
 
+def intact_record(json_path: Path) -> RunRecord | None:
+    """A run's record, or None when its JSON is damaged (the caller lists it and goes on)."""
+    try:
+        return read_record(json_path)
+    except BenchError:
+        return None
+
+
 def intact_pair(json_path: Path, npz_path: Path) -> RunRecord | None:
     """The run's record when its JSON reads and its npz is the one the JSON was written with
     (same SHA-256); None when either is missing, damaged or they do not belong together."""

@@ -31,10 +31,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from bench import options as opts
 from bench.derived_rows import TUNED, UNTUNED, derived_label, is_derived
 from bench.errors import BenchError
-from bench.leaderboard import Collected, collect
+from bench.leaderboard import Collected, collect, warn_damaged
 from bench.ranking import summarize
 from bench.record import RunRecord
-from bench.results import atomic_write_bytes, ensure_writable, iter_runs, read_record
+from bench.results import atomic_write_bytes, ensure_writable, intact_record, iter_runs
 from bench.tables import BASE_COLUMNS, PAIRED_REFERENCE, cell_text, columns_for, csv_number, is_paired, task_notes
 
 TEMPLATES = Path(__file__).with_name("site_templates")
@@ -286,7 +286,8 @@ def build_site(results: Path) -> dict[str, bytes]:
     if not (results / "runs").is_dir():
         raise BenchError(f"no runs under {results}/runs; run `python -m bench run ...` or `bench sweep` first")
     found = collect(results)
-    records = [r for r in (read_record(p) for p in iter_runs(results)) if r.ok]
+    warn_damaged(found)
+    records = [r for r in (intact_record(p) for p in iter_runs(results)) if r is not None and r.ok]
     if not records and not found.failed:
         raise BenchError(f"no run files under {results}/runs; run `python -m bench run ...` or `bench sweep` first")
     tasks = sorted(found.table)
@@ -299,7 +300,8 @@ def build_site(results: Path) -> dict[str, bytes]:
     site.page("index.html", "index.html", task_summary=[_task_summary(task, found, seeds) for task in tasks],
               method_summary=[(label, [(t, len(s)) for (t, m), s in sorted(seeds.items()) if m == label])
                               for label in labels],
-              failed=found.failed, old_format=[p.relative_to(results).as_posix() for p in found.old_format])
+              failed=found.failed, damaged=found.damaged,
+              old_format=[p.relative_to(results).as_posix() for p in found.old_format])
     for task in tasks:
         columns, rows = task_rows(task, found, set(labels))
         notes = [line.removeprefix("- ") for line in task_notes(task, found) if line]

@@ -274,4 +274,9 @@ def render(found: Collected) -> tuple[str, str]:
         md += ["## Failed runs", ""]
         md += [f"- {r.task} / {r.method} / seed {r.seed}: {r.error}" for r in found.failed]
         md.append("")
+    if found.damaged:
+        md += ["## Damaged runs", "",
+               "Left out of every table above; rerun them (`bench sweep` reruns them itself).", ""]
+        md += [f"- {line}" for line in found.damaged]
+        md.append("")
     return "\n".join(md), buffer.getvalue()
