@@ -250,14 +250,22 @@ class RunRecord:
         if not isinstance(raw, dict):
             raise ValueError(f"it holds a {type(raw).__name__}, not a run record")
         schema = raw.get("schema", 1)
-        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+            raise ValueError(f"its schema {schema!r} is not one bench writes (1 to {SCHEMA_VERSION})")
+        if schema > SCHEMA_VERSION:
             raise ValueError(f"its schema {schema!r} is newer than this bench reads ({SCHEMA_VERSION}); update bench")
+        if schema >= TYPED_SCHEMA and (unknown := sorted(set(raw) - _FIELDS)):
+            raise ValueError(f"its field {unknown[0]!r} is not one schema {schema} has")
         if raw.get("status") == "ok" and "costs" not in raw and "timings" in raw:  # schema 1 or 2
             raw = _migrate_v2(raw)
         try:
             return _parse(raw)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(_why(exc)) from None
+
+
+TYPED_SCHEMA = 3  # from here on every record is written from this dataclass: no other top-level field
+_FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
 
 
 def _why(exc: Exception) -> str:

@@ -164,7 +164,10 @@ class ModelCache:
         self.fingerprint = path.parent.name  # every member shares the architecture and the data
         what = "MAP model" if member == 0 else f"ensemble member {member}"
         with cache_lock(path):  # a parallel run training the same model: wait, then load
-            if self._load(model, path, what):
+            loaded = self._load(model, path, what)
+            if loaded is None:  # a corrupt checkpoint was moved aside: start again from a fresh, seeded network
+                model, path = map_checkpoint(self.task, self.data, self.seed, member, self.fingerprint)
+            if loaded:
                 self.costs[member] = read_cost(path)
                 self.certificates[member] = self._cached_certificate(model, path)
                 self.loaded.append(member)
@@ -191,15 +194,16 @@ class ModelCache:
             save_parts(path, parts)
         return model.eval()
 
-    def _load(self, model: torch.nn.Module, path: Path, what: str) -> bool:
-        """The cached weights into ``model`` (False: none cached); a corrupt checkpoint is moved
-        aside, said so, and the network retrained instead of stopping the run."""
+    def _load(self, model: torch.nn.Module, path: Path, what: str) -> bool | None:
+        """The cached weights into ``model`` (False: none cached); None: the checkpoint was corrupt
+        (``model`` may hold its values), so it is moved aside, said so, and retrained instead of
+        stopping the run."""
         try:
             return load_state(model, path)
         except CorruptCheckpoint as corrupt:
             moved = move_aside(path)
             self.reporter.log(f"{what}: {str(corrupt).split(';')[0]}; moved it to {moved.name} and retraining")
-            return False
+            return None
 
     def _cached_certificate(self, model: torch.nn.Module, path: Path) -> MapCertificate:
         """The certificate kept with a cached network; one trained before certificates were kept

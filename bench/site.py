@@ -164,9 +164,22 @@ def run_settings(record: RunRecord) -> tuple[dict[str, str], list[str]]:
                                          (cfg.task_options, task_cls, m_fields, "task")):
         for key, value in changed_options(options, cls).items():  # a key both declare needs its owner
             settings[f"{prefix}.{key}" if key in theirs else key] = format_option(value)
-    notes = [f"{cls.name} is registered by a plugin: add --plugin PATH/TO/{_plugin_file(cls)} before run"
+    notes = [f"{cls.name} is registered by a plugin: PATH/TO/ is where your copy of {_plugin_file(cls)} lives"
              for cls in (method_cls, task_cls) if cls.__module__.startswith(PLUGIN_MODULE)]
     return settings, notes
+
+
+def plugin_args(record: RunRecord) -> list[str]:
+    """``--plugin`` arguments the command needs: one per plugin file that registers the run's
+    method or task (a placeholder for a name not registered here at all)."""
+    files = []
+    for name, kind in ((record.config.method, "method"), (record.config.task, "task")):
+        cls = _registered(name, kind)
+        if cls is None:
+            files.append("PLUGIN.py")
+        elif cls.__module__.startswith(PLUGIN_MODULE):
+            files.append(_plugin_file(cls))
+    return [a for f in dict.fromkeys(files) for a in ("--plugin", f"PATH/TO/{f}")]
 
 
 def reproduce(record: RunRecord) -> Reproduction:
@@ -177,7 +190,8 @@ def reproduce(record: RunRecord) -> Reproduction:
 
     cfg = record.config
     settings, notes = run_settings(record)
-    args = ["python", "-m", "bench", "run", "--method", cfg.method, "--task", cfg.task, "--seed", str(record.seed)]
+    args = ["python", "-m", "bench", *plugin_args(record), "run", "--method", cfg.method, "--task", cfg.task,
+            "--seed", str(record.seed)]
     args += ["--smoke"] if cfg.smoke else []
     args += ["--device", cfg.device_requested] if cfg.device_requested != "auto" else []
     for key, value in settings.items():

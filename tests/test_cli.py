@@ -418,13 +418,15 @@ def test_diverged_training_blames_training_and_caches_nothing(
     _no_results(tmp_path)
 
 
-def test_nan_checkpoint_in_the_cache_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """One written by older code, before diverged trainings were refused."""
+def test_nan_checkpoint_in_the_cache_is_moved_aside_and_retrained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint with NaN weights (from a diverged training that was cached) is never used."""
     import torch
 
     from bench.plugins import load_plugin
     from bench.tasks import TASKS
-    from bench.training import TrainingCost, map_checkpoint, save_cost
+    from bench.training import TrainingCost, load_state, map_checkpoint, save_cost
 
     load_plugin(TINY_TASK)
     task = TASKS.get("tiny-digits")(TASKS.get("tiny-digits").Options(hidden=29))
@@ -433,9 +435,11 @@ def test_nan_checkpoint_in_the_cache_is_refused(tmp_path: Path, capsys: pytest.C
     torch.save({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}, path)
     save_cost(path, TrainingCost(1.0, "cpu"))
     code = main(["--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits(hidden=29)",
-                 "--out", str(tmp_path), "--quiet"])
-    _one_line_error(code, capsys.readouterr().err, f"cached checkpoint {path} holds NaN or inf weights")
-    _no_results(tmp_path)
+                 "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"cached checkpoint {path} holds NaN or inf weights; moved it to seed0.pt.corrupt and retraining" in err
+    assert path.with_name("seed0.pt.corrupt").exists() and load_state(model, path)  # retrained, finite
 
 
 def test_unwritable_out_stops_before_training(

@@ -93,6 +93,9 @@ def test_schema_1_without_posthoc_split_derives_it() -> None:
     (lambda r: r["config"].update(smoke="no"), "'config.smoke' is missing or not a bool"),
     (lambda r: r["metrics"].update({"cls/nll": None}), "'metrics.cls/nll' is missing or not a finite number"),
     (lambda r: r.update(schema=SCHEMA_VERSION + 1), "newer than this bench reads"),
+    (lambda r: r.update(schema=0), "its schema 0 is not one bench writes"),
+    (lambda r: r.update(schema="6"), "its schema '6' is not one bench writes"),
+    (lambda r: r.update(comment="hand-edited"), "its field 'comment' is not one schema"),
     (lambda r: r.pop("error"), "'error' is missing"),
 ])
 def test_incomplete_records_are_named(edit, message: str) -> None:
