@@ -50,17 +50,24 @@ def tune_scale(
     return float(grid[best]), scores[best]
 
 
-def flat_within_noise(per_input: torch.Tensor) -> bool:
-    """Whether a (grid points × inputs) table of per-input validation NLLs is flat: for every
-    grid point, the paired bootstrap 95 % interval of its mean NLL minus the best point's
-    (resampling inputs, seeded) reaches down to NLL_RESOLUTION."""
+def worse_than_best(per_input: torch.Tensor) -> list[bool]:
+    """For each row of a (grid points × inputs) table of per-input NLLs: is its mean worse than
+    the best row's beyond noise, i.e. does the paired bootstrap 95 % interval of the difference
+    (resampling inputs, seeded) lie above NLL_RESOLUTION?"""
     means = per_input.mean(1)
     diffs = per_input - per_input[int(means.argmin())]
     n = per_input.shape[1]
     gen = torch.Generator().manual_seed(BOOTSTRAP_SEED)
     rows = torch.randint(0, n, (BOOTSTRAP_RESAMPLES, n), generator=gen)
     # one grid point at a time (a grid × resamples × inputs tensor would not fit in memory)
-    return all(float(torch.quantile(d[rows].mean(1), 0.025)) <= NLL_RESOLUTION for d in diffs)
+    return [float(torch.quantile(d[rows].mean(1), 0.025)) > NLL_RESOLUTION for d in diffs]
+
+
+def flat_within_noise(per_input: torch.Tensor) -> bool:
+    """Whether a (grid points × inputs) table of per-input validation NLLs is flat: for every
+    grid point, the paired bootstrap 95 % interval of its mean NLL minus the best point's
+    (resampling inputs, seeded) reaches down to NLL_RESOLUTION."""
+    return not any(worse_than_best(per_input))
 
 
 def scale_curve(logits: torch.Tensor, variance: torch.Tensor, labels: torch.Tensor,

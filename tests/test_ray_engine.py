@@ -114,7 +114,9 @@ def test_cluster_sweep_survives_a_killed_worker_node_and_matches_the_local_engin
         _kill(head)
         shutil.rmtree(short, ignore_errors=True)
     ray_out = tmp_path / "ray-out"
-    assert not [p for p in ray_out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    leftovers = [p for p in ray_out.rglob("*") if ".claims" not in p.parts  # claims: released lock files
+                 and (p.name.endswith(".tmp") or p.name.startswith("."))]
+    assert not leftovers
     assert len(list(ray_out.rglob("seed*.json"))) == 6 and len(list(ray_out.rglob("seed*.npz"))) == 6
     local = run_cli(*grid, "--out", str(tmp_path / "local-out"), env={**ONE_THREAD, "NAP_DIR": str(naps), "NAP_S": "0"})
     assert local.returncode == 0, local.stderr
@@ -154,3 +156,12 @@ def test_an_address_ray_could_not_join_is_one_line_within_seconds(address, needl
     with pytest.raises(BenchError, match=re.escape(needle)) as err:
         ray_engine.check_address(address)
     assert "\n" not in str(err.value) and time.perf_counter() - started < 60
+
+
+def test_a_sweep_at_an_unreachable_address_ends_in_one_line_and_exit_2(tmp_path, capsys) -> None:
+    started = time.perf_counter()
+    code = main(["--plugin", str(TINY_TASK), "sweep", "--engine", "ray", "--address", "127.0.0.1:1", "--tasks",
+                 "tiny-digits", "--methods", "map", "--seeds", "0", "--out", str(tmp_path), "--smoke"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in err
+    assert time.perf_counter() - started < 60 and not (tmp_path / "runs").exists()
