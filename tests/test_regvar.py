@@ -341,3 +341,19 @@ def test_flags_are_logged_as_warnings():
     assert any("WARNING" in line and "cg_not_converged" in line for line in logs)
     # ... and reach the record's flags, which the leaderboard marks
     assert any(f.startswith("solver: cg not converged in") for f in m.summary()["flags"])
+
+
+def test_a_solve_that_met_negative_curvature_counts_as_not_converged():
+    """At an untrained network ∇²P is indefinite: CG meets non-positive curvature, and such a
+    solve is counted as not converged (never as converged because it stopped)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(8, C))
+    cls = METHODS.get("regvar")
+    m = cls(build(cls.Options, {"cg_block": "false", "preconditioner": "none"}, "regvar"))
+    m.fit(FitContext(data=tiny_data(), make_model=tiny_model, recipe=TrainRecipe(1, 8, 1e-3, 1e-6), device=CPU,
+                     seed=0, map_model=model, train_model=lambda _m: model, progress=lambda it, **_: it,
+                     log=lambda _m: None))
+    m.predict(tiny_data().test.tensors[0])
+    flags = m.summary()["solver_flags"]
+    assert flags.get("negative_curvature", 0) > 0
+    assert flags["cg_not_converged"] >= flags["negative_curvature"]
