@@ -169,16 +169,17 @@ def extreme_eigenvalues(obj: Objective, theta: torch.Tensor) -> tuple[float, flo
 
     n = theta.numel()
 
-    def shifted(v: np.ndarray) -> np.ndarray:
-        vector = torch.from_numpy(np.ascontiguousarray(v.reshape(-1)))
-        return obj.hvp(theta, vector).numpy() + EIGEN_SHIFT * v.reshape(-1)
+    def shifted(v: np.ndarray) -> np.ndarray:  # ARPACK works in host memory; θ may live on a GPU
+        vector = torch.from_numpy(np.ascontiguousarray(v.reshape(-1))).to(theta.device)
+        return obj.hvp(theta, vector).cpu().numpy() + EIGEN_SHIFT * v.reshape(-1)
 
     op = LinearOperator((n, n), matvec=shifted, dtype=np.float64)
     start = np.random.default_rng(0).standard_normal(n)  # seeded: the same certificate every run
     values, vectors = eigsh(op, k=1, which="SA", tol=EIGEN_ATOL / EIGEN_SHIFT, v0=start,
                             ncv=min(LANCZOS_VECTORS, n - 1))
     high = eigsh(op, k=1, which="LA", tol=1e-2, v0=start, ncv=min(20, n - 1), return_eigenvectors=False)
-    return float(values[0]) - EIGEN_SHIFT, float(high[0]) - EIGEN_SHIFT, torch.from_numpy(vectors[:, 0])
+    direction = torch.from_numpy(np.ascontiguousarray(vectors[:, 0])).to(theta.device)
+    return float(values[0]) - EIGEN_SHIFT, float(high[0]) - EIGEN_SHIFT, direction
 
 
 def escape_saddle(obj: Objective, theta: torch.Tensor, direction: torch.Tensor) -> torch.Tensor | None:

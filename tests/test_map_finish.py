@@ -131,3 +131,14 @@ def test_certificate_round_trips_through_the_record_type():
     assert c.certified and "certified minimum" in c.describe()
     assert not dataclasses.replace(c, lambda_min=-1e-4).certified
     assert not dataclasses.replace(c, grad_inf=1e-5).certified
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_finish_on_a_gpu_matches_the_cpu():
+    cpu_model, x, y = toy()
+    gpu_model, _, _ = toy()
+    on_cpu = finish(cpu_model, x, y, WD)
+    on_gpu = finish(gpu_model.cuda(), x.cuda(), y.cuda(), WD)
+    assert on_gpu.certified and next(gpu_model.parameters()).is_cuda
+    assert on_gpu.objective == pytest.approx(on_cpu.objective, rel=1e-8)
+    assert on_gpu.lambda_min == pytest.approx(on_cpu.lambda_min, rel=2e-2)
