@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     steps = [
         _step("cuda_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda",
                              "tests/test_ensemble.py", "tests/test_mc_dropout.py", "tests/test_harness_pieces.py",
-                             "tests/test_imdb_lora.py"],
+                             "tests/test_imdb_lora.py", "tests/test_map_finish.py"],
               out, 600),
         _step("smoke_sweep", [*bench, "sweep", "--methods", "all", "--tasks", "tiny-digits", "--seeds", "0",
                               "--smoke", "--device", device, "--jobs", "1", "--out", str(out / "smoke"), *queries],
