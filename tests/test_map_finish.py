@@ -134,7 +134,7 @@ def test_certificate_round_trips_through_the_record_type():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-def test_finish_on_a_gpu_matches_the_cpu():
+def test_finish_on_cuda_matches_the_cpu():
     cpu_model, x, y = toy()
     gpu_model, _, _ = toy()
     on_cpu = finish(cpu_model, x, y, WD)
