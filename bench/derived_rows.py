@@ -17,7 +17,7 @@ import torch
 
 from bench.formulas import probit_probs
 from bench.record import ScaleTuning
-from bench.scale_tuning import SCALE_GRID, scale_curve, scale_edge_flag
+from bench.scale_tuning import SCALE_GRID, best_on_curve, scale_curve, scale_edge_flag
 from bench.validation import GAUSSIAN_KEY as _GAUSSIAN_KEY
 
 UNTUNED, TUNED = "[s=1]", "[s tuned]"
@@ -64,9 +64,8 @@ def tune(arrays: dict[str, np.ndarray]) -> ScaleTuning:
     the s with the lowest NLL (the first of equal minima) and its flag."""
     val_var = _tensor(arrays["val/logit_var"])
     curve = scale_curve(_tensor(arrays["val/logit_mean"]), val_var, torch.from_numpy(arrays["val/labels"]))
-    nlls = curve.mean(1)
-    scale = float(SCALE_GRID[int(nlls.argmin())])
-    return ScaleTuning(list(SCALE_GRID), nlls.tolist(), scale, curve.shape[1],
+    scale, _ = best_on_curve(curve)
+    return ScaleTuning(list(SCALE_GRID), curve.mean(1).tolist(), scale, curve.shape[1],
                        scale_edge_flag(scale, val_var, curve=curve))
 
 

@@ -28,14 +28,12 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 
 
-def scale_nlls(
-    logits: torch.Tensor,
-    variance: torch.Tensor,
-    labels: torch.Tensor,
-    grid: Sequence[float] = SCALE_GRID,
-) -> list[float]:
-    """Validation NLL of the probit predictive for every variance scale s in ``grid``."""
-    return scale_curve(logits, variance, labels, grid).mean(1).tolist()
+def best_on_curve(curve: torch.Tensor, grid: Sequence[float] = SCALE_GRID) -> tuple[float, float]:
+    """The scale of ``grid`` with the lowest mean NLL on a ``scale_curve`` (the first of equal
+    minima), and that NLL."""
+    means = curve.mean(1).tolist()
+    best = min(range(len(grid)), key=lambda i: (means[i], i))
+    return float(grid[best]), means[best]
 
 
 def tune_scale(
@@ -45,9 +43,7 @@ def tune_scale(
     grid: Sequence[float] = SCALE_GRID,
 ) -> tuple[float, float]:
     """The variance scale s from ``grid`` with the lowest validation NLL, and that NLL."""
-    scores = scale_nlls(logits, variance, labels, grid)
-    best = min(range(len(grid)), key=lambda i: (scores[i], i))
-    return float(grid[best]), scores[best]
+    return best_on_curve(scale_curve(logits, variance, labels, grid), grid)
 
 
 def worse_than_best(per_input: torch.Tensor) -> list[bool]:
