@@ -133,31 +133,29 @@ def in_ray(
     from bench.runner import result_paths, write
     from bench.sweep import is_done, record_failure
 
-    claims = contextlib.ExitStack()
-    held: dict[int, contextlib.ExitStack] = {}
-    skipped: list[tuple[int, tuple[str | None, float]]] = []
-    for i, config in enumerate(todo):
-        stack = contextlib.ExitStack()
-        if not stack.enter_context(claimed(config.out, result_paths(config)[0])):
-            skipped.append((i, (CLAIMED, 0.0)))
-        elif skip_done and is_done(config):  # finished by another sweep before the claim was ours
-            stack.close()
-            skipped.append((i, (None, 0.0)))
-        else:
-            held[i] = claims.enter_context(stack)
-
     ray = require_ray()
     check_address(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the user gets one line
-        claims.close()
         raise BenchError(f"Ray could not start or join a cluster at {address or 'this machine'} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    claims = contextlib.ExitStack()
+    held: dict[int, contextlib.ExitStack] = {}
+    skipped: list[tuple[int, tuple[str | None, float]]] = []
+    for i, config in enumerate(todo):
+        stack = contextlib.ExitStack()
+        mine = stack.enter_context(claimed(config.out, result_paths(config)[0]))
+        if not mine or (skip_done and is_done(config)):  # done: another sweep finished it before we claimed it
+            stack.close()
+            skipped.append((i, (None if mine else CLAIMED, 0.0)))
+        else:
+            held[i] = claims.enter_context(stack)
+
     options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False}
     runs = ray.remote(run_task)
     warm = ray.remote(warm_task).options(**options)
-    for ref in [warm.remote(c, plugins) for c in _warm_groups(todo)]:  # MAP networks once per grid
+    for ref in [warm.remote(c, plugins) for c in _warm_groups([todo[i] for i in held])]:  # MAP networks once
         try:
             ray.get(ref)
         except Exception:  # noqa: BLE001, S110 - the runs that need it fail and are recorded themselves
