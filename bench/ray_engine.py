@@ -28,6 +28,11 @@ from bench.errors import BenchError
 from bench.runner import RunConfig
 
 MAX_RETRIES = 3  # a worker or node that dies: Ray reruns the task elsewhere
+HEAD_POLL_S = 5.0  # how often the driver, waiting on runs, checks that the cluster's head still answers
+
+
+class ClusterLost(RuntimeError):
+    """The Ray head stopped answering mid-sweep: the runs still pending cannot finish."""
 INSTALL_HINT = 'pip install -e ".[ray]"'
 _plugins_loaded: set[str] = set()
 
@@ -167,11 +172,24 @@ def in_ray(
         gpus = 1 if config.device.startswith("cuda") else 0
         refs[runs.options(**options, num_gpus=gpus).remote(config, plugins)] = i
 
+    head = ray.get_runtime_context().gcs_address
+    lost: list[ClusterLost] = []
+
     def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
         yield from skipped
         pending = list(refs)
         while pending:
-            (ref,), pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=HEAD_POLL_S)
+            if not ready:
+                if (gone := _head_gone(head)) is not None:  # Ray's own wait would hang, then kill the driver
+                    lost.append(gone)
+                    for ref in pending:
+                        i = refs[ref]
+                        yield i, (record_failure(todo[i], gone), 0.0)
+                        held.pop(i).close()
+                    return
+                continue
+            (ref,) = ready
             i = refs[ref]
             try:
                 record_json, arrays, seconds = ray.get(ref)
@@ -186,7 +204,16 @@ def in_ray(
     try:
         yield finished()
     finally:
-        for ref in refs:
-            ray.cancel(ref, force=True)
-        ray.shutdown()
+        if not lost:  # with the head gone, cancel and shutdown would wait on it
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            ray.shutdown()
         claims.close()
+
+
+def _head_gone(address: str) -> ClusterLost | None:
+    """A ``ClusterLost`` when the head at ``address`` (HOST:PORT) no longer accepts connections."""
+    host, _, port = address.rpartition(":")
+    if (exc := _reachable(host, int(port))) is None:
+        return None
+    return ClusterLost(f"the Ray cluster's head at {address} stopped answering mid-sweep ({exc.strerror or exc})")

@@ -124,6 +124,47 @@ def test_cluster_sweep_survives_a_killed_worker_node_and_matches_the_local_engin
     assert main(["table", "--results", str(ray_out)]) == 0  # every JSON's metrics recompute from its npz
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and Ray's node CLI")
+def test_a_head_lost_mid_sweep_keeps_finished_runs_and_records_the_lost_ones(tmp_path: Path) -> None:
+    plugin = tmp_path / "nap.py"
+    plugin.write_text(NAP_METHOD)
+    naps = tmp_path / "naps"
+    naps.mkdir()
+    port = _free_port()
+    env = {**os.environ, **ONE_THREAD, "NAP_DIR": str(naps), "NAP_S": "600", "PYTHONPATH": str(REPO),
+           "RAY_AUTH_MODE": "disabled"}
+    short = tempfile.mkdtemp(prefix="bray", dir="/tmp")
+    head = _node("--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={short}",
+                 env=env)
+    out = tmp_path / "out"
+    grid = ["--plugin", str(TINY_TASK), "--plugin", str(plugin), "sweep", "--methods", "map,nap-map",
+            "--tasks", "tiny-digits", "--seeds", "0", "--smoke", "--quiet", "--out", str(out)]
+    finished = out / "runs" / "tiny-digits@smoke" / "map" / "seed0.json"
+    try:
+        _wait_for_cpus(port, 2, env)
+        sweep = subprocess.Popen([sys.executable, "-m", "bench", *grid, "--engine", "ray", "--address",
+                                  f"127.0.0.1:{port}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and sweep.poll() is None and not (finished.exists() and any(naps.iterdir())):
+            time.sleep(0.2)
+        assert sweep.poll() is None, sweep.communicate()[1][-2000:]
+        _kill(head)  # the head and its node's workers, the napping run among them
+        killed = time.time()
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        _kill(head)
+        shutil.rmtree(short, ignore_errors=True)
+    assert time.time() - killed < 60 and sweep.returncode == 1, stderr[-2000:]
+    assert "stopped answering mid-sweep" in stdout and "nap-map / tiny-digits / seed 0" in stdout
+    lost = json.loads((out / "runs" / "tiny-digits@smoke" / "nap-map" / "seed0.failed.json").read_text())
+    assert lost["status"] == "failed" and "ClusterLost" in lost["error"]
+    assert main(["table", "--results", str(out)]) == 0  # the finished run is intact
+    again = run_cli(*grid, env={**ONE_THREAD, "NAP_DIR": str(naps), "NAP_S": "0"})  # claims were released
+    assert again.returncode == 0, again.stderr
+    assert "1 skipped as already done" in again.stdout
+
+
 def _wait_for_cpus(port: int, cpus: int, env: dict[str, str], timeout: float = 180) -> None:
     """Until the cluster at ``port`` counts ``cpus`` CPUs (nodes start slowly on a busy machine)."""
     deadline = time.time() + timeout
