@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench {list,run,sweep,table,plot,perf,fidelity}``."""
+"""Command line: ``python -m bench {list,run,sweep,table,site,cost,plot,perf,fidelity}``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_site.add_argument("--out", type=Path, default=None, help="the site's folder (default <results>/site)")
     p_site.add_argument("--check", action="store_true",
                         help="exit 1 if the site's files differ from what the run files give")
+
+    p_cost = sub.add_parser("cost", help="wall time and core-hours of a results folder, summed from its records")
+    p_cost.add_argument("--results", type=Path, default=Path("results"))
+    p_cost.add_argument("--by", choices=["task", "method"], default="task", help="group rows by (default task)")
 
     p_plot = sub.add_parser("plot", help="reliability diagrams and OOD histograms into results/plots")
     p_plot.add_argument("--results", type=Path, default=Path("results"))
@@ -167,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.site import cmd_site
 
             return cmd_site(args)
+        if args.command == "cost":
+            from bench.sweep_cost import cmd_cost
+
+            return cmd_cost(args)
         if args.command == "plot":
             from bench.plots import cmd_plot
 

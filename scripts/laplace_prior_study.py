@@ -1,4 +1,4 @@
-"""The Laplace prior-precision comparison (issue 15, item 4): one markdown table from run files.
+"""The Laplace prior-precision comparison: one markdown table from run files.
 
 Reads every ``laplace`` and ``laplace-ll`` run (any options) under the given results roots and
 prints, per task and configuration, mean ± std over seeds of test NLL, ECE, the entropy OOD

@@ -265,12 +265,11 @@ def test_perf_and_fidelity_get_their_options_verbatim(argv: list[str], head: lis
 
 
 def test_fidelity_options_reach_its_parser(capsys: pytest.CaptureFixture[str]) -> None:
-    # Used to die in argparse ("unrecognized arguments: --task") before reaching fidelity.
     assert cli.main(["fidelity", "--task", "nope", "--json"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
-# --- Failures are one line, exit 2, and write nothing (issue 17) ----------------------------------
+# --- Failures are one line, exit 2, and write nothing ----------------------------------
 
 def _one_line_error(code: int, err: str, *needles: str) -> str:
     """Exit 2 and exactly one line on stderr, ``bench: error: ...``, holding every needle."""

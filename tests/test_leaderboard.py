@@ -182,7 +182,7 @@ def test_check_ignores_last_digit_noise_in_the_csv_but_not_a_changed_number(resu
     path.write_text(current)
 
 
-# --- Every result file is checked; damage is one line naming the file (issue 17) ------------------
+# --- Every result file is checked; damage is one line naming the file ------------------
 
 def _copy(results: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
     """A copy of the module's results; returns (root, a map run's JSON, its npz)."""

@@ -40,7 +40,7 @@ def test_a_scale_on_the_grid_floor_is_flagged_as_variance_switched_off() -> None
 
 
 def test_scale_tuning_refuses_a_nan_objective() -> None:
-    """A NaN validation NLL (NaN variances) is an error, never a chosen scale (issue 17 item 3)."""
+    """A NaN validation NLL (NaN variances) is an error, never a chosen scale."""
     logits = torch.tensor([[2.0, -1.0], [0.5, 0.1]])
     variance = torch.tensor([float("nan"), 0.3])
     with pytest.raises(BenchError, match="not finite"):

@@ -144,7 +144,7 @@ def test_interrupted_parallel_sweep_keeps_finished_runs_and_stops_its_workers(tm
         raise AssertionError(f"sweep worker {worker} still runs after the sweep was interrupted")
 
 
-# --- Failures stop up front, keep good results, and take the workers with them (issue 17) -----------
+# --- Failures stop up front, keep good results, and take the workers with them -----------
 
 def _one_line(code: int, err: str, needle: str) -> None:
     lines = err.strip().splitlines()
