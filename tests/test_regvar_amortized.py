@@ -9,6 +9,7 @@ from torch.func import hessian, jacrev, vmap
 from torch.utils.data import TensorDataset
 
 from bench.errors import BenchError
+from bench.formulas import probit_probs
 from bench.method_api import METHODS, FitContext
 from bench.options import build
 from bench.tasks.base import TaskData, TrainRecipe
@@ -134,7 +135,13 @@ def test_method_predicts_tunes_and_records(logistic):
     torch.testing.assert_close(pred.probs.sum(1), torch.ones(8))
     assert pred.scores["variance"].shape == (8,)
     s = method.summary()
-    assert s["lam"] in (1e-4, 1e-3) and s["scale"] > 0 and set(s["grid"]) == {"0.0001", "0.001"}
+    assert s["lam"] in (1e-4, 1e-3) and set(s["grid"]) == {"0.0001", "0.001"}
+    # λ is the one whose best scale gives the lowest validation NLL; the predictive itself is s = 1
+    assert s["val_nll"] == min(row["val_nll"] for row in s["grid"].values()) == s["grid"][str(s["lam"])]["val_nll"]
+    assert s["scale"] == 1.0 and s["profile_scale"] == s["grid"][str(s["lam"])]["scale"]
+    x = data.test.tensors[0]
+    logits, var = method._mean_var(*method.pair, method.lam_joint, x)
+    torch.testing.assert_close(pred.probs.double(), probit_probs(logits, var, 1.0), rtol=0, atol=1e-7)
     assert s["optimizer"] == "adam"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
