@@ -16,6 +16,7 @@ lock). Without shared storage each node trains its own, identical copy once.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -126,20 +127,96 @@ def _failure_of(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+Finished = tuple[int, tuple[str | None, float]]  # (index in todo, (error or None, seconds))
+
+
 @contextmanager
 def in_ray(
     todo: list[RunConfig], address: str | None, plugins: list[str], skip_done: bool = True
-) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
+) -> Iterator[Iterator[Finished]]:
     """Runs as Ray tasks; yields (index in ``todo``, (error, seconds)) as they finish, after the
-    driver has written each finished run. The driver claims every run before submitting it
-    (``bench.claims``) and holds the claim until the run is written or recorded as failed."""
+    driver has written each finished run.
+
+    The Ray driver is a child process: Ray ends a driver abruptly when its node's raylet or the
+    cluster's head dies, and the sweep must outlive that to record the runs the driver left
+    unfinished (as failed, ``ClusterLost``) and report them."""
+    import multiprocessing
+
+    from bench import lifeline
+    from bench.sweep import is_done, record_failure
+
+    require_ray()
+    check_address(address)
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    driver = context.Process(target=_driver, args=(todo, address, plugins, skip_done, os.getpid(), send))
+    driver.start()
+    send.close()
+
+    def finished() -> Iterator[Finished]:
+        reported: set[int] = set()
+        while (item := _receive(receive)) is not None:
+            if isinstance(item[0], str):  # the driver's one-line error (Ray could not start, ...)
+                raise BenchError(item[1])
+            reported.add(item[0])
+            yield item
+        driver.join()
+        if lost := [i for i in range(len(todo)) if i not in reported]:
+            gone = ClusterLost(f"the Ray driver ended mid-sweep with exit code {driver.exitcode}: the cluster's "
+                               "head or this node's raylet went away, and Ray stopped the driver")
+            for i in lost:  # a run written just before the driver ended is done, not lost
+                yield i, ((None, 0.0) if is_done(todo[i]) else (record_failure(todo[i], gone), 0.0))
+
+    try:
+        yield finished()
+    finally:
+        driver.join(lifeline.GRACE_S)  # Ctrl-C reached the driver too: it cancels its tasks itself
+        if driver.is_alive():
+            driver.terminate()
+            driver.join(lifeline.GRACE_S)
+        receive.close()
+
+
+def _receive(receive: Any) -> Any:
+    """The driver's next message, or None at its end (or when it died without a word)."""
+    try:
+        return receive.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _driver(todo: list[RunConfig], address: str | None, plugins: list[str], skip_done: bool, parent: int,
+            send: Any) -> None:
+    """The Ray driver's process: ends with the sweep, sends each finished run, or one error."""
+    from bench import lifeline
+    from bench.plugins import load_plugins
+
+    lifeline.install(parent)
+    load_plugins(plugins)
+    try:
+        with _driving(todo, address, plugins, skip_done) as results:
+            for item in results:
+                send.send(item)
+    except BenchError as exc:
+        send.send(("error", str(exc)))
+    except KeyboardInterrupt:
+        pass
+    send.close()
+
+
+@contextmanager
+def _driving(
+    todo: list[RunConfig], address: str | None, plugins: list[str], skip_done: bool
+) -> Iterator[Iterator[Finished]]:
+    """The driver's work: claims every run before submitting it (``bench.claims``), holds the
+    claim until the run is written or recorded as failed, and notices a head that stops
+    answering (``ClusterLost``) while Ray itself would still be waiting on it."""
     from bench.claims import CLAIMED, claimed
     from bench.record import RunRecord
     from bench.runner import result_paths, write
     from bench.sweep import is_done, record_failure
 
     ray = require_ray()
-    check_address(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the user gets one line
@@ -147,7 +224,7 @@ def in_ray(
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     claims = contextlib.ExitStack()
     held: dict[int, contextlib.ExitStack] = {}
-    skipped: list[tuple[int, tuple[str | None, float]]] = []
+    skipped: list[Finished] = []
     for i, config in enumerate(todo):
         stack = contextlib.ExitStack()
         mine = stack.enter_context(claimed(config.out, result_paths(config)[0]))
@@ -175,7 +252,7 @@ def in_ray(
     head = ray.get_runtime_context().gcs_address
     lost: list[ClusterLost] = []
 
-    def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
+    def finished() -> Iterator[Finished]:
         yield from skipped
         pending = list(refs)
         while pending:

@@ -124,8 +124,18 @@ def test_cluster_sweep_survives_a_killed_worker_node_and_matches_the_local_engin
     assert main(["table", "--results", str(ray_out)]) == 0  # every JSON's metrics recompute from its npz
 
 
+def _kill_driver(sweep: subprocess.Popen) -> None:
+    """SIGKILL the sweep's Ray driver (its spawned child), as Ray does to a driver whose node died."""
+    import psutil
+
+    (driver,) = [p for p in psutil.Process(sweep.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    driver.kill()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and Ray's node CLI")
-def test_a_head_lost_mid_sweep_keeps_finished_runs_and_records_the_lost_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lose", ["head", "driver"])
+def test_a_cluster_lost_mid_sweep_keeps_finished_runs_and_records_the_lost_ones(tmp_path: Path, lose: str) -> None:
+    """The head killed (the driver notices, or Ray ends it), or the driver ended by Ray outright."""
     plugin = tmp_path / "nap.py"
     plugin.write_text(NAP_METHOD)
     naps = tmp_path / "naps"
@@ -149,16 +159,20 @@ def test_a_head_lost_mid_sweep_keeps_finished_runs_and_records_the_lost_ones(tmp
         while time.time() < deadline and sweep.poll() is None and not (finished.exists() and any(naps.iterdir())):
             time.sleep(0.2)
         assert sweep.poll() is None, sweep.communicate()[1][-2000:]
-        _kill(head)  # the head and its node's workers, the napping run among them
+        if lose == "head":
+            _kill(head)  # the head and its node's workers, the napping run among them
+        else:
+            _kill_driver(sweep)
         killed = time.time()
         stdout, stderr = sweep.communicate(timeout=120)
     finally:
         _kill(head)
         shutil.rmtree(short, ignore_errors=True)
     assert time.time() - killed < 60 and sweep.returncode == 1, stderr[-2000:]
-    assert "stopped answering mid-sweep" in stdout and "nap-map / tiny-digits / seed 0" in stdout
+    # the driver noticed (its head check) or Ray ended it and the sweep did: either way the run is named
+    assert "nap-map / tiny-digits / seed 0: ClusterLost: " in stdout, stdout + stderr[-3000:]
     lost = json.loads((out / "runs" / "tiny-digits@smoke" / "nap-map" / "seed0.failed.json").read_text())
-    assert lost["status"] == "failed" and "ClusterLost" in lost["error"]
+    assert lost["status"] == "failed" and lost["error"].startswith("ClusterLost: ")
     assert main(["table", "--results", str(out)]) == 0  # the finished run is intact
     again = run_cli(*grid, env={**ONE_THREAD, "NAP_DIR": str(naps), "NAP_S": "0"})  # claims were released
     assert again.returncode == 0, again.stderr
