@@ -63,7 +63,8 @@ def main(argv: list[str]) -> int:
     py, bench = sys.executable, [sys.executable, "-m", "bench", "--plugin", TINY]
     queries = ["--set", "max_queries=20"]
     steps = [
-        _step("cuda_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda",
+        _step("cuda_tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "slow or not slow",
+                             "-k", "cuda",
                              "tests/test_ensemble.py", "tests/test_mc_dropout.py", "tests/test_harness_pieces.py",
                              "tests/test_imdb_lora.py", "tests/test_map_finish.py"],
               out, 600),

@@ -22,6 +22,7 @@ def test_list_names_methods_and_tasks(capsys: pytest.CaptureFixture[str]) -> Non
     assert "method  map " in out and "task    fashion-mnist" in out
 
 
+@pytest.mark.slow
 def test_unknown_method_exits_2_and_names_valid_ones() -> None:
     proc = run_cli("run", "--method", "nope", "--task", "fashion-mnist")
     assert proc.returncode == 2
@@ -86,6 +87,7 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path: Path, isolated_cache:
     assert first.metrics == second.metrics
 
 
+@pytest.mark.slow
 def test_a_cached_network_is_charged_what_it_cost_to_train(tmp_path: Path, isolated_cache: Path) -> None:
     """Costs do not depend on the cache: a cached MAP or ensemble member costs what training it did."""
     spec = "ensemble(members=3)"
@@ -124,6 +126,7 @@ class MovingSplit(Tiny):
 '''
 
 
+@pytest.mark.slow
 def test_a_changed_split_or_network_never_reuses_a_checkpoint(
     tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -152,6 +155,7 @@ def test_a_changed_split_or_network_never_reuses_a_checkpoint(
     assert "not reusing it; training" in line
 
 
+@pytest.mark.slow
 def test_untrained_rerun_matches_cached_rerun(tmp_path: Path, isolated_cache: Path) -> None:
     """Determinism does not depend on the cache: delete it and the MAP comes out the same."""
     import shutil
@@ -163,6 +167,7 @@ def test_untrained_rerun_matches_cached_rerun(tmp_path: Path, isolated_cache: Pa
     assert first.metrics == second.metrics
 
 
+@pytest.mark.slow
 def test_plugin_method_from_outside_the_repo_runs(tmp_path: Path) -> None:
     plugin = tmp_path / "my_method.py"
     plugin.write_text(textwrap.dedent('''
@@ -369,6 +374,7 @@ def test_invalid_method_output_is_one_line_naming_the_method(
     _no_results(out)
 
 
+@pytest.mark.slow
 def test_nan_score_from_the_command_line_is_one_line(tmp_path: Path) -> None:
     plugin = tmp_path / "bad_nan.py"
     plugin.write_text(BAD_OUTPUT.format(name="nan-cli", body=BAD_OUTPUTS["nan-score"][0]))

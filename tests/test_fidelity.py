@@ -81,6 +81,7 @@ def test_bad_prior_is_refused(tiny_task: str) -> None:
         fidelity.main(["--task", tiny_task, "--smoke", "--prior-precision", "0"])
 
 
+@pytest.mark.slow
 def test_full_model_check_on_the_cached_map_network(
     tiny_task: str, tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,8 @@ from bench.runner import RunConfig, run
 from bench.tasks import TASKS
 from bench.tasks.lora_model import PAD
 
+pytestmark = pytest.mark.slow  # every method fine-tunes a small transformer
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FLAVOURS = ["encoder", "decoder"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]

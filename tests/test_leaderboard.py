@@ -54,6 +54,7 @@ def rows(root: Path) -> dict[tuple[str, str], float]:
         return {(r["method"], r["metric"]): float(r["mean"]) for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_capped_method_gets_a_paired_reference_on_its_own_subset(results: tuple[Path, Path]) -> None:
     table = rows(results[0])
     # subset-map is the MAP on a subset: the MAP cut to the same inputs must give the same numbers,
@@ -125,6 +126,7 @@ class Blurred(MAP):
 '''
 
 
+@pytest.mark.slow
 def test_statistics_intervals_significance_bold_and_mean_ranks(tmp_path: Path) -> None:
     run_with_plugin(tmp_path, BLURRED, ("map", "blurred-map"), ("0", "1"))
     assert main(["table", "--results", str(tmp_path)]) == 0

@@ -56,6 +56,7 @@ def test_finish_reaches_a_certified_minimum_with_the_dense_hessians_eigenvalues(
     assert certificate.objective == pytest.approx(float(p_of(theta)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_relu_network_is_reported_not_certified_not_quietly_accepted():
     """ReLU's gradient jumps at every kink: Newton stalls above the tolerance, and says so."""
     model, x, y = toy(nn.ReLU)

@@ -71,6 +71,7 @@ def _bench_list(cwd: Path) -> subprocess.CompletedProcess[str]:
                           timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
 
 
+@pytest.mark.slow
 def test_methods_py_in_working_directory_changes_nothing(tmp_path: Path) -> None:
     """A user's ``methods.py`` (or ``methods/``) is never imported in place of the built-in methods."""
     (tmp_path / "methods.py").write_text("print('SHADOWED')\nraise SystemExit(7)\n")

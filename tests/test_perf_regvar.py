@@ -11,6 +11,7 @@ from bench.errors import BenchError
 from bench.perf import regvar as perf_regvar
 
 
+@pytest.mark.slow
 def test_perf_regvar_reports_per_query_seconds_for_both_methods(tiny_task: str, capsys: pytest.CaptureFixture[str]):
     argv = ["--tasks", tiny_task, "--queries", "3", "--rows", f"{tiny_task}=400", "--loop", "--amortized", "--json"]
     assert perf_regvar.main(argv) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_record, run_cli
 from torch import nn
@@ -24,6 +25,7 @@ def imdb(backbone: str, limit: int | None = None, seed: int = 3):
     return task
 
 
+@pytest.mark.slow
 def test_regvar_refuses_an_over_budget_run_before_any_text_is_embedded(tmp_path: Path) -> None:
     """The README's main job on an empty cache with budget_s=1: exit 2 naming the budget, and
     the feature stores hold no vector (the probe embeds a few texts in memory only)."""

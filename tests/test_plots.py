@@ -13,6 +13,7 @@ from bench.cli import main
 from bench.plots import reliability_bins
 
 
+@pytest.mark.slow
 def test_plot_writes_readable_figures_for_every_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for method in ("map", "map-ts"):
         assert main(["--plugin", str(TINY_TASK), "run", "--method", method, "--task", "tiny-digits",
@@ -130,6 +131,7 @@ if "tiny-suite" not in TASKS:
 '''
 
 
+@pytest.mark.slow
 def test_plot_draws_the_shift_intensity_figure_for_suite_runs(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     plugin = tmp_path / "tiny_suite.py"

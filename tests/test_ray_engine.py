@@ -21,6 +21,8 @@ from conftest import REPO, TINY_TASK, run_cli
 from bench.cli import main
 from bench.errors import BenchError
 
+pytestmark = pytest.mark.slow  # a Ray cluster per test
+
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
 RAY = str(Path(sys.executable).with_name("ray"))
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

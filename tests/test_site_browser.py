@@ -23,6 +23,8 @@ from bench.plugins import load_plugin
 from bench.runner import RunConfig, run
 from bench.site import build_site, write_site
 
+pytestmark = pytest.mark.slow  # a headless browser
+
 _spec = importlib.util.spec_from_file_location("screenshot_site", REPO / "scripts" / "screenshot_site.py")
 shot = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(shot)

@@ -17,6 +17,8 @@ from conftest import REPO, TINY_TASK, run_cli
 from bench.cli import main
 from bench.method_api import METHODS
 
+pytestmark = pytest.mark.slow  # spawned sweeps
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # same threads in both arms, so metrics compare exactly
 
 FAILING_METHOD = '''

@@ -116,6 +116,7 @@ def test_models_and_recipe(name):
     assert smoke.recipe().epochs <= task.recipe().epochs
 
 
+@pytest.mark.slow
 def test_every_method_reads_one_certified_map_and_regvar_predicts_its_mean(tiny_backbone, offline, tmp_path):
     """The text head's MAP is finished by Newton to a stationary point of P with no negative
     curvature; the record carries its certificate (and flags the row if ∇²P is singular there),

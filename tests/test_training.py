@@ -41,6 +41,7 @@ def test_cost_round_trips_and_a_missing_one_is_a_clear_error(tmp_path: Path) -> 
         read_cost(tmp_path / "seed1.pt")
 
 
+@pytest.mark.slow
 def test_a_corrupt_cached_checkpoint_is_moved_aside_and_retrained(tmp_path, monkeypatch, capsys) -> None:
     from conftest import TINY_TASK
 
