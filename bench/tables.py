@@ -13,6 +13,7 @@ import io
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tabulate import tabulate
 
 from bench.derived_rows import TUNED, UNTUNED
@@ -65,7 +66,9 @@ HEADER = [
     "every evaluation set, the same draw for both rows). **Bold** = the column's best mean, significantly",
     "better than the runner-up by the same paired test; *italic* = the best mean but not significantly",
     "ahead (a tie). ECE: top-label, 15 equal-width bins, L1. NLL in nats. OOD AUROC: OOD is the positive",
-    "class; the score is named in the column. Times are seconds on the device named under each table.",
+    "class; the score is named in the column. Times are seconds on the device named under each table;",
+    "cost and memory cells are the median over seeds (lowest–highest), since identical runs' times and",
+    "peaks vary too much for a t-interval.",
     "train s: training of every network the method needs, summed (the MAP; an ensemble of 5: five",
     "trainings), charged whether the networks were trained or loaded from the cache (– : a run recorded",
     "before the cache stored training costs). post-hoc fit s: the method's own fitting after that. peak",
@@ -138,10 +141,19 @@ def _ranked_rows(runs: dict[str, list[dict[str, float]]]) -> list[str]:
 def cell_text(runs: list[dict[str, float]], key: str) -> str:
     """A row's cell for ``key``: mean ± 95 % half-width over the runs that have it; "≥" before a
     memory figure that is a lower bound (``bench.record.Memory.settled``)."""
-    s = summarize([r[key] for r in runs if key in r])
-    digits = 1 if key.startswith(("memory", "costs")) else 4
+    values = [r[key] for r in runs if key in r]
     bound = f"{LOWER_BOUND_MARK} " if key == MEMORY_KEY and any(LOWER_BOUND_KEY in r for r in runs) else ""
-    return bound + f"{s.mean:.{digits}f}" + (f" ± {s.half_width:.{digits}f}" if s.n > 1 else "")
+    if key.startswith(("memory", "costs")):  # identical runs' times and peaks vary too much for a t-interval
+        low, high = min(values), max(values)
+        spread = f" ({_figure(low)}–{_figure(high)})" if len(values) > 1 else ""
+        return bound + _figure(float(np.median(values))) + spread
+    s = summarize(values)
+    return bound + f"{s.mean:.4f}" + (f" ± {s.half_width:.4f}" if s.n > 1 else "")
+
+
+def _figure(x: float) -> str:
+    """A cost or memory figure to about three significant digits, without an exponent."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
 def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
@@ -177,6 +189,13 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
         rows.append(row)
     return [f"## {task}", "", tabulate(rows, headers=["method", "n", *[c[0] for c in cols]],
                                       tablefmt="github", disable_numparse=True), ""]
+
+
+def difference_cell(diff: float, low: float, high: float) -> str:
+    """``diff [low, high]`` in four decimals, or in two significant digits when four decimals
+    would print a nonzero interval as ``+0.0000`` (a bold zero reads as a contradiction)."""
+    fmt = "+.4f" if max(abs(low), abs(high)) >= 5e-5 or (low == high == 0.0) else "+.1e"
+    return f"{diff:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
 def task_notes(task: str, found: Collected) -> list[str]:
@@ -220,7 +239,7 @@ def _paired_table(task: str, found: Collected, writer: Any) -> list[str]:
             if iv is None:
                 row.append("–")
                 continue
-            cell = f"{iv.diff:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"
+            cell = difference_cell(iv.diff, iv.low, iv.high)
             row.append(f"**{cell}**" if iv.excludes_zero() else cell)
             for name, value in (("diff", iv.diff), ("ci_low", iv.low), ("ci_high", iv.high)):
                 writer.writerow([task, method, "", f"vs_{PAIRED_REFERENCE}/{key}/{name}", csv_number(value), "", ""])
