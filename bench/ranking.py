@@ -64,10 +64,13 @@ def best_of_column(
 def mean_ranks(
     per_task: dict[str, dict[str, float]], direction: int
 ) -> dict[str, tuple[float, int]]:
-    """method → (mean rank over the tasks it appears in, number of those tasks); rank 1 is best."""
+    """method → (mean rank over the tasks, number of tasks); rank 1 is best. Only methods present
+    on every task are ranked, each task ranking just those: a mean of ranks over different sets
+    of tasks, or among different rivals, compares nothing."""
     ranks: dict[str, list[float]] = {}
+    common = set.intersection(*(set(means) for means in per_task.values())) if per_task else set()
     for means in per_task.values():
-        methods = sorted(means)
+        methods = sorted(common)
         if not methods:
             continue
         order = rankdata([-direction * means[m] for m in methods])

@@ -265,19 +265,27 @@ def _rank_table(found: Collected) -> list[str]:
                 values = [r[k] for r in runs[m] for k in keys if k in r]
                 if values:
                     means[m] = summarize(values).mean
-            per_task[task] = means
+            if means:
+                per_task[task] = means
         ranks[title] = mean_ranks(per_task, direction)
     methods = sorted({m for r in ranks.values() for m in r})
     if not methods:
         return []
+    everywhere = {m for r in _ranked_rows_of(found) for m in r}
+    left_out = sorted(everywhere - set(methods))
     rows = [[m, max(r[m][1] for r in ranks.values() if m in r),
              *[f"{ranks[t][m][0]:.2f}" if m in ranks[t] else "–" for t, _, _ in metrics]] for m in methods]
     return ["## Mean rank across tasks", "",
-            "Each task ranks its full-set rows per metric (1 = best, ties share their mean rank; the AUROC rank",
-            "uses the mean entropy AUROC over the task's OOD sets); the cell is the mean over the tasks the",
-            "method ran on (n tasks). A rank ignores the size of differences; the task tables give those.", "",
+            "Each task ranks the full-set rows that every task has, per metric (1 = best, ties share their",
+            "mean rank; the AUROC rank uses the mean entropy AUROC over the task's OOD sets); the cell is the",
+            "mean over the tasks (n tasks). A rank ignores the size of differences; the task tables give those.",
+            *([f"Not ranked here (not run on every task): {', '.join(left_out)}."] if left_out else []), "",
             tabulate(rows, headers=["method", "n tasks", *[t for t, _, _ in metrics]], tablefmt="github",
                      disable_numparse=True), ""]
+
+
+def _ranked_rows_of(found: Collected) -> list[list[str]]:
+    return [_ranked_rows(runs) for runs in found.table.values()]
 
 
 def render(found: Collected) -> tuple[str, str]:

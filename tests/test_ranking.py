@@ -35,5 +35,11 @@ def test_best_is_significant_only_when_the_paired_interval_says_so(low: float, h
 
 
 def test_mean_ranks_average_over_tasks_and_share_ties() -> None:
-    ranks = mean_ranks({"t1": {"a": 0.9, "b": 0.8, "c": 0.8}, "t2": {"a": 0.7, "b": 0.9}}, direction=1)
-    assert ranks == {"a": (1.5, 2), "b": (1.75, 2), "c": (2.5, 1)}  # b: tied 2.5 in t1, 1 in t2
+    ranks = mean_ranks({"t1": {"a": 0.9, "b": 0.8, "c": 0.8}, "t2": {"a": 0.7, "b": 0.7, "c": 0.9}}, direction=1)
+    assert ranks == {"a": (1.75, 2), "b": (2.5, 2), "c": (1.75, 2)}  # b, c tie at 2.5 in t1; a, b in t2
+
+
+def test_mean_ranks_cover_only_methods_run_on_every_task() -> None:
+    """c ran on t1 only: it is left out, and t1 ranks a and b among themselves (not behind c)."""
+    ranks = mean_ranks({"t1": {"a": 0.9, "b": 0.8, "c": 0.95}, "t2": {"a": 0.7, "b": 0.9}}, direction=1)
+    assert ranks == {"a": (1.5, 2), "b": (1.5, 2)}
