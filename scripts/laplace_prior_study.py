@@ -31,10 +31,13 @@ METHODS = ("laplace", "laplace-ll")
 def config_name(record: RunRecord) -> str:
     """The prior configuration a run used, as it resolved it: ``gridsearch (val NLL)``,
     ``marglik (scalar)`` or ``marglik (layerwise)``. Runs made before ``prior_structure=auto``
-    recorded no resolved structure; their option is the structure they used."""
+    recorded no resolved structure; their option is the structure they used. ``objective``: the
+    MAP objective's own precision n·wd, the one RegVar reads."""
     method = record.method_summary.get("prior_method", record.config.method_options.get("prior_method"))
     if method == "gridsearch":
         return "gridsearch (val NLL)"
+    if method == "objective":
+        return "n·wd (the MAP objective's)"
     structure = record.method_summary.get("prior_structure", record.config.method_options.get("prior_structure"))
     return f"{method} ({structure})"
 
