@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tabulate import tabulate
 
+from bench.answers import answer_lines
 from bench.derived_rows import TUNED, UNTUNED
 from bench.paired import N_BOOT
 from bench.ranking import best_of_column, mean_ranks, summarize
@@ -67,7 +68,7 @@ HEADER = [
     "better than the runner-up by the same paired test; *italic* = the best mean but not significantly",
     "ahead (a tie). ECE: top-label, 15 equal-width bins, L1. NLL in nats. OOD AUROC: OOD is the positive",
     "class; the score is named in the column. Times are seconds on the device named under each table;",
-    "cost and memory cells are the median over seeds (lowest–highest), since identical runs' times and",
+    "cost and memory cells are the median over seeds [lowest, highest], since identical runs' times and",
     "peaks vary too much for a t-interval.",
     "train s: training of every network the method needs, summed (the MAP; an ensemble of 5: five",
     "trainings), charged whether the networks were trained or loaded from the cache (– : a run recorded",
@@ -145,7 +146,7 @@ def cell_text(runs: list[dict[str, float]], key: str) -> str:
     bound = f"{LOWER_BOUND_MARK} " if key == MEMORY_KEY and any(LOWER_BOUND_KEY in r for r in runs) else ""
     if key.startswith(("memory", "costs")):  # identical runs' times and peaks vary too much for a t-interval
         low, high = min(values), max(values)
-        spread = f" ({_figure(low)}–{_figure(high)})" if len(values) > 1 else ""
+        spread = f" [{_figure(low)}, {_figure(high)}]" if len(values) > 1 else ""
         return bound + _figure(float(np.median(values))) + spread
     s = summarize(values)
     return bound + f"{s.mean:.4f}" + (f" ± {s.half_width:.4f}" if s.n > 1 else "")
@@ -181,14 +182,14 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
             writer.writerow([task, method, s.n, key, csv_number(s.mean), csv_number(s.std), csv_number(s.half_width)])
             differs = key in vs_map and vs_map[key].excludes_zero()
             cell = cell_text(runs[method], key) + (f" {DIFFERS_MARK}" if differs else "")
-            cell += f" {FLAG_MARK}" if flagged else ""
             win = best.get(key)
             if win is not None and method in win.methods:
                 cell = f"**{cell}**" if win.significant else f"*{cell}*"
             row.append(cell)
         rows.append(row)
-    return [f"## {task}", "", tabulate(rows, headers=["method", "n", *[c[0] for c in cols]],
-                                      tablefmt="github", disable_numparse=True), ""]
+    return [f"## {task}", "", *answer_lines(task, found, ranked),
+            tabulate(rows, headers=["method", "n", *[c[0] for c in cols]], tablefmt="github", disable_numparse=True),
+            ""]
 
 
 def difference_cell(diff: float, low: float, high: float) -> str:

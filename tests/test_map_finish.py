@@ -97,7 +97,8 @@ def test_lanczos_finds_a_negative_eigenvalue_where_there_is_one():
     model, x, y = toy()
     obj = Objective(model, x, y, 0.0)  # no prior and an untrained network: indefinite
     p_of, theta = dense_objective(model, x, y)
-    low, high, _ = extreme_eigenvalues(obj, obj.flat())
+    low, high, _, resolved = extreme_eigenvalues(obj, obj.flat())
+    assert resolved
     dense = torch.linalg.eigvalsh(torch.autograd.functional.hessian(p_of, theta) - WD * torch.eye(len(theta)))
     assert low < 0
     assert low == pytest.approx(float(dense[0]), rel=2e-2) and high == pytest.approx(float(dense[-1]), rel=2e-2)
@@ -143,3 +144,18 @@ def test_finish_on_cuda_matches_the_cpu():
     assert on_gpu.certified and next(gpu_model.parameters()).is_cuda
     assert on_gpu.objective == pytest.approx(on_cpu.objective, rel=1e-8)
     assert on_gpu.lambda_min == pytest.approx(on_cpu.lambda_min, rel=2e-2)
+
+
+def test_an_unresolved_lambda_min_is_read_roughly_and_never_certified(monkeypatch):
+    """ARPACK's restarts are bounded: where λ_min is not resolved to ±1e-6 in time, the certificate
+    says so and the network is not certified, whatever the rough reading."""
+    from bench import map_finish
+
+    model, x, y = toy()
+    obj = Objective(model, x, y, 0.0)
+    monkeypatch.setattr(map_finish, "LANCZOS_RESTARTS", 1)
+    monkeypatch.setattr(map_finish, "LANCZOS_VECTORS", 3)  # too small a Krylov space to converge in one pass
+    low, _, _, resolved = extreme_eigenvalues(obj, obj.flat())
+    assert not resolved
+    note = map_finish._note(1e-8, 1e-6, 1e-4, 3, 0, resolved=False)
+    assert "not resolved" in note

@@ -15,6 +15,6 @@ def test_cost_and_memory_cells_are_the_median_and_range_not_a_t_interval() -> No
     from bench.tables import MEMORY_KEY, cell_text
 
     runs = [{MEMORY_KEY: 162.4}, {MEMORY_KEY: 623.0}, {MEMORY_KEY: 1051.2}]
-    assert cell_text(runs, MEMORY_KEY) == "623 (162–1051)"
+    assert cell_text(runs, MEMORY_KEY) == "623 [162, 1051]"
     assert cell_text([{"costs/predict_per_1k_s": 0.0307}], "costs/predict_per_1k_s") == "0.0307"  # not 0.0
     assert cell_text([{"cls/nll": 0.25}, {"cls/nll": 0.27}], "cls/nll").startswith("0.2600 ± ")
