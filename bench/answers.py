@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bench.ranking import summarize
+from bench.derived_rows import UNTUNED
+from bench.ranking import difference_cell, summarize
 
 if TYPE_CHECKING:
     from bench.leaderboard import Collected
@@ -40,6 +41,7 @@ class Answer:
     runner_up: str | None
     lead: Interval | None  # best − runner-up, paired
     cheapest_tie: str | None  # the cheapest method the best does not beat significantly (None: the best)
+    ties: int  # other rows the best does not beat significantly
 
     @property
     def significant(self) -> bool:
@@ -77,7 +79,8 @@ def answer(task: str, found: Collected, rows: list[str], headline: Headline) -> 
     ties = [m for m in order if m == best or not _beaten(found.compare(task, best, m).get(headline.key), headline)]
     costs = {m: c for m in ties if (c := total_cost(runs[m])) is not None}
     cheapest = min(costs, key=costs.__getitem__) if costs else None
-    return Answer(headline, best, means[best], runner_up, lead, None if cheapest == best else cheapest)
+    return Answer(headline, best, means[best], runner_up, lead, None if cheapest == best else cheapest,
+                  len(ties) - 1)
 
 
 def _beaten(interval: Interval | None, headline: Headline) -> bool:
@@ -88,18 +91,21 @@ def _beaten(interval: Interval | None, headline: Headline) -> bool:
 
 
 def answer_lines(task: str, found: Collected, rows: list[str]) -> list[str]:
-    """The markdown answer box of a task: one bullet per headline metric."""
+    """The markdown answer box of a task: one bullet per headline metric. ``[s=1]`` rows do not
+    compete: they are their method's own probit predictive again."""
+    rows = [m for m in rows if not m.endswith(UNTUNED)]
     keys = {k for m in rows for r in found.table[task][m] for k in r}
     lines = []
     for headline in headlines(keys):
         a = answer(task, found, rows, headline)
         if a is None:
             continue
-        lead = (f"ahead of `{a.runner_up}` by {a.lead.diff:+.4f} [{a.lead.low:+.4f}, {a.lead.high:+.4f}]"
+        lead = (f"ahead of `{a.runner_up}` by {difference_cell(a.lead.diff, a.lead.low, a.lead.high)}"
                 if a.lead is not None else f"runner-up `{a.runner_up}` (no paired interval)")
         verdict = "" if a.significant else " — not significantly: a tie"
-        cheap = (f"; cheapest not significantly worse: `{a.cheapest_tie}`" if a.cheapest_tie
-                 else "; it is also the cheapest of those it does not beat significantly")
+        cheap = ("; every other row is significantly worse" if a.ties == 0
+                 else f"; cheapest row not significantly worse: `{a.cheapest_tie}`" if a.cheapest_tie
+                 else "; no row it does not beat significantly is cheaper")
         lines.append(f"- **{headline.title}**: `{a.best}` ({a.best_mean:.4f}), {lead}{verdict}{cheap}.")
     if not lines:
         return []

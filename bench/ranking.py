@@ -77,3 +77,10 @@ def mean_ranks(
         for m, r in zip(methods, order, strict=True):
             ranks.setdefault(m, []).append(float(r))
     return {m: (sum(r) / len(r), len(r)) for m, r in ranks.items()}
+
+
+def difference_cell(diff: float, low: float, high: float) -> str:
+    """``diff [low, high]`` in four decimals, or in two significant digits when four decimals
+    would print a nonzero interval as ``+0.0000`` (a bold zero reads as a contradiction)."""
+    fmt = "+.4f" if max(abs(low), abs(high)) >= 5e-5 or (low == high == 0.0) else "+.1e"
+    return f"{diff:{fmt}} [{low:{fmt}}, {high:{fmt}}]"

@@ -19,7 +19,7 @@ from tabulate import tabulate
 from bench.answers import answer_lines
 from bench.derived_rows import TUNED, UNTUNED
 from bench.paired import N_BOOT
-from bench.ranking import best_of_column, mean_ranks, summarize
+from bench.ranking import best_of_column, difference_cell, mean_ranks, summarize
 
 if TYPE_CHECKING:
     from bench.leaderboard import Collected
@@ -190,13 +190,6 @@ def _task_table(task: str, found: Collected, writer: Any) -> list[str]:
     return [f"## {task}", "", *answer_lines(task, found, ranked),
             tabulate(rows, headers=["method", "n", *[c[0] for c in cols]], tablefmt="github", disable_numparse=True),
             ""]
-
-
-def difference_cell(diff: float, low: float, high: float) -> str:
-    """``diff [low, high]`` in four decimals, or in two significant digits when four decimals
-    would print a nonzero interval as ``+0.0000`` (a bold zero reads as a contradiction)."""
-    fmt = "+.4f" if max(abs(low), abs(high)) >= 5e-5 or (low == high == 0.0) else "+.1e"
-    return f"{diff:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
 def task_notes(task: str, found: Collected) -> list[str]:
