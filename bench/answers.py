@@ -91,8 +91,17 @@ def _beaten(interval: Interval | None, headline: Headline) -> bool:
 
 
 def answer_lines(task: str, found: Collected, rows: list[str]) -> list[str]:
-    """The markdown answer box of a task: one bullet per headline metric. ``[s=1]`` rows do not
-    compete: they are their method's own probit predictive again."""
+    """The markdown answer box of a task (heading, then one bullet per headline metric)."""
+    lines = answer_bullets(task, found, rows)
+    if not lines:
+        return []
+    return ["**At a glance** (full-set rows; intervals: paired bootstrap 95 %, best − runner-up; cost: "
+            "seconds to train, fit and predict 1,000 inputs, median over seeds):", "", *lines, ""]
+
+
+def answer_bullets(task: str, found: Collected, rows: list[str]) -> list[str]:
+    """One markdown bullet per headline metric. ``[s=1]`` rows do not compete: they are their
+    method's own probit predictive again."""
     rows = [m for m in rows if not m.endswith(UNTUNED)]
     keys = {k for m in rows for r in found.table[task][m] for k in r}
     lines = []
@@ -107,7 +116,4 @@ def answer_lines(task: str, found: Collected, rows: list[str]) -> list[str]:
                  else f"; cheapest row not significantly worse: `{a.cheapest_tie}`" if a.cheapest_tie
                  else "; no row it does not beat significantly is cheaper")
         lines.append(f"- **{headline.title}**: `{a.best}` ({a.best_mean:.4f}), {lead}{verdict}{cheap}.")
-    if not lines:
-        return []
-    return ["**At a glance** (full-set rows; intervals: paired bootstrap 95 %, best − runner-up; cost: "
-            "seconds to train, fit and predict 1,000 inputs, median over seeds):", "", *lines, ""]
+    return lines

@@ -35,7 +35,16 @@ from bench.leaderboard import Collected, collect, warn_damaged
 from bench.ranking import summarize
 from bench.record import RunRecord
 from bench.results import atomic_write_bytes, ensure_writable, intact_record, iter_runs
-from bench.tables import BASE_COLUMNS, PAIRED_REFERENCE, cell_text, columns_for, csv_number, is_paired, task_notes
+from bench.tables import (
+    BASE_COLUMNS,
+    PAIRED_REFERENCE,
+    cell_text,
+    columns_for,
+    csv_number,
+    is_paired,
+    task_answers,
+    task_notes,
+)
 
 TEMPLATES = Path(__file__).with_name("site_templates")
 STATIC = ("site.css", "site.js")  # copied verbatim into static/
@@ -319,7 +328,8 @@ def build_site(results: Path) -> dict[str, bytes]:
     for task in tasks:
         columns, rows = task_rows(task, found, set(labels))
         notes = [line.removeprefix("- ") for line in task_notes(task, found) if line]
-        site.page(task_page(task), "task.html", task=task, columns=columns, rows=rows, notes=notes,
+        answers = [line.removeprefix("- ").replace("**", "") for line in task_answers(task, found)]
+        site.page(task_page(task), "task.html", task=task, columns=columns, rows=rows, notes=notes, answers=answers,
                   plots=plots[task], seeds=seeds, run_labels=[m for t, m in sorted(seeds) if t == task])
     for label in labels:
         failed = [r for r in found.failed if r.method == label]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tabulate import tabulate
 
-from bench.answers import answer_lines
+from bench.answers import answer_bullets, answer_lines
 from bench.derived_rows import TUNED, UNTUNED
 from bench.paired import N_BOOT
 from bench.ranking import best_of_column, difference_cell, mean_ranks, summarize
@@ -276,6 +276,11 @@ def _rank_table(found: Collected) -> list[str]:
             *([f"Not ranked here (not run on every task): {', '.join(left_out)}."] if left_out else []), "",
             tabulate(rows, headers=["method", "n tasks", *[t for t, _, _ in metrics]], tablefmt="github",
                      disable_numparse=True), ""]
+
+
+def task_answers(task: str, found: Collected) -> list[str]:
+    """The answer box's bullets for ``task`` (markdown), among its ranked rows."""
+    return answer_bullets(task, found, _ranked_rows(found.table[task]))
 
 
 def _ranked_rows_of(found: Collected) -> list[list[str]]:

@@ -65,6 +65,7 @@ def test_pages_exist_for_the_task_each_method_and_each_run(site: dict[str, bytes
     task = page(site, f"task-{TASK}.html")
     assert f'src="plots/ood_hist_{TASK}_shuffled.png"' in task
     assert f'href="runs/{TASK}/{DROPOUT}/seed0.html"' in task
+    assert '<section class="answers">' in task and "<li>NLL: <code>" in task  # the answer box, as in the markdown
 
 
 def _markdown_cell(md: str, label: str, title: str) -> str:
