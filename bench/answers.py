@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bench.derived_rows import UNTUNED
-from bench.ranking import difference_cell, summarize
+from bench.ranking import ahead, difference_cell, summarize
 
 if TYPE_CHECKING:
     from bench.leaderboard import Collected
@@ -45,9 +45,7 @@ class Answer:
 
     @property
     def significant(self) -> bool:
-        if self.lead is None:
-            return False
-        return self.lead.low > 0 if self.headline.direction > 0 else self.lead.high < 0
+        return ahead(self.lead, self.headline.direction)
 
 
 def headlines(keys: set[str]) -> list[Headline]:
@@ -76,18 +74,12 @@ def answer(task: str, found: Collected, rows: list[str], headline: Headline) -> 
     order = sorted(means, key=lambda m: (-headline.direction * means[m], m))
     best, runner_up = order[0], order[1]
     lead = found.compare(task, best, runner_up).get(headline.key)
-    ties = [m for m in order if m == best or not _beaten(found.compare(task, best, m).get(headline.key), headline)]
+    ties = [m for m in order
+            if m == best or not ahead(found.compare(task, best, m).get(headline.key), headline.direction)]
     costs = {m: c for m in ties if (c := total_cost(runs[m])) is not None}
     cheapest = min(costs, key=costs.__getitem__) if costs else None
     return Answer(headline, best, means[best], runner_up, lead, None if cheapest == best else cheapest,
                   len(ties) - 1)
-
-
-def _beaten(interval: Interval | None, headline: Headline) -> bool:
-    """The best is significantly ahead of this method (an unknown interval counts as not beaten)."""
-    if interval is None:
-        return False
-    return interval.low > 0 if headline.direction > 0 else interval.high < 0
 
 
 def answer_lines(task: str, found: Collected, rows: list[str]) -> list[str]:

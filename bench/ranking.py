@@ -56,9 +56,15 @@ def best_of_column(
     top = tuple(m for m in order if means[m] == means[order[0]])
     if len(top) > 1 or len(order) == 1:
         return Best(top, False)
-    interval = compare(order[0], order[1]).get(key)
-    ahead = interval is not None and (interval.low > 0 if direction > 0 else interval.high < 0)
-    return Best(top, ahead)
+    return Best(top, ahead(compare(order[0], order[1]).get(key), direction))
+
+
+def ahead(interval: Interval | None, direction: int) -> bool:
+    """A paired interval of a − b puts a significantly ahead of b (``direction`` +1: higher is
+    better, -1: lower is better); an unknown interval puts nobody ahead."""
+    if interval is None:
+        return False
+    return interval.low > 0 if direction > 0 else interval.high < 0
 
 
 def mean_ranks(

@@ -48,11 +48,9 @@ def sweep_cost(records: list[RunRecord], by: str = "task") -> dict[str, Cost]:
         assert record.costs is not None
         key = record.task if by == "task" else record.method
         threads = _threads(record)
-        own = record.costs.data_s + record.costs.fit_posthoc_s + record.costs.predict_test_s
-        own += record.costs.predict_other_s
         for cost in (groups[key], groups["all"]):
             cost.runs += 1
-            cost.add(own, threads)
+            cost.add(record.costs.run_s, threads)
         for net in record.costs.networks:
             ident = (record.task, record.seed, net.member)
             if net.seconds is not None and ident not in trained:

@@ -265,7 +265,7 @@ def _rank_table(found: Collected) -> list[str]:
     methods = sorted({m for r in ranks.values() for m in r})
     if not methods:
         return []
-    everywhere = {m for r in _ranked_rows_of(found) for m in r}
+    everywhere = {m for runs in found.table.values() for m in _ranked_rows(runs)}
     left_out = sorted(everywhere - set(methods))
     rows = [[m, max(r[m][1] for r in ranks.values() if m in r),
              *[f"{ranks[t][m][0]:.2f}" if m in ranks[t] else "–" for t, _, _ in metrics]] for m in methods]
@@ -281,10 +281,6 @@ def _rank_table(found: Collected) -> list[str]:
 def task_answers(task: str, found: Collected) -> list[str]:
     """The answer box's bullets for ``task`` (markdown), among its ranked rows."""
     return answer_bullets(task, found, _ranked_rows(found.table[task]))
-
-
-def _ranked_rows_of(found: Collected) -> list[list[str]]:
-    return [_ranked_rows(runs) for runs in found.table.values()]
 
 
 def render(found: Collected) -> tuple[str, str]:
