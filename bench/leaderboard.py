@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.cells import LOWER_BOUND_KEY, MEMORY_KEY, PAIRED_REFERENCE, is_paired, paired_label
 from bench.derived_rows import derive, derived_label, has_gaussian, is_derived
 from bench.errors import BenchError
 from bench.metrics import evaluate
-from bench.paired import Interval, paired_intervals
+from bench.paired import Interval, Replicates, intervals, replicates
 from bench.record import RunRecord
 from bench.results import (
     atomic_write_bytes,
@@ -30,7 +31,7 @@ from bench.results import (
     subset_indices,
     unpack_predictions,
 )
-from bench.tables import LOWER_BOUND_KEY, MEMORY_KEY, PAIRED_REFERENCE, is_paired, paired_label, render, same_csv
+from bench.tables import render, same_csv
 
 # The JSON's metrics must come back from the npz to within this (they are computed from the
 # same float64 arrays by the same code, so they normally agree exactly).
@@ -63,18 +64,27 @@ class Collected:
         self.arrays: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # → seed → npz
         self.indices: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # capped runs
         self._compared: dict[tuple[str, str, str], dict[str, Interval]] = {}
+        self._boot: dict[tuple[str, str, int, str | None], Replicates] = {}
 
     def compare(self, task: str, a: str, b: str) -> dict[str, Interval]:
         """Paired bootstrap intervals of a − b on the inputs and seeds both were evaluated on
         (a capped ``a`` against ``b`` cut to its subset); empty if they share no seed."""
         key = (task, a, b)
         if key not in self._compared:
-            mine, theirs = self.arrays[(task, a)], self.arrays[(task, b)]
-            cuts = self.indices.get((task, a), {})
-            pairs = [(mine[s], restrict(theirs[s], cuts[s]) if s in cuts else theirs[s])
-                     for s in sorted(mine.keys() & theirs.keys())]
-            self._compared[key] = paired_intervals(pairs) if pairs else {}
+            seeds = sorted(self.arrays[(task, a)].keys() & self.arrays[(task, b)].keys())
+            cut = a if (task, a) in self.indices else None
+            pairs = [(self._replicates(task, a, s, None), self._replicates(task, b, s, cut)) for s in seeds]
+            self._compared[key] = intervals(pairs) if pairs else {}
         return self._compared[key]
+
+    def _replicates(self, task: str, label: str, seed: int, cut_by: str | None) -> Replicates:
+        """A row's bootstrap replicates for one seed, on its own inputs or cut to ``cut_by``'s subset."""
+        key = (task, label, seed, cut_by)
+        if key not in self._boot:
+            arrays = self.arrays[(task, label)][seed]
+            cuts = self.indices[(task, cut_by)] if cut_by is not None else {}
+            self._boot[key] = replicates(restrict(arrays, cuts[seed]) if seed in cuts else arrays, seed)
+        return self._boot[key]
 
 
 def collect(root: Path) -> Collected:

@@ -4,7 +4,8 @@ Two rows of the leaderboard are compared on the *same* inputs and seeds: each bo
 replicate resamples every evaluation set's inputs once, applies the same draw to both runs
 (paired) in each seed, and averages the difference over seeds. Percentile intervals. Used for
 every row against the MAP (a capped row against the MAP cut to its subset) and for the best
-mean of a column against the runner-up.
+mean of a column against the runner-up. The draws depend only on the seed and the set, so a
+run's metrics on them (``Replicates``) are computed once and serve every pair it is in.
 
 Hand-written because no field library bootstraps a difference of two metrics on shared
 resamples; the metrics are vectorised over replicates here (a loop over ``bench.metrics``
@@ -14,6 +15,8 @@ took minutes) and tests/test_paired.py checks that on the full sample they equal
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +28,8 @@ from bench.metrics.scores import max_prob_score, predictive_entropy
 
 N_BOOT = 1000
 LEVEL = 0.95
-CHUNK_VALUES = 2**21  # replicates × inputs evaluated at once
+BOOT_CHUNK = 50  # replicates drawn and evaluated at once (50 × the largest set's inputs)
+BOOT_SEED = 20240601
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class _Run:
                             for k in arrays if k.startswith("ood/") and k.endswith("/probs")})
         self.sizes = {name: len(s.nll) for name, s in self.sets.items()}
         self.sizes.update({name: len(s["entropy"]) for name, s in self.scores.items() if name != "test"})
+        self._ranks: dict[tuple[str, str], _Ranks] = {}
 
     def keys(self) -> list[str]:
         out = [f"cls/{m}" for m in ("acc", "nll", "brier")] + ["cal/ece"]
@@ -105,20 +110,31 @@ class _Run:
                 out.append(self.sets[name].metric(parts[2], counts[name]))
             else:
                 name, score = "/".join(parts[:2]), parts[3]
-                out.append(_auroc(self.scores["test"][score], self.scores[name][score], counts["test"], counts[name]))
+                if (name, score) not in self._ranks:
+                    self._ranks[(name, score)] = _Ranks(self.scores["test"][score], self.scores[name][score])
+                out.append(self._ranks[(name, score)].auroc(counts["test"], counts[name]))
         return np.stack(out, 1)
 
 
-def _auroc(score_in: np.ndarray, score_out: np.ndarray, w_in: np.ndarray, w_out: np.ndarray) -> np.ndarray:
-    """Mann–Whitney AUROC of each resample (OOD positive, ties count one half), as sklearn's,
-    from multiplicities: an OOD input's count of in-distribution inputs below it is a
-    cumulative sum of the resample's counts in sorted order (no sort per replicate)."""
-    order = np.argsort(score_in, kind="stable")
-    ranked = score_in[order]
-    cum = np.concatenate([np.zeros((len(w_in), 1)), np.cumsum(w_in[:, order], axis=1)], axis=1)
-    below = cum[:, np.searchsorted(ranked, score_out, side="left")]
-    equal = cum[:, np.searchsorted(ranked, score_out, side="right")] - below
-    return ((below + 0.5 * equal) * w_out).sum(1) / (w_in[0].sum() * w_out[0].sum())
+class _Ranks:
+    """Where each OOD input's score falls among the in-distribution scores, sorted once; the
+    AUROC of any resample is then read from cumulative counts (no sort per replicate)."""
+
+    def __init__(self, score_in: np.ndarray, score_out: np.ndarray) -> None:
+        self.order = np.argsort(score_in, kind="stable")
+        ranked = score_in[self.order]
+        self.below = np.searchsorted(ranked, score_out, side="left")
+        self.not_above = np.searchsorted(ranked, score_out, side="right")
+
+    def auroc(self, w_in: np.ndarray, w_out: np.ndarray) -> np.ndarray:
+        """Mann–Whitney AUROC of each resample (OOD positive, ties count one half), as sklearn's,
+        from multiplicities: an OOD input's count of in-distribution inputs below it is a
+        cumulative sum of the resample's counts in sorted order."""
+        cum = np.zeros((len(w_in), len(self.order) + 1))
+        np.cumsum(w_in[:, self.order], axis=1, out=cum[:, 1:])
+        below = cum[:, self.below]
+        equal = cum[:, self.not_above] - below
+        return ((below + 0.5 * equal) * w_out).sum(1) / (w_in[0].sum() * w_out[0].sum())
 
 
 def _counts(rng: np.random.Generator, replicates: int, n: int) -> np.ndarray:
@@ -127,35 +143,66 @@ def _counts(rng: np.random.Generator, replicates: int, n: int) -> np.ndarray:
     return np.bincount(draws.ravel(), minlength=replicates * n).reshape(replicates, n).astype(np.float64)
 
 
+def _draws(seed: int, name: str, n: int, n_boot: int) -> Iterator[np.ndarray]:
+    """The resamples of one evaluation set of one seed, BOOT_CHUNK replicates at a time. They
+    depend only on the seed and the set's name and size, so every run on those inputs gets the
+    same ones: the pairing is by construction, and each run's replicates are computed once."""
+    rng = np.random.default_rng([BOOT_SEED, seed, zlib.crc32(name.encode()), n])
+    for start in range(0, n_boot, BOOT_CHUNK):
+        yield _counts(rng, min(BOOT_CHUNK, n_boot - start), n)
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """One run's metrics on its full sample (``point``) and on each of the seed's shared
+    bootstrap resamples (``boot``: replicates × keys)."""
+
+    keys: tuple[str, ...]
+    point: np.ndarray
+    boot: np.ndarray
+    sizes: tuple[tuple[str, int], ...]
+
+
+def replicates(arrays: dict[str, np.ndarray], seed: int, n_boot: int = N_BOOT) -> Replicates:
+    """Every metric of one run's predictions on the full sample and on the resamples of ``seed``."""
+    run = _Run(arrays)
+    keys = run.keys()
+    point = run.metrics(keys, {s: np.ones((1, n)) for s, n in run.sizes.items()})[0]
+    streams = {s: _draws(seed, s, n, n_boot) for s, n in run.sizes.items()}
+    chunks = [run.metrics(keys, {s: next(stream) for s, stream in streams.items()})
+              for _ in range(0, n_boot, BOOT_CHUNK)]
+    return Replicates(tuple(keys), point, np.concatenate(chunks), tuple(sorted(run.sizes.items())))
+
+
+def intervals(pairs: list[tuple[Replicates, Replicates]]) -> dict[str, Interval]:
+    """First − second for every key both runs of every pair have, averaged over the pairs (one
+    per seed, each pair's runs on the same inputs and resamples), with percentile intervals."""
+    for a, b in pairs:
+        if a.sizes != b.sizes or len(a.boot) != len(b.boot):
+            raise ValueError(f"paired runs must cover the same inputs; got sets of sizes {dict(a.sizes)} and "
+                             f"{dict(b.sizes)}")
+    keys = [k for k in pairs[0][0].keys if all(k in a.keys and k in b.keys for a, b in pairs)]
+
+    def columns(r: Replicates) -> list[int]:
+        return [r.keys.index(k) for k in keys]
+
+    point = np.mean([a.point[columns(a)] - b.point[columns(b)] for a, b in pairs], 0)
+    reps = np.mean([a.boot[:, columns(a)] - b.boot[:, columns(b)] for a, b in pairs], 0)
+    tail = (1 - LEVEL) / 2 * 100
+    low, high = np.percentile(reps, [tail, 100 - tail], axis=0)
+    return {k: Interval(float(point[i]), float(low[i]), float(high[i])) for i, k in enumerate(keys)}
+
+
 def compared_keys(arrays: dict[str, np.ndarray]) -> list[str]:
     """The metric keys a paired comparison covers (those of ``bench.metrics.evaluate`` but MCE)."""
     return _Run(arrays).keys()
 
 
 def paired_intervals(
-    pairs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-    n_boot: int = N_BOOT,
-    seed: int = 0,
+    pairs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], n_boot: int = N_BOOT
 ) -> dict[str, Interval]:
     """First − second for every key both runs have; ``pairs`` holds the two runs' prediction
-    arrays on the same inputs (a capped run and the reference cut to its subset), one pair per seed."""
-    runs = [(_Run(a), _Run(b)) for a, b in pairs]
-    keys = [k for k in runs[0][0].keys() if all(k in a.keys() and k in b.keys() for a, b in runs)]
-    for a, b in runs:
-        if a.sizes != b.sizes:
-            raise ValueError(f"paired runs must cover the same inputs; got sets of sizes {a.sizes} and {b.sizes}")
-    full = [{s: np.ones((1, n)) for s, n in a.sizes.items()} for a, _ in runs]
-    point = np.mean([a.metrics(keys, d)[0] - b.metrics(keys, d)[0] for (a, b), d in zip(runs, full, strict=True)], 0)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, CHUNK_VALUES // max(sum(a.sizes.values()) for a, _ in runs))
-    reps = []
-    for start in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - start)
-        diffs = []
-        for a, b in runs:
-            draw = {s: _counts(rng, k, n) for s, n in a.sizes.items()}
-            diffs.append(a.metrics(keys, draw) - b.metrics(keys, draw))
-        reps.append(np.mean(diffs, 0))
-    tail = (1 - LEVEL) / 2 * 100
-    low, high = np.percentile(np.concatenate(reps), [tail, 100 - tail], axis=0)
-    return {k: Interval(float(point[i]), float(low[i]), float(high[i])) for i, k in enumerate(keys)}
+    arrays on the same inputs (a capped run and the reference cut to its subset), one pair per
+    seed (seeds 0, 1, ... in order)."""
+    return intervals([(replicates(a, seed, n_boot), replicates(b, seed, n_boot))
+                      for seed, (a, b) in enumerate(pairs)])
