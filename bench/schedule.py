@@ -23,15 +23,18 @@ DEFAULT_HISTORY = Path("results")
 
 
 def recorded_seconds(path: Path, smoke: bool) -> float | None:
-    """Wall seconds of one finished run with this smoke flag, from its result file; None when
-    there is no such run (missing, failed, corrupt or of the other flag)."""
+    """Wall seconds of one finished run with this smoke flag, from its result file, as if it had
+    trained every network it needs (a run that loads them from the cache is shorter; one that
+    counted only what that run happened to train estimated a first sweep's ensemble at seconds,
+    and the ratios of the time left blew up 100-fold). None when there is no such run (missing,
+    failed, corrupt or of the other flag)."""
     try:
         record = RunRecord.from_json(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None  # no usable history for this run: it is scheduled as an unknown
     if not record.ok or record.config.smoke != smoke:
         return None
-    return record.costs.total_s
+    return record.costs.run_s + (record.costs.train_s or 0.0)
 
 
 def estimate_seconds(

@@ -34,9 +34,9 @@ def test_recorded_seconds_sums_the_wall_time_parts_only(tmp_path: Path) -> None:
     assert recorded_seconds(path, smoke=True) is None  # a smoke run says nothing about a full one
 
 
-def test_recorded_seconds_count_networks_trained_in_the_run_not_loaded_ones(tmp_path: Path) -> None:
+def test_recorded_seconds_count_every_network_the_run_needs_trained_or_loaded(tmp_path: Path) -> None:
     path = _write_run(tmp_path, "t", "m", 0, {"networks": [NetworkCost(0, False, 2.0), NetworkCost(1, True, 5.0)]})
-    assert recorded_seconds(path, smoke=False) == pytest.approx(2.0)
+    assert recorded_seconds(path, smoke=False) == pytest.approx(7.0)  # as long as a first sweep's run
 
 
 @pytest.mark.parametrize("content", ["", "{not json", '{"status": "failed", "error": "x"}', "[]"])
