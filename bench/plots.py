@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.cells import is_paired  # noqa: E402
 from bench.data.shift_suite import CORRUPTIONS, PARAMETERS, ROTATE, parse_set_name  # noqa: E402
 from bench.derived_rows import is_derived  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
@@ -33,7 +34,6 @@ from bench.results import (  # noqa: E402
     read_predictions,
     read_record,
 )
-from bench.tables import is_paired  # noqa: E402
 
 REGVAR_GRID_KEY = "validation_nll_grid"  # {"lambdas": [...], "scales": [...], "nll": [[...]]}
 # (metric inside a shift set's keys, the clean test set's key, axis label, its range: bands are clipped to it)

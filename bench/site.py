@@ -19,7 +19,6 @@ import hashlib
 import json
 import shlex
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -29,22 +28,14 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bench import options as opts
+from bench.cells import MISSING, PAIRED_REFERENCE, Column, Mark, is_paired, is_subset, paired_label, task_marks
 from bench.derived_rows import TUNED, UNTUNED, derived_label, is_derived
 from bench.errors import BenchError
+from bench.headline import headline_cell, headline_columns, headline_labels
 from bench.leaderboard import Collected, collect, warn_damaged
-from bench.ranking import summarize
 from bench.record import RunRecord
 from bench.results import atomic_write_bytes, ensure_writable, intact_record, iter_runs
-from bench.tables import (
-    BASE_COLUMNS,
-    PAIRED_REFERENCE,
-    cell_text,
-    columns_for,
-    csv_number,
-    is_paired,
-    task_answers,
-    task_notes,
-)
+from bench.tables import columns_for, csv_number, task_answers, task_notes
 
 TEMPLATES = Path(__file__).with_name("site_templates")
 STATIC = ("site.css", "site.js")  # copied verbatim into static/
@@ -54,6 +45,7 @@ PLOT_PATTERNS = ("reliability_{}.png", "ood_hist_{}_*.png", "cost_quality_{}.png
                  "shift_intensity_{}*.png")
 LONG = 300  # characters of a nested value shown on a run page; the run's JSON has the rest
 URL_SAFE = "/@=,"
+NLL = "cls/nll"  # the index matrix's headline metric
 PLUGIN_MODULE = "bench_plugin_"  # the module name bench.plugins gives a plugin file
 
 
@@ -63,14 +55,16 @@ PLUGIN_MODULE = "bench_plugin_"  # the module name bench.plugins gives a plugin 
 @dataclass(frozen=True)
 class Cell:
     key: str
-    text: str  # as the markdown leaderboard writes it; "–" when no run has the metric
+    text: str  # as the markdown leaderboard writes it, without emphasis; "–" when no run has the metric
     sort: str  # the mean, for sorting; "" when missing
+    best: str  # "bold", "italic" or "" (``bench.cells.Mark``)
 
 
 @dataclass(frozen=True)
 class Row:
     label: str
     kind: str  # method (a run label), derived ([s=1] / [s tuned]) or subset (map ⊂ capped method)
+    parent: str  # the row it sorts under: a derived row stays below its method's
     link: str | None  # the page of the method whose runs the row comes from
     n: int
     cells: list[Cell]
@@ -78,17 +72,21 @@ class Row:
     devices: str
 
 
-def cells(runs: list[dict[str, float]], columns: Iterable[tuple[str, str, int]]) -> list[Cell]:
-    """One row's cells: ``bench.tables.cell_text``'s text and the mean it shows, for sorting."""
-    out = []
-    for _, key, _ in columns:
-        values = [r[key] for r in runs if key in r]
-        if not values:
-            out.append(Cell(key, "–", ""))
-            continue
-        sort_key = csv_number(summarize(values).mean)  # CSV precision: no last-bit noise in the page
-        out.append(Cell(key, cell_text(runs, key), sort_key))
-    return out
+@dataclass(frozen=True)
+class TaskTables:
+    """A task page's tables: the headline, the full-set rows and the subset rows."""
+
+    headline_titles: list[str]
+    headline: list[Row]
+    columns: list[Column]
+    full: list[Row]
+    subset: list[Row]
+
+
+def cell(key: str, mark: Mark) -> Cell:
+    """A table cell of the site: the markdown's cell (``bench.cells.Mark``) as text, emphasis and
+    the mean it shows, for sorting (at CSV precision: no last-bit noise in the page)."""
+    return Cell(key, mark.plain(), "" if mark.mean is None else csv_number(mark.mean), mark.best)
 
 
 def row_kind(label: str) -> str:
@@ -107,18 +105,26 @@ def source_label(label: str) -> str:
     return label
 
 
-def task_rows(task: str, found: Collected, methods: set[str]) -> tuple[list[tuple[str, str, int]], list[Row]]:
-    """The task table of the markdown leaderboard as data: its columns and one row per label."""
+def _row(task: str, found: Collected, label: str, cells: list[Cell], methods: set[str]) -> Row:
+    source = source_label(label)
+    devices = "" if row_kind(label) != "method" else ", ".join(sorted(found.devices.get((task, label), ())))
+    parent = source if row_kind(label) == "derived" else label
+    return Row(label, row_kind(label), parent, method_page(source) if source in methods else None,
+               len(found.table[task][label]), cells, sorted(found.flags.get((task, label), [])), devices)
+
+
+def task_tables(task: str, found: Collected, methods: set[str], marks: dict[str, dict[str, Mark]]) -> TaskTables:
+    """The task tables of the markdown leaderboard as data: headline, full-set and subset rows."""
     runs = found.table[task]
     columns = columns_for(runs)
-    rows = []
+    full, subset = [], []
     for label in sorted(runs):
-        source = source_label(label)
-        devices = "" if row_kind(label) != "method" else ", ".join(sorted(found.devices.get((task, label), ())))
-        rows.append(Row(label, row_kind(label), method_page(source) if source in methods else None,
-                        len(runs[label]), cells(runs[label], columns), sorted(found.flags.get((task, label), [])),
-                        devices))
-    return columns, rows
+        row = _row(task, found, label, [cell(key, marks[label][key]) for _, key, _ in columns], methods)
+        (subset if is_paired(label) or is_subset(runs[label]) else full).append(row)
+    heads = headline_columns(runs)
+    headline = [_row(task, found, label, [cell(c.keys[0], headline_cell(runs[label], marks[label], c)) for c in heads],
+                     methods) for label in headline_labels(runs)]
+    return TaskTables([c.title for c in heads], headline, columns, full, subset)
 
 
 # ---------------------------------------------------------------- the reproducing command
@@ -290,16 +296,29 @@ def task_plots(results: Path, tasks: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _method_tasks(found: Collected, label: str) -> list[tuple[str, list[Row]]]:
-    """task → the rows of the task table that come from ``label``'s runs (its own and derived)."""
+def nll_matrix(found: Collected, tasks: list[str], marks: dict[str, dict[str, dict[str, Mark]]]
+               ) -> list[tuple[str, list[Cell]]]:
+    """The index's method × task matrix on test NLL: every headline row, its task cells with the
+    task tables' marks ("–" where it did not run)."""
+    shown = {t: set(headline_labels(found.table[t])) for t in tasks}
+    labels = sorted(set().union(*shown.values()))
+    return [(label, [cell(NLL, marks[t][label][NLL] if label in shown[t] else MISSING) for t in tasks])
+            for label in labels]
+
+
+def _method_tasks(found: Collected, label: str, marks: dict[str, dict[str, dict[str, Mark]]],
+                  methods: set[str]) -> list[tuple[str, list[Column], list[Row]]]:
+    """task → columns and the rows of the task table that come from ``label``'s runs (its own,
+    derived, and the reference cut to its subset, its ``map ⊂`` partner)."""
     out = []
     for task in sorted(found.table):
-        rows = [Row(lab, row_kind(lab), None, len(runs), cells(runs, BASE_COLUMNS),
-                    sorted(found.flags.get((task, lab), [])), "")
-                for lab, runs in sorted(found.table[task].items())
-                if not is_paired(lab) and source_label(lab) == label]
+        runs = found.table[task]
+        columns = columns_for(runs)
+        rows = [_row(task, found, lab, [cell(key, marks[task][lab][key]) for _, key, _ in columns], methods)
+                for lab in sorted(runs)
+                if (not is_paired(lab) and source_label(lab) == label) or lab == paired_label(label)]
         if rows:
-            out.append((task, rows))
+            out.append((task, columns, rows))
     return out
 
 
@@ -320,21 +339,23 @@ def build_site(results: Path) -> dict[str, bytes]:
         seeds.setdefault((r.task, r.method), []).append(r.seed)
     plots = task_plots(results, tasks)
     site = Renderer(tasks)
+    marks = {task: task_marks(task, found, columns_for(found.table[task])) for task in tasks}
     site.page("index.html", "index.html", task_summary=[_task_summary(task, found, seeds) for task in tasks],
+              matrix=nll_matrix(found, tasks, marks),
               method_summary=[(label, [(t, len(s)) for (t, m), s in sorted(seeds.items()) if m == label])
                               for label in labels],
               failed=found.failed, damaged=found.damaged,
               old_format=[p.relative_to(results).as_posix() for p in found.old_format])
     for task in tasks:
-        columns, rows = task_rows(task, found, set(labels))
+        tables = task_tables(task, found, set(labels), marks[task])
         notes = [line.removeprefix("- ") for line in task_notes(task, found) if line]
         answers = [line.removeprefix("- ").replace("**", "") for line in task_answers(task, found)]
-        site.page(task_page(task), "task.html", task=task, columns=columns, rows=rows, notes=notes, answers=answers,
+        site.page(task_page(task), "task.html", task=task, tables=tables, notes=notes, answers=answers,
                   plots=plots[task], seeds=seeds, run_labels=[m for t, m in sorted(seeds) if t == task])
     for label in labels:
         failed = [r for r in found.failed if r.method == label]
-        site.page(method_page(label), "method.html", label=label, tasks=_method_tasks(found, label),
-                  columns=BASE_COLUMNS, seeds=seeds, failed=failed)
+        site.page(method_page(label), "method.html", label=label,
+                  tasks=_method_tasks(found, label, marks, set(labels)), seeds=seeds, failed=failed)
     for record in records:
         site.page(run_page(record.task, record.method, record.seed), "run.html", r=record,
                   reproduction=reproduce(record), options=_option_rows(record), memory=_memory_rows(record),

@@ -85,6 +85,15 @@ def test_subset_rows_are_never_bold(results: tuple[Path, Path]) -> None:
     assert not any("**" in line for line in subset_lines)
 
 
+def test_subset_rows_have_their_own_table_beside_their_map_rows(results: tuple[Path, Path]) -> None:
+    md = (results[0] / "leaderboard.md").read_text()
+    headline, rest = md.split("<summary>Full table", 1)
+    full, after = rest.split("</details>", 1)
+    subset = after.split("Subset rows", 1)[1].split("\n\n")[1]  # the table after its heading line
+    assert "| map " in full and "subset-map" not in full and "subset-map" not in headline.split("**At a glance")[-1]
+    assert [line.split("|")[1].strip() for line in subset.splitlines()[2:]] == ["map ⊂ subset-map", "subset-map ⚑"]
+
+
 FLAGGED = '''
 from bench.method_api import FLAGS_KEY, register_method
 from bench_methods.map import MAP
@@ -214,13 +223,17 @@ def _edit_json(json_path: Path, edit) -> None:
 
 
 def _peak_cells(root: Path) -> dict[str, str]:
-    """The peak-MiB cell of every row of the leaderboard's first table."""
+    """The peak-MiB cell of every row of the leaderboard's tables that have that column."""
     lines = (root / "leaderboard.md").read_text().splitlines()
-    header = next(line for line in lines if line.startswith("| method"))
-    column = [c.strip() for c in header.strip("|").split("|")].index("peak MiB")
-    table = lines[lines.index(header) + 2:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[:table.index("")]]
-    return {r[0].removesuffix(" ⚑"): r[column].removesuffix(" ⚑") for r in rows}  # ⚑: tiny-digits' MAP
+    cells = {}
+    for i, header in enumerate(lines):
+        if not header.startswith("| method") or "peak MiB" not in header:
+            continue
+        column = [c.strip() for c in header.strip("|").split("|")].index("peak MiB")
+        table = lines[i + 2:]
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[:table.index("")]]
+        cells.update({r[0].removesuffix(" ⚑"): r[column] for r in rows})  # ⚑: tiny-digits' MAP
+    return cells
 
 
 def test_memory_measured_before_settled_baselines_shows_as_a_lower_bound(

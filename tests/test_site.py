@@ -21,7 +21,7 @@ from bench.plugins import load_plugin
 from bench.results import dumps_json, read_record
 from bench.runner import RunConfig, resolve, run
 from bench.site import MANIFEST, SCREENSHOTS, build_site, check_site, reproduce, write_site
-from bench.tables import render
+from bench.tables import columns_for, render
 
 TASK = "tiny-digits"
 DROPOUT = "mc-dropout@samples=4"
@@ -68,22 +68,32 @@ def test_pages_exist_for_the_task_each_method_and_each_run(site: dict[str, bytes
     assert '<section class="answers">' in task and "<li>NLL: <code>" in task  # the answer box, as in the markdown
 
 
-def _markdown_cell(md: str, label: str, title: str) -> str:
-    """A cell of the markdown leaderboard's task table, without its marks (bold, †, ⚑)."""
-    lines = md.split(f"## {TASK}", 1)[1].splitlines()
+def _markdown_row(md: str, label: str) -> dict[str, str]:
+    """A row of the markdown leaderboard's full task table: column title → cell, marks included."""
+    lines = md.split(f"## {TASK}", 1)[1].split("<summary>Full table", 1)[1].splitlines()
     header = next(line for line in lines if line.startswith("| method"))
     titles = [c.strip() for c in header.strip("|").split("|")]
     row = next(line for line in lines if line.startswith(f"| {label} "))
-    cell = [c.strip() for c in row.strip("|").split("|")][titles.index(title)]
-    return cell.replace("*", "").replace("†", "").replace("⚑", "").strip()
+    return dict(zip(titles, [c.strip() for c in row.strip("|").split("|")], strict=True))
+
+
+def _markdown_cell(md: str, label: str, title: str) -> str:
+    """A cell of the markdown leaderboard's task table, without its marks (bold, †, ⚑)."""
+    return _markdown_row(md, label)[title].replace("*", "").replace("†", "").replace("⚑", "").strip()
+
+
+def _site_td(task_page: str, label: str, key: str, table: str = "board") -> str:
+    """The inner HTML of a cell of one of the task page's tables."""
+    body = task_page.split(f'id="{table}"', 1)[1].split("</table>", 1)[0]
+    row = re.search(rf'<tr data-kind="\w+" data-label="{re.escape(label)}"[^>]*>(.*?)</tr>', body, re.S)
+    assert row, label
+    cell = re.search(rf'data-key="{re.escape(key)}" data-sort="[^"]*">(.*?)</td>', row.group(1))
+    assert cell, key
+    return cell.group(1)
 
 
 def _site_cell(task_page: str, label: str, key: str) -> str:
-    row = re.search(rf'<tr data-kind="\w+" data-label="{re.escape(label)}"[^>]*>(.*?)</tr>', task_page, re.S)
-    assert row, label
-    cell = re.search(rf'data-key="{re.escape(key)}" data-sort="[^"]*">([^<]*)</td>', row.group(1))
-    assert cell, key
-    return html.unescape(cell.group(1))
+    return html.unescape(re.sub("<[^>]+>", "", _site_td(task_page, label, key))).replace("†", "").strip()
 
 
 def test_task_table_shows_the_markdown_leaderboards_numbers(results: Path, site: dict[str, bytes]) -> None:
@@ -93,6 +103,34 @@ def test_task_table_shows_the_markdown_leaderboards_numbers(results: Path, site:
         for title, key in (("NLL ↓", "cls/nll"), ("Acc ↑", "cls/acc"), ("peak MiB", "memory/peak_mib")):
             assert _site_cell(task, label, key) == _markdown_cell(md, label, title)
     assert "±" in _site_cell(task, "map", "cls/nll")  # two seeds: an interval
+
+
+def test_site_cells_carry_the_markdowns_marks(results: Path, site: dict[str, bytes]) -> None:
+    found = collect(results)
+    md, _ = render(found)
+    task = page(site, f"task-{TASK}.html")
+    emphasis = {"bold": 0, "italic": 0, "differs": 0}
+    for label in ("map", DROPOUT):
+        cells = _markdown_row(md, label)
+        for title, key, _ in columns_for(found.table[TASK]):
+            theirs, ours = cells[title], _site_td(task, label, key)
+            bold, italic = theirs.startswith("**"), theirs.startswith("*") and not theirs.startswith("**")
+            assert (bold, italic) == (ours.startswith("<strong>"), ours.startswith("<em>")), (label, key)
+            assert ("†" in theirs) == ("†" in html.unescape(ours)), (label, key)
+            emphasis["bold"] += bold
+            emphasis["italic"] += italic
+            emphasis["differs"] += "†" in theirs
+    assert emphasis["bold"] + emphasis["italic"] > 0 and emphasis["differs"] > 0  # the check saw marks
+
+
+def test_headline_table_has_at_most_eight_figures_and_names_the_ood_score(site: dict[str, bytes]) -> None:
+    task = page(site, f"task-{TASK}.html")
+    headline = task.split('id="headline"', 1)[1].split("</table>", 1)[0]
+    titles = re.findall(r"<th[^>]*>([^<]*)</th>", headline.split("</thead>", 1)[0])
+    assert titles[0] == "method" and 1 < len(titles) - 1 <= 8
+    assert any(t.startswith("AUROC shuffled (best score)") for t in titles)
+    ood = _site_td(task, "map", "ood/shuffled/auroc/entropy", table="headline")
+    assert re.search(r"\((entropy|variance|mutual_info|centred_var)\)", html.unescape(ood))
 
 
 def _command(run_page: str) -> list[str]:

@@ -133,37 +133,91 @@ def test_index_works_offline_and_links_to_the_task_page(driver, site: Path) -> N
     assert console_errors(driver) == []
 
 
+def heads(driver, key: str) -> list[str]:
+    """``data-sort`` of ``key`` on the rows that head their group (a method's own row), top to bottom;
+    asserts that every derived row sits right below its method's row or a sibling."""
+    table = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#board tbody tr')).map(r => [r.getAttribute('data-label'),"
+        " r.getAttribute('data-parent'), r.querySelector('td[data-key=\"' + arguments[0] + '\"]')"
+        ".getAttribute('data-sort')]);", key)
+    current = None
+    out = []
+    for label, parent, value in table:
+        if label == parent:
+            current = label
+            out.append(value)
+        else:
+            assert parent == current, f"{label} is not below {parent}"
+    return out
+
+
 @needs_browser
-def test_a_click_on_a_numeric_header_sorts_its_column(driver, site: Path) -> None:
+def test_a_click_on_a_numeric_header_sorts_its_column_keeping_derived_rows_under_their_method(
+        driver, site: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     open_page(driver, site, f"task-{TASK}.html")
-    nll = column(driver, "cls/nll")
+    nll = heads(driver, "cls/nll")
     assert len(set(nll)) >= 3 and "" not in nll  # distinct values: both orders cannot be the page's own
+    assert len(rows(driver)) > len(nll)  # laplace-ll's derived rows are in the table
     header = driver.find_element(By.CSS_SELECTOR, '#board th[title="cls/nll"]')
     header.click()
     assert header.get_attribute("aria-sort") == "ascending"
-    assert column(driver, "cls/nll") == sorted(nll, key=float)
+    assert heads(driver, "cls/nll") == sorted(nll, key=float)
     header.click()
     assert header.get_attribute("aria-sort") == "descending"
-    assert column(driver, "cls/nll") == sorted(nll, key=float, reverse=True)
+    assert heads(driver, "cls/nll") == sorted(nll, key=float, reverse=True)
     assert sorted(visible_labels(driver)) == sorted(r.get_attribute("data-label") for r in rows(driver))
 
     # A column where some rows have no value (map has no mutual information): those go last either
     # way. Sorted from the keyboard (Enter on the focused header) this time.
     keys = driver.execute_script("return Array.from(document.querySelectorAll('#board thead th[title]'))"
                                  ".map(th => th.title)")
-    gappy = next((k for k in keys if "" in column(driver, k) and set(column(driver, k)) - {""}), None)
+    gappy = next((k for k in keys if "" in heads(driver, k) and set(heads(driver, k)) - {""}), None)
     assert gappy, "no column of the tiny task's table has a missing value to sort around"
-    values = column(driver, gappy)
+    values = heads(driver, gappy)
     present = [v for v in values if v]
     header = driver.find_element(By.CSS_SELECTOR, f'#board th[title="{gappy}"]')
     for direction, reverse in (("ascending", False), ("descending", True)):
         header.send_keys(Keys.ENTER)
         assert header.get_attribute("aria-sort") == direction
-        assert column(driver, gappy) == sorted(present, key=float, reverse=reverse) + [""] * values.count("")
+        assert heads(driver, gappy) == sorted(present, key=float, reverse=reverse) + [""] * values.count("")
     assert console_errors(driver) == []
+
+
+@needs_browser
+def test_the_header_and_the_method_column_stay_in_view_while_the_table_scrolls(driver, site: Path) -> None:
+    open_page(driver, site, f"task-{TASK}.html")
+    driver.set_window_size(700, 500)  # narrower than the full table: it scrolls sideways in its box
+    try:
+        moved = driver.execute_script("""
+            const box = document.querySelector('#board').parentElement;
+            const first = () => document.querySelector('#board tbody th').getBoundingClientRect().left;
+            const head = () => document.querySelector('#board thead th[title]').getBoundingClientRect().top;
+            box.style.maxHeight = '90px';  // shorter than the tiny task's table: it scrolls down too
+            const before = [first(), head(), box.getBoundingClientRect().left, box.getBoundingClientRect().top];
+            box.scrollLeft = 400; box.scrollTop = 40;  // less than the table's height below the box
+            const edge = box.getBoundingClientRect();
+            return [[box.scrollLeft, box.scrollTop], before, [first(), head()], [edge.left, edge.top]];""")
+    finally:
+        driver.set_window_size(1280, 900)
+    (across, down), (left, top, _, _), (left_after, top_after), (box_left, box_top) = moved
+    assert across > 0 and down > 0  # the box did scroll both ways
+    # Scrolled away they would sit 400 px left of and 40 px above the box's edge; stuck, they sit on it.
+    assert box_left - 2 <= left_after <= max(left, box_left + 2)  # the method column
+    assert box_top - 2 <= top_after <= max(top, box_top + 2)  # the header
+
+
+@needs_browser
+def test_the_index_fits_a_phone_screen(driver, site: Path) -> None:
+    driver.set_window_size(390, 844)
+    try:
+        open_page(driver, site, "index.html")
+        overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    finally:
+        driver.set_window_size(1280, 900)
+    assert overflow <= 0
 
 
 @needs_browser

@@ -12,7 +12,7 @@ def test_a_tiny_but_nonzero_interval_is_not_printed_as_zero() -> None:
 
 
 def test_cost_and_memory_cells_are_the_median_and_range_not_a_t_interval() -> None:
-    from bench.tables import MEMORY_KEY, cell_text
+    from bench.cells import MEMORY_KEY, cell_text
 
     runs = [{MEMORY_KEY: 162.4}, {MEMORY_KEY: 623.0}, {MEMORY_KEY: 1051.2}]
     assert cell_text(runs, MEMORY_KEY) == "623 [162, 1051]"

@@ -1,6 +1,7 @@
 /* Hand-written for bench's static leaderboard (no library, no network, works from file://).
    Sorts a table.sortable by a click (or Enter) on a column header: by each cell's data-sort
-   (numbers unless the header says data-type="text"), cells without a value last either way.
+   (numbers unless the header says data-type="text"), cells without a value last either way;
+   a row whose data-parent names another row stays below that row.
    Filters the rows of the table named by a data-filter-text box (label contains the text)
    and a data-filter-kind select (the row's data-kind). */
 (function () {
@@ -16,16 +17,22 @@
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (h) { h.removeAttribute("aria-sort"); });
     th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
     var body = table.tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = value(a, i), y = value(b, i);
+    // A derived row (data-parent names its method's row) moves with its parent, below it.
+    var groups = {}, heads = [];
+    Array.prototype.forEach.call(body.rows, function (row) {
+      var parent = row.getAttribute("data-parent") || row.getAttribute("data-label") || "";
+      if (!groups[parent]) { groups[parent] = []; heads.push(parent); }
+      if (row.getAttribute("data-label") === parent) groups[parent].unshift(row); else groups[parent].push(row);
+    });
+    heads.sort(function (p, q) {
+      var x = value(groups[p][0], i), y = value(groups[q][0], i);
       if (numeric) { x = x === "" ? NaN : parseFloat(x); y = y === "" ? NaN : parseFloat(y); }
       var xMissing = numeric ? isNaN(x) : x === "", yMissing = numeric ? isNaN(y) : y === "";
       if (xMissing || yMissing) return xMissing - yMissing;
       var d = numeric ? x - y : String(x).localeCompare(String(y));
       return ascending ? d : -d;
     });
-    rows.forEach(function (row) { body.appendChild(row); });
+    heads.forEach(function (p) { groups[p].forEach(function (row) { body.appendChild(row); }); });
   }
   function applyFilters(id) {
     var table = document.getElementById(id);

@@ -1,0 +1,68 @@
+"""A task's headline table: one screen that answers "which method, at what cost".
+
+At most eight figures per row: accuracy, NLL, ECE, one OOD AUROC per OOD set (the row's best
+score on that set, named in the cell), the NLL on the task's hardest shift set, the total cost
+and the peak memory. The cells and their marks are the full table's (``bench.cells``); only
+full-set rows are shown, and ``[s=1]`` rows are left out (their method's own predictive again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.answers import COST_KEYS
+from bench.cells import MEMORY_KEY, MISSING, Mark, ranked_rows, spread_text
+from bench.derived_rows import UNTUNED
+
+OOD_SCORES = ("entropy", "variance", "mutual_info", "centred_var")
+TOTAL_COST = "cost/total_s"  # a headline-only key: train + post-hoc fit + predict 1,000 inputs, per run
+
+
+@dataclass(frozen=True)
+class HeadlineColumn:
+    title: str
+    keys: tuple[str, ...]  # a row shows the one of these with its best mean (an OOD set's scores)
+    direction: int
+
+
+def headline_columns(runs: dict[str, list[dict[str, float]]]) -> list[HeadlineColumn]:
+    keys = {k for rows in runs.values() for r in rows for k in r}
+    out = [HeadlineColumn("Acc ↑", ("cls/acc",), 1), HeadlineColumn("NLL ↓", ("cls/nll",), -1),
+           HeadlineColumn("ECE ↓", ("cal/ece",), -1)]
+    for ood in sorted({k.split("/")[1] for k in keys if k.startswith("ood/")}):
+        scores = tuple(f"ood/{ood}/auroc/{s}" for s in OOD_SCORES if f"ood/{ood}/auroc/{s}" in keys)
+        out.append(HeadlineColumn(f"AUROC {ood} (best score) ↑", scores, 1))
+    shifts = {k.split("/")[1] for k in keys if k.startswith("shift/") and k.endswith("/nll")}
+    if shifts:
+        hardest = max(sorted(shifts), key=lambda s: _mean_over_rows(runs, f"shift/{s}/nll"))
+        out.append(HeadlineColumn(f"{hardest} NLL ↓ (hardest shift)", (f"shift/{hardest}/nll",), -1))
+    out.append(HeadlineColumn("cost s ↓", (TOTAL_COST,), -1))
+    out.append(HeadlineColumn("peak MiB", (MEMORY_KEY,), 0))
+    return out
+
+
+def _mean_over_rows(runs: dict[str, list[dict[str, float]]], key: str) -> float:
+    values = [r[key] for rows in runs.values() for r in rows if key in r]
+    return float(np.mean(values)) if values else -np.inf
+
+
+def headline_labels(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    return [m for m in ranked_rows(runs) if not m.endswith(UNTUNED)]
+
+
+def headline_cell(rows: list[dict[str, float]], marks: dict[str, Mark], column: HeadlineColumn) -> Mark:
+    """A row's cell: the full table's cell of the column's key (for an OOD set, of the row's
+    best score there, named), or the total cost over seeds."""
+    if column.keys == (TOTAL_COST,):
+        totals = [sum(r[k] for k in COST_KEYS) for r in rows if all(k in r for k in COST_KEYS)]
+        return Mark(spread_text(totals), float(np.median(totals))) if totals else MISSING
+    present = [k for k in column.keys if marks.get(k, MISSING).mean is not None]
+    if not present:
+        return MISSING
+    key = max(present, key=lambda k: column.direction * marks[k].mean)
+    mark = marks[key]
+    if len(column.keys) == 1:
+        return mark
+    return Mark(mark.text, mark.mean, mark.seeds, mark.differs, mark.best, key.rsplit("/", 1)[1])
