@@ -78,6 +78,10 @@ class Method(ABC):
 
 
 FLAGS_KEY = "flags"
+# A method whose probabilities are, by definition, the probit of the logit Gaussian it returns at
+# s = 1 says so under this key: its ``[s=1]`` row is its own row and is not repeated.
+OWN_PREDICTIVE_KEY = "own_predictive"
+PROBIT_AT_1 = "probit of its logit Gaussian at s=1"
 
 
 def grid_edge_flag(name: str, value: float, grid: Sequence[float], meaning: str = "") -> str | None:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
-from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
+from bench.method_api import FLAGS_KEY, OWN_PREDICTIVE_KEY, PROBIT_AT_1, FitContext, Method, register_method
 from bench.options import option
 from bench.seeding import derive_seed
 from bench.types import Prediction
@@ -236,6 +236,7 @@ class _LaplaceBase(Method):
             "prior_structure": structure.value,
             "prior_precision": prior_summary(self.la),
             "link": o.link.value,
+            OWN_PREDICTIVE_KEY: PROBIT_AT_1 if o.link is Link.PROBIT else f"the {o.link.value} link of its Gaussian",
             "n_params": int(self.la.n_params),
             "backend": type(self.la.backend).__name__,
             "log_marglik": log_marglik,

@@ -97,7 +97,7 @@ from torch.utils.data import TensorDataset
 
 from bench.errors import BenchError
 from bench.formulas import probit_probs
-from bench.method_api import FLAGS_KEY, FitContext, Method, register_method
+from bench.method_api import FLAGS_KEY, OWN_PREDICTIVE_KEY, PROBIT_AT_1, FitContext, Method, register_method
 from bench.options import option
 from bench.planning import VALIDATION_INPUTS_CAPPED, CostPlan, Estimate, duration, random_inputs, validation_inputs
 from bench.types import Prediction
@@ -573,6 +573,7 @@ class RegVar(Method):
         )
         self.scale = 1.0  # the harness tunes s (its [s tuned] row), never the method
         self.info["scale"] = self.scale
+        self.info[OWN_PREDICTIVE_KEY] = PROBIT_AT_1
 
     def _planned_inputs(self, ctx: FitContext) -> int:
         """Inputs the run will fit: the validation subset and each capped evaluation set."""

@@ -45,7 +45,15 @@ import torch
 
 from bench.errors import BenchError
 from bench.formulas import probit_probs
-from bench.method_api import FLAGS_KEY, FitContext, Method, grid_edge_flag, register_method
+from bench.method_api import (
+    FLAGS_KEY,
+    OWN_PREDICTIVE_KEY,
+    PROBIT_AT_1,
+    FitContext,
+    Method,
+    grid_edge_flag,
+    register_method,
+)
 from bench.options import option
 from bench.scale_tuning import SCALE_GRID, flat_within_noise, scale_curve
 from bench.seeding import derive_seed
@@ -153,6 +161,7 @@ class RegVarAmortized(Method):
             "lam": self.lam,
             "lam_joint": self.lam_joint,
             "scale": self.scale,
+            OWN_PREDICTIVE_KEY: PROBIT_AT_1,
             "profile_scale": profile_scale,
             "val_nll": val_nll,
             "grid": table,

@@ -133,3 +133,39 @@ def test_negative_variance_estimates_are_clamped_and_flagged_not_quiet(tmp_path)
     with np.load(tmp_path / "runs" / "tiny-digits" / "negative-gauss" / "seed0.npz") as arrays:
         assert arrays["test/logit_var"].min() == 0.0
     assert main(["table", "--results", str(tmp_path)]) == 0
+
+
+def _collected_rows(arrays: dict[str, np.ndarray], summary: dict) -> tuple[set[str], set[str], list]:
+    """What the leaderboard makes of one run with these arrays and method summary: its derived
+    row labels, the kinds named as its own row, and its flags."""
+    from dataclasses import replace
+
+    from conftest import make_record
+
+    from bench.leaderboard import Collected, _add_derived
+
+    out = Collected()
+    record = replace(make_record(), method="m", method_summary=summary)
+    _add_derived(out, record, arrays, {})
+    return set(out.table["t"]), out.same_as_own[("t", "m")], out.flags[("t", "m")]
+
+
+def test_a_run_declaring_its_probit_at_one_gets_no_repeated_row_by_definition() -> None:
+    from bench.method_api import OWN_PREDICTIVE_KEY, PROBIT_AT_1
+
+    arrays = _arrays(4.0)
+    mean, var = (torch.from_numpy(arrays[f"test/logit_{k}"]).double() for k in ("mean", "var"))
+    arrays["test/probs"] = probit_probs(mean, var.half().double(), 1.0).numpy()  # float16-stored variances
+    rows, own, flags = _collected_rows(arrays, {OWN_PREDICTIVE_KEY: PROBIT_AT_1})
+    assert rows == {f"m {TUNED}"} and own == {UNTUNED} and flags == []
+    # Without the declaration the same arrays are two predictives that differ in the last bits: both shown.
+    rows, own, _ = _collected_rows(arrays, {OWN_PREDICTIVE_KEY: "the mc link of its Gaussian"})
+    assert rows == {f"m {UNTUNED}", f"m {TUNED}"} and own == set()
+
+
+def test_a_declared_probit_that_the_stored_gaussian_contradicts_is_flagged() -> None:
+    from bench.method_api import OWN_PREDICTIVE_KEY, PROBIT_AT_1
+
+    arrays = _arrays(4.0)  # its own probabilities ignore the variance: not the probit at s = 1
+    _, own, flags = _collected_rows(arrays, {OWN_PREDICTIVE_KEY: PROBIT_AT_1})
+    assert own == {UNTUNED} and len(flags) == 1 and "declared the probit at s=1" in flags[0][1]
