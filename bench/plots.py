@@ -17,13 +17,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.cells import is_paired  # noqa: E402
+from bench.cells import is_paired, is_subset  # noqa: E402
 from bench.data.shift_suite import CORRUPTIONS, PARAMETERS, ROTATE, parse_set_name  # noqa: E402
 from bench.derived_rows import is_derived  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.leaderboard import collect, warn_damaged  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
-from bench.metrics.scores import predictive_entropy  # noqa: E402
+from bench.metrics.scores import max_prob_score, predictive_entropy  # noqa: E402
 from bench.ranking import summarize  # noqa: E402
 from bench.record import RunRecord  # noqa: E402
 from bench.results import (  # noqa: E402
@@ -118,7 +118,27 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
     return _save(fig, out / f"reliability_{task}.png")
 
 
+def best_ood_score(record: RunRecord, ood: str) -> str:
+    """The score with the highest AUROC of the run on ``ood`` (entropy when it has no other)."""
+    prefix = f"ood/{ood}/auroc/"
+    aurocs = {k.removeprefix(prefix): v for k, v in record.metrics.items() if k.startswith(prefix)}
+    return max(sorted(aurocs), key=aurocs.__getitem__) if aurocs else "entropy"
+
+
+def _score_values(data: dict[str, np.ndarray], where: str, score: str) -> np.ndarray:
+    """A score of every input of a set: the two computed from the probabilities (as
+    ``bench.metrics`` does), or one the method stored."""
+    from_probs = {"entropy": predictive_entropy, "msp": max_prob_score}
+    if score in from_probs:
+        import torch
+
+        return from_probs[score](torch.from_numpy(data[f"{where}/probs"])).numpy()
+    return np.asarray(data[f"{where}/score/{score}"], dtype=np.float64)
+
+
 def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[Path]:
+    """Per OOD set, each method's in-distribution and OOD histograms of its best-detecting score
+    (the one with its highest AUROC, named), on a log axis where the score spans decades."""
     paths = []
     first = _arrays(next(iter(methods.values())))
     ood_sets = sorted({k.split("/")[1] for k in first if k.startswith("ood/")})
@@ -126,20 +146,27 @@ def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[
         rows, cols = _grid(len(methods))
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
         for ax, (method, path) in zip(axes.flat, sorted(methods.items()), strict=False):
-            data = _arrays(path)
-            import torch
-
-            h_in = predictive_entropy(torch.from_numpy(data["test/probs"])).numpy()
-            h_out = predictive_entropy(torch.from_numpy(data[f"ood/{ood}/probs"])).numpy()
-            bins = np.linspace(0, max(h_in.max(), h_out.max(), 1e-6), 40)
-            ax.hist(h_in, bins=bins, alpha=0.6, density=True, label="in-distribution test")
-            ax.hist(h_out, bins=bins, alpha=0.6, density=True, label=f"OOD: {ood}")
-            ax.set_title(f"{method} (n = {len(h_in)} / {len(h_out)})", fontsize=9)
-            ax.set_xlabel("predictive entropy (nats)")
+            data, record = _arrays(path), read_record(path)
+            score = best_ood_score(record, ood)
+            if f"ood/{ood}/probs" not in data:
+                ax.axis("off")
+                continue
+            v_in, v_out = _score_values(data, "test", score), _score_values(data, f"ood/{ood}", score)
+            both = np.concatenate([v_in, v_out])
+            logged = bool(both.min() > 0 and both.max() / both.min() > 100)
+            edges = (np.geomspace(both.min(), both.max(), 40) if logged
+                     else np.linspace(both.min(), max(both.max(), both.min() + 1e-6), 40))
+            ax.hist(v_in, bins=edges, alpha=0.6, density=True, label="in-distribution test")
+            ax.hist(v_out, bins=edges, alpha=0.6, density=True, label=f"OOD: {ood}")
+            if logged:
+                ax.set_xscale("log")
+            auroc = record.metrics.get(f"ood/{ood}/auroc/{score}", float("nan"))
+            ax.set_title(f"{method}\nAUROC {auroc:.3f} (n = {len(v_in)} / {len(v_out)})", fontsize=9)
+            ax.set_xlabel(score, fontsize=8)
         for ax in list(axes.flat)[len(methods):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
-        fig.suptitle(f"{task}: predictive entropy, test vs {ood}")
+        fig.suptitle(f"{task}: each method's best OOD score (highest AUROC), test vs {ood}")
         fig.tight_layout()
         paths.append(_save(fig, out / f"ood_hist_{task}_{ood}.png"))
     return paths
@@ -178,27 +205,60 @@ def _cost(run: dict[str, float]) -> tuple[float, bool]:
 
 
 def plot_cost_quality(task: str, runs: dict[str, list[dict[str, float]]], out: Path) -> Path:
-    """NLL and ECE against cost (log seconds), one point per method: mean over seeds, bars the
-    95 % t-interval. Hollow points: the training cost is unknown, so the point sits too far left."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method, rows in sorted(runs.items()):
-        if is_paired(method) or is_derived(method):  # derived rows cost what their method does
-            continue
-        costs = [_cost(r) for r in rows]
-        x = summarize([c for c, _ in costs]).mean
-        known = all(k for _, k in costs)
-        for ax, key in zip(axes, ("cls/nll", "cal/ece"), strict=True):
-            s = summarize([r[key] for r in rows])
-            ax.errorbar(x, s.mean, yerr=s.half_width, fmt="o", ms=7, capsize=3,
-                        mfc=None if known else "none", label=method)
-            ax.annotate(method, (x, s.mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    for ax, label in zip(axes, ("test NLL (nats) ↓", "test ECE ↓"), strict=True):
-        ax.set_xscale("log")
-        ax.set_xlabel("cost: training + post-hoc fit + predict 1,000 inputs (s, log)")
+    """NLL and ECE against cost (log seconds), one numbered point per full-set method (mean over
+    seeds, bars the 95 % t-interval; hollow: the training cost is unknown, so the point sits too
+    far left), the legend beside the axes, and the cost-quality Pareto front drawn. The y range
+    covers the bulk of the rows: a row far above it is drawn on the top edge as a triangle."""
+    methods = [m for m in sorted(runs) if not is_paired(m) and not is_derived(m) and not is_subset(runs[m])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    colours = plt.get_cmap("tab20")
+    for ax, key, label in zip(axes, ("cls/nll", "cal/ece"), ("test NLL (nats) ↓", "test ECE ↓"), strict=True):
+        points = {}
+        for method in methods:
+            costs = [_cost(r) for r in runs[method]]
+            s = summarize([r[key] for r in runs[method]])
+            points[method] = (summarize([c for c, _ in costs]).mean, s.mean, s.half_width, all(k for _, k in costs))
+        low, top, margin = _y_range(np.array([p[1] for p in points.values()]))
+        for i, (method, (x, y, half, known)) in enumerate(points.items()):
+            above = y > top
+            ax.errorbar(x, min(y, top + margin), yerr=None if above else half, fmt="^" if above else "o", ms=7,
+                        capsize=3, color=colours(i % 20), mfc="none" if not known else colours(i % 20),
+                        label=f"{i + 1} {method}" + (f" ({y:.3g}, off the axis)" if above else ""), clip_on=False)
+            ax.annotate(str(i + 1), (x, min(y, top + margin)), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = _pareto_front([(x, y) for x, y, _, _ in points.values()])
+        if len(front) > 1:
+            ax.step(*zip(*front, strict=True), where="post", color="0.6", lw=1, ls="--", zorder=0,
+                    label="Pareto front (cheaper and better)" if key == "cls/nll" else None)
+        ax.set_ylim(max(0.0, low - margin), top + margin)
+        xs = [p[0] for p in points.values() if p[0] > 0]
+        if xs and max(xs) / min(xs) > 10:  # a log axis only where costs span a decade: it labels cleanly
+            ax.set_xscale("log")
+        scale = ", log" if ax.get_xscale() == "log" else ""
+        ax.set_xlabel(f"cost: training + post-hoc fit + predict 1,000 inputs (s{scale})")
         ax.set_ylabel(label)
-    fig.suptitle(f"{task}: quality against cost (hollow: training cost not recorded; subset rows excluded)")
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{task}: quality against cost (mean over seeds; hollow: training cost not recorded)")
     fig.tight_layout()
     return _save(fig, out / f"cost_quality_{task}.png")
+
+
+def _y_range(ys: np.ndarray) -> tuple[float, float, float]:
+    """(lowest, highest shown, margin): the highest of the rows within 4× the lower three
+    quarters' spread above their top; a row far above would squash the rest into a line."""
+    if not len(ys):
+        return 0.0, 1.0, 0.05
+    low, q3 = np.percentile(ys, [0, 75])
+    top = float(ys[ys <= q3 + 4 * (q3 - low)].max())
+    return float(low), top, 0.05 * max(top - float(low), 1e-9)
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both cost and quality (lower is better), by cost."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
 
 
 def intensity_sets(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[float, str | None]]:

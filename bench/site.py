@@ -263,6 +263,7 @@ def _environment() -> Environment:
     env.filters["show"] = show
     env.filters["code_spans"] = code_spans
     env.filters["mib"] = _mib
+    env.filters["caption"] = caption
     return env
 
 
@@ -280,6 +281,25 @@ class Renderer:
             url=lambda target: root + quote(target, safe=URL_SAFE), task_page=task_page, method_page=method_page,
             run_page=run_page, nav_tasks=self.tasks, **context)
         self.files[path] = html.encode()
+
+
+# What each figure of ``bench plot`` shows, by the start of its file name (in PLOT_PATTERNS' order).
+CAPTIONS = {
+    "reliability_": "Reliability on the test set (seed 0): accuracy against confidence in 15 equal-width bins, "
+                    "one panel per row; the gap to the diagonal is what ECE sums.",
+    "ood_hist_": "In-distribution test inputs against the OOD set (seed 0): each method's best-detecting score "
+                 "(its highest AUROC, named under the panel); well-separated histograms mean easy detection.",
+    "cost_quality_": "Test NLL and ECE against cost (train + post-hoc fit + predict 1,000 inputs), mean over "
+                     "seeds with 95 % t-intervals; the dashed line is the Pareto front (no row is both cheaper "
+                     "and better); a triangle on the top edge is a row off the axis (its value in the legend).",
+    "regvar_contour_": "Amortized RegVar's validation NLL over λ and the variance scale s; the star is the "
+                       "chosen point.",
+    "shift_intensity_": "Accuracy, ECE and NLL against shift intensity (mean over seeds, band: 95 % t-interval).",
+}
+
+
+def caption(name: str) -> str:
+    return next((text for prefix, text in CAPTIONS.items() if name.startswith(prefix)), name)
 
 
 def task_plots(results: Path, tasks: list[str]) -> dict[str, list[str]]:

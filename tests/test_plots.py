@@ -145,3 +145,27 @@ def test_plot_draws_the_shift_intensity_figure_for_suite_runs(tmp_path: Path,
     written = {Path(line).name for line in capsys.readouterr().out.split()}
     assert "shift_intensity_tiny-suite.png" in written
     assert mpimg.imread(out / "plots" / "shift_intensity_tiny-suite.png")[..., :3].std() > 0.05
+
+
+def test_ood_histograms_use_each_runs_best_scoring_detector() -> None:
+    from dataclasses import replace
+
+    from conftest import make_record
+
+    from bench.plots import best_ood_score
+
+    record = replace(make_record(), metrics={"ood/far/auroc/entropy": 0.6, "ood/far/auroc/centred_var": 0.97,
+                                             "ood/far/auroc/msp": 0.61, "ood/near/auroc/variance": 0.99})
+    assert best_ood_score(record, "far") == "centred_var"
+    assert best_ood_score(record, "gone") == "entropy"
+
+
+def test_cost_figure_keeps_a_far_outlier_off_the_axis_and_draws_the_pareto_front() -> None:
+    import numpy as np
+
+    from bench.plots import _pareto_front, _y_range
+
+    low, top, margin = _y_range(np.array([0.404, 0.4042, 0.4043, 0.4075, 0.4113, 0.45]))
+    assert low == 0.404 and top == 0.4113 and margin > 0  # 0.45 would squash the rest: off the axis
+    assert _y_range(np.array([0.2, 0.21, 0.22]))[1] == 0.22  # no outlier: everything shown
+    assert _pareto_front([(3.0, 0.2), (1.0, 0.5), (2.0, 0.6), (4.0, 0.1)]) == [(1.0, 0.5), (3.0, 0.2), (4.0, 0.1)]
