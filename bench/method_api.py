@@ -41,12 +41,14 @@ class FitContext:
 class Method(ABC):
     """Base class of registered methods.
 
-    ``uses_map``: the harness trains (or loads) the MAP network before ``fit``.
+    ``uses_map``: the harness trains (or loads) the MAP network before ``fit``. The class
+    docstring's first paragraph describes the method on the site's method page.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     uses_map: ClassVar[bool] = True
+    citation: ClassVar[str] = ""  # the paper the method comes from, as the site's method page cites it
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -326,6 +326,33 @@ def nll_matrix(found: Collected, tasks: list[str], marks: dict[str, dict[str, di
             for label in labels]
 
 
+@dataclass(frozen=True)
+class MethodAbout:
+    """What the method page says about the method behind a label: the first paragraph of its
+    class docstring, its citation and its options (default, this label's value, help)."""
+
+    description: str
+    citation: str
+    options: list[tuple[str, str, str, str]]  # name, default, this label's value ("" if default), help
+
+
+def method_about(label: str) -> MethodAbout | None:
+    """None for a method not registered here."""
+    import dataclasses
+    import inspect
+
+    cls = _registered(label.partition("@")[0], "method")
+    if cls is None:
+        return None
+    chosen = dict(item.split("=", 1) for item in label.partition("@")[2].split(",") if "=" in item)
+    rows = []
+    for f in dataclasses.fields(cls.Options):
+        default = getattr(f.default, "value", f.default)
+        rows.append((f.name, str(default), chosen.get(f.name, ""), f.metadata.get("help", "")))
+    description = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+    return MethodAbout(description, cls.citation, rows)
+
+
 def _method_tasks(found: Collected, label: str, marks: dict[str, dict[str, dict[str, Mark]]],
                   methods: set[str]) -> list[tuple[str, list[Column], list[Row]]]:
     """task → columns and the rows of the task table that come from ``label``'s runs (its own,
@@ -374,7 +401,7 @@ def build_site(results: Path) -> dict[str, bytes]:
                   plots=plots[task], seeds=seeds, run_labels=[m for t, m in sorted(seeds) if t == task])
     for label in labels:
         failed = [r for r in found.failed if r.method == label]
-        site.page(method_page(label), "method.html", label=label,
+        site.page(method_page(label), "method.html", label=label, about=method_about(label),
                   tasks=_method_tasks(found, label, marks, set(labels)), seeds=seeds, failed=failed)
     for record in records:
         site.page(run_page(record.task, record.method, record.seed), "run.html", r=record,

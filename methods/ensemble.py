@@ -32,6 +32,11 @@ class EnsembleOptions:
 class DeepEnsemble(Method):
     """Mean of M independently trained members; scores ``mutual_info`` and ``expected_entropy``."""
 
+    citation = (
+        'B. Lakshminarayanan, A. Pritzel and C. Blundell, "Simple and Scalable Predictive '
+        'Uncertainty Estimation using Deep Ensembles", NeurIPS 2017'
+    )
+
     Options = EnsembleOptions
     # Member 0 comes from ctx.train_model(0) (the cached MAP checkpoint), so the harness need
     # not prepare the MAP network separately.

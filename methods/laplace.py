@@ -173,6 +173,13 @@ def _require_map(ctx: FitContext, name: str) -> nn.Module:
 class _LaplaceBase(Method):
     """Fit → tune prior → batched GLM predictive; subclasses build the laplace-torch object."""
 
+    citation = (
+        'E. Daxberger, A. Kristiadi, A. Immer, R. Eschenhagen, M. Bauer and P. Hennig, "Laplace '
+        'Redux: Effortless Bayesian Deep Learning", NeurIPS 2021; A. Immer, M. Korzepa and M. '
+        'Bauer, "Improving predictions of Bayesian neural nets via local linearization", AISTATS '
+        '2021'
+    )
+
     desc = "laplace"
     model_hint: str | None = None  # advice when laplace-torch refuses the model with a ValueError
     has_layerwise_prior = True  # laplace-torch's last-layer posteriors have none

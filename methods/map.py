@@ -55,6 +55,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 class MAPTemperatureScaled(MAP):
     """MAP logits divided by one temperature fitted on the validation split's NLL."""
 
+    citation = 'C. Guo, G. Pleiss, Y. Sun and K. Q. Weinberger, "On Calibration of Modern Neural Networks", ICML 2017'
+
     def fit(self, ctx: FitContext) -> None:
         super().fit(ctx)
         x_val, y_val = ctx.data.val.tensors

@@ -122,6 +122,11 @@ def seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
 class MCDropout(Method):
     """Mean softmax over T dropout masks; scores ``mutual_info`` and ``expected_entropy``."""
 
+    citation = (
+        'Y. Gal and Z. Ghahramani, "Dropout as a Bayesian Approximation: Representing Model '
+        'Uncertainty in Deep Learning", ICML 2016'
+    )
+
     Options = MCDropoutOptions
     # The network comes from ctx.train_model(0) (the cached MAP checkpoint) or, for another
     # rate, is trained in fit: the harness need not prepare the MAP network.

@@ -505,6 +505,11 @@ def _count_values(stats: FitStats, problem: Problem, xq: torch.Tensor, wq: torch
 class RegVar(Method):
     """Per-input RegVar over every weight: one Hessian-free regularised refit (pair) per input."""
 
+    citation = (
+        'J. McInerney and N. Kallus, "Variation Due to Regularization Tractably Recovers Bayesian '
+        'Deep Learning", AISTATS 2025 (arXiv 2403.10671)'
+    )
+
     Options: ClassVar[type] = RegVarOptions
     last_layer: ClassVar[bool] = False
 

@@ -96,6 +96,11 @@ class AmortizedOptions(SolverOptions):
 class RegVarAmortized(Method):
     """One regularised fine-tune (pair) of the whole model; two forward passes per input."""
 
+    citation = (
+        'J. McInerney and N. Kallus, "Variation Due to Regularization Tractably Recovers Bayesian '
+        'Deep Learning", AISTATS 2025 (arXiv 2403.10671)'
+    )
+
     Options = AmortizedOptions
 
     def __init__(self, options: AmortizedOptions | None = None) -> None:

@@ -243,3 +243,13 @@ def test_no_runs_and_foreign_folders_are_one_line_errors(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and MANIFEST in err[0]
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_method_page_describes_the_method_cites_it_and_lists_its_options(site: dict[str, bytes]) -> None:
+    method = html.unescape(page(site, f"method-{DROPOUT}.html"))
+    assert "Mean softmax over T dropout masks" in method  # the class docstring's first paragraph
+    assert 'Gal and Z. Ghahramani, "Dropout as a Bayesian Approximation' in method
+    row = re.search(r'<tr class="changed"><th scope="row"><code>samples</code></th><td>(\d+)</td><td>(\w+)</td>',
+                    method)
+    assert row and row.groups() == ("32", "4")  # default, and what this label sets
+    assert '<tr><th scope="row"><code>rate</code></th>' in method  # an option the label leaves at its default
