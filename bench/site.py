@@ -14,6 +14,7 @@ everywhere), so ``bench site --check`` can tell a stale site from a current one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import hashlib
 import json
@@ -35,11 +36,12 @@ from bench.headline import headline_cell, headline_columns, headline_labels
 from bench.leaderboard import Collected, collect, warn_damaged
 from bench.record import RunRecord
 from bench.results import atomic_write_bytes, ensure_writable, intact_record, iter_runs
-from bench.tables import columns_for, csv_number, task_answers, task_notes
+from bench.tables import columns_for, csv_number, render, task_answers, task_notes
 
 TEMPLATES = Path(__file__).with_name("site_templates")
 STATIC = ("site.css", "site.js")  # copied verbatim into static/
 MANIFEST = "MANIFEST.txt"
+CSV_FILE = "leaderboard.csv"
 # The figures of ``bench plot`` (and any shift-intensity plots) that belong to a task, in page order.
 PLOT_PATTERNS = ("reliability_{}.png", "ood_hist_{}_*.png", "cost_quality_{}.png", "regvar_contour_{}_*.png",
                  "shift_intensity_{}*.png")
@@ -231,6 +233,11 @@ def task_page(task: str) -> str:
     return f"task-{task}.html"
 
 
+def task_json(task: str) -> str:
+    """The task page's tables as data (``TaskTables``), for download."""
+    return f"task-{task}.json"
+
+
 def method_page(label: str) -> str:
     return f"method-{label}.html"
 
@@ -279,6 +286,7 @@ class Renderer:
         root = "../" * path.count("/")
         html = self.env.get_template(template).render(
             url=lambda target: root + quote(target, safe=URL_SAFE), task_page=task_page, method_page=method_page,
+            task_json=task_json, csv_file=CSV_FILE,
             run_page=run_page, nav_tasks=self.tasks, **context)
         self.files[path] = html.encode()
 
@@ -338,7 +346,6 @@ class MethodAbout:
 
 def method_about(label: str) -> MethodAbout | None:
     """None for a method not registered here."""
-    import dataclasses
     import inspect
 
     cls = _registered(label.partition("@")[0], "method")
@@ -395,6 +402,8 @@ def build_site(results: Path) -> dict[str, bytes]:
               old_format=[p.relative_to(results).as_posix() for p in found.old_format])
     for task in tasks:
         tables = task_tables(task, found, set(labels), marks[task])
+        site.files[task_json(task)] = (json.dumps(dataclasses.asdict(tables), indent=1, ensure_ascii=False,
+                                                  sort_keys=True) + "\n").encode()
         notes = [line.removeprefix("- ") for line in task_notes(task, found) if line]
         answers = [line.removeprefix("- ").replace("**", "") for line in task_answers(task, found)]
         site.page(task_page(task), "task.html", task=task, tables=tables, notes=notes, answers=answers,
@@ -408,6 +417,7 @@ def build_site(results: Path) -> dict[str, bytes]:
                   reproduction=reproduce(record), options=_option_rows(record), memory=_memory_rows(record),
                   costs=_cost_rows(record), provenance=_provenance_rows(record))
     files = dict(site.files)
+    files[CSV_FILE] = render(found)[1].encode()  # the leaderboard's CSV, as `bench table` writes it
     files.update({f"static/{name}": (TEMPLATES / name).read_bytes() for name in STATIC})
     files.update({f"plots/{name}": (results / "plots" / name).read_bytes()
                   for names in plots.values() for name in names})

@@ -57,7 +57,7 @@ def page(files: dict[str, bytes], path: str) -> str:
 def test_pages_exist_for_the_task_each_method_and_each_run(site: dict[str, bytes]) -> None:
     expected = {"index.html", f"task-{TASK}.html", "method-map.html", f"method-{DROPOUT}.html",
                 f"runs/{TASK}/map/seed0.html", f"runs/{TASK}/map/seed1.html", f"runs/{TASK}/{DROPOUT}/seed0.html",
-                "static/site.js", "static/site.css", MANIFEST,
+                "static/site.js", "static/site.css", MANIFEST, "leaderboard.csv", f"task-{TASK}.json",
                 f"plots/reliability_{TASK}.png", f"plots/ood_hist_{TASK}_shuffled.png"}
     assert set(site) == expected  # not the other task's figure
     index = page(site, "index.html")
@@ -253,3 +253,15 @@ def test_method_page_describes_the_method_cites_it_and_lists_its_options(site: d
                     method)
     assert row and row.groups() == ("32", "4")  # default, and what this label sets
     assert '<tr><th scope="row"><code>rate</code></th>' in method  # an option the label leaves at its default
+
+
+def test_the_site_offers_the_tables_as_json_and_the_csv(results: Path, site: dict[str, bytes]) -> None:
+    import json
+
+    _, csv_text = render(collect(results))
+    assert site["leaderboard.csv"].decode() == csv_text
+    tables = json.loads(site[f"task-{TASK}.json"])
+    assert {r["label"] for r in tables["full"]} >= {"map", DROPOUT}
+    nll = next(c for r in tables["full"] if r["label"] == "map" for c in r["cells"] if c["key"] == "cls/nll")
+    assert nll["text"] == _site_cell(page(site, f"task-{TASK}.html"), "map", "cls/nll")
+    assert f'href="task-{TASK}.json"' in page(site, f"task-{TASK}.html")

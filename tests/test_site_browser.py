@@ -293,3 +293,27 @@ def test_screenshots_of_the_task_and_a_run_page_are_not_blank(driver, site: Path
     assert_not_blank(whole)
     assert Image.open(whole).height > Image.open(first).height
     assert shot.main([str(site), "no-such-page.html", str(tmp_path / "none.png")]) == 2
+
+
+@needs_browser
+def test_a_sorted_filtered_view_is_a_link(driver, site: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, site, f"task-{TASK}.html")
+    nll = heads(driver, "cls/nll")
+    driver.find_element(By.CSS_SELECTOR, '#board th[title="cls/nll"]').click()
+    driver.find_element(By.CSS_SELECTOR, '#board th[title="cls/nll"]').click()  # descending
+    box = driver.find_element(By.CSS_SELECTOR, '[data-filter-text="board"]')
+    box.send_keys("laplace")
+    link = driver.current_url
+    assert "sort=board%3Acls%2Fnll%3Adesc" in link and "filter=laplace" in link
+    # The link opened afresh shows the same view.
+    driver.get(shot.page_url(site, "index.html"))  # another page first: the link must load the task page anew
+    driver.get(link)
+    shot.load_everything(driver)
+    assert driver.find_element(By.CSS_SELECTOR, '#board th[title="cls/nll"]').get_attribute("aria-sort") == "descending"
+    assert driver.find_element(By.CSS_SELECTOR, '[data-filter-text="board"]').get_attribute("value") == "laplace"
+    assert visible_labels(driver) == [label for label in visible_labels(driver) if "laplace" in label] != []
+    driver.find_element(By.CSS_SELECTOR, '[data-filter-text="board"]').clear()
+    assert heads(driver, "cls/nll") == sorted(nll, key=float, reverse=True)
+    assert console_errors(driver) == []
