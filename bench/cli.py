@@ -129,7 +129,11 @@ def cmd_passthrough(args: argparse.Namespace) -> int:
             print("usage: bench perf NAME [options]; benchmarks: " + ", ".join(PERF.names()))
             return 0
         return PERF.get(rest[0])(rest[1:])
-    from bench.fidelity import main as fidelity_main
+    import importlib
+
+    import bench_methods
+
+    fidelity_main = importlib.import_module(bench_methods.FIDELITY_MODULE).main
 
     return fidelity_main(args.rest)
 

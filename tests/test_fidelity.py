@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.func import hessian
 
-from bench import fidelity
 from bench.errors import BenchError
-from bench_methods.regvar_common import FlatModel
+from bench_methods.regvar import fidelity
+from bench_methods.regvar.common import FlatModel
 
 CPU = torch.device("cpu")
 

@@ -96,5 +96,7 @@ def test_pyproject_lists_every_package_folder() -> None:
     """``packages`` is an explicit list (it maps ``bench_methods``), so a new sub-package must be added to it."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "bench").rglob("__init__.py")}
-    assert set(config["packages"]) == folders | {"bench_methods"}
+    methods = {".".join(("bench_methods", *init.parent.relative_to(REPO / "methods").parts))
+               for init in (REPO / "methods").rglob("__init__.py")}
+    assert set(config["packages"]) == folders | methods and "bench_methods.regvar" in methods
     assert config["package-dir"] == {"bench_methods": "methods"}

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from bench.errors import BenchError
-from bench.perf import regvar as perf_regvar
+from bench_methods.regvar import perf as perf_regvar
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ from bench.method_api import METHODS, FitContext
 from bench.options import build
 from bench.planning import VALIDATION_INPUTS_CAPPED
 from bench.tasks.base import TaskData, TrainRecipe
-from bench_methods.regvar import (
+from bench_methods.regvar.newton import ProductEngine
+from bench_methods.regvar.per_input import (
     Difference,
     FitConfig,
     FitStats,
@@ -24,7 +25,6 @@ from bench_methods.regvar import (
     output_weights,
     regvar_response,
 )
-from bench_methods.regvar_newton import ProductEngine
 
 CPU = torch.device("cpu")
 WD = 0.1  # strong enough that the AdamW MAP below has a positive definite Hessian
@@ -255,7 +255,7 @@ def test_budget_probe_stops_growing_its_slice_once_a_product_is_slow_enough_to_t
         monkeypatch: pytest.MonkeyPatch, probe_seconds: float, rows: int) -> None:
     """A slow product (a transformer's double backward) is timed on 16 rows, not 1,024: the
     refusal on a CPU comes in seconds; a fast one grows to every row (here 64) for a fair time."""
-    import bench_methods.regvar as regvar_module
+    import bench_methods.regvar.per_input as regvar_module
 
     monkeypatch.setattr(regvar_module, "PROBE_SECONDS", probe_seconds)
     cls = METHODS.get("regvar")

@@ -13,7 +13,7 @@ from bench.formulas import probit_probs
 from bench.method_api import METHODS, FitContext
 from bench.options import build
 from bench.tasks.base import TaskData, TrainRecipe
-from bench_methods.regvar_common import (
+from bench_methods.regvar.common import (
     FlatModel,
     Optimizer,
     Regularizer,

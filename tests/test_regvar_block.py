@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench_methods.regvar_block import block_cg
-from bench_methods.regvar_newton import batched_cg
+from bench_methods.regvar.block import block_cg
+from bench_methods.regvar.newton import batched_cg
 
 
 def spd_with_outliers(dim: int = 120, outliers: int = 12, seed: int = 0, top: float = 5.0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bench.formulas import probit_probs
-from bench_methods.regvar_common import (
+from bench_methods.regvar.common import (
     FlatModel,
     Optimizer,
     Precision,

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from bench_methods import regvar_mlp
-from bench_methods.regvar_common import FlatModel
-from bench_methods.regvar_kfac import KroneckerPreconditioner
-from bench_methods.regvar_mlp import MLPProducts, mlp_layers
-from bench_methods.regvar_newton import CurvatureKind, CurvatureProducts, batched_cg
+from bench_methods.regvar import mlp as regvar_mlp
+from bench_methods.regvar.common import FlatModel
+from bench_methods.regvar.kfac import KroneckerPreconditioner
+from bench_methods.regvar.mlp import MLPProducts, mlp_layers
+from bench_methods.regvar.newton import CurvatureKind, CurvatureProducts, batched_cg
 
 CPU = torch.device("cpu")
 WD = 0.05

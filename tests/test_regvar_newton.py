@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.func import hessian, jacrev
 
-from bench_methods import regvar_newton
-from bench_methods.regvar_common import FlatModel
-from bench_methods.regvar_newton import (
+from bench_methods.regvar import newton as regvar_newton
+from bench_methods.regvar.common import FlatModel
+from bench_methods.regvar.newton import (
     CurvatureKind,
     CurvatureProducts,
     LinearSoftmaxProducts,
@@ -62,7 +62,7 @@ def test_ggn_products_equal_the_gauss_newton_matrix(vectorize: bool) -> None:
 
 
 def test_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bench_methods.regvar_newton as rn
+    import bench_methods.regvar.newton as rn
 
     fm, x, y = problem()
     v = torch.randn(2, fm.dim, dtype=torch.float64)
@@ -156,7 +156,7 @@ def test_closed_form_linear_products_equal_the_autograd_ones(
 
 
 def test_hidden_layer_networks_get_closed_form_products_unless_autograd_is_asked_for() -> None:
-    from bench_methods.regvar_mlp import MLPProducts
+    from bench_methods.regvar.mlp import MLPProducts
 
     fm, x, y = problem()
     assert type(curvature_products(fm, x, y, WD)) is MLPProducts

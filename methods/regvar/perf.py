@@ -37,9 +37,10 @@ from bench.profiling import measure
 from bench.registry import parse_spec
 from bench.results import atomic_write_bytes
 from bench.tasks.base import TaskData
-from bench_methods.regvar import Preconditioner, RegVar, RegVarLastLayer
-from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
-from bench_methods.regvar_newton import ProductEngine
+
+from .amortized import AmortizedOptions, RegVarAmortized
+from .newton import ProductEngine
+from .per_input import Preconditioner, RegVar, RegVarLastLayer
 
 CPU_ROWS = {"fashion-mnist": 2000}
 

@@ -5,7 +5,7 @@ For a query x*, refit the MAP with the prediction added to the log-joint,
 unit λ: ``σ²(x*) ≈ [g(x*; θ̂_λ) − g(x*; θ̂)] / λ``. As λ → 0 this is g'ᵀP⁻¹g', the linearized
 Laplace predictive variance with P the Hessian of the negative log-joint at θ̂ (the paper's
 Theorem 4.1). No curvature matrix is formed or inverted. The objective is in
-``methods.regvar_common`` (mean cross-entropy + (wd/2)‖θ‖², prior precision n·wd). Option
+``methods/regvar/common.py`` (mean cross-entropy + (wd/2)‖θ‖², prior precision n·wd). Option
 ``lam`` is λ per example: the minimised mean loss gets the term −lam·g(x*), i.e. the paper's
 log-joint λ is lam·n.
 
@@ -31,19 +31,19 @@ Solvers (option ``solver``), both Hessian-free:
 
 - ``newton-cg`` (default): the fits move O(λ) from θ₀, where the tilted objective is
   stationary, so one Newton step ``∇²P(θ₀)·d = lam·∇g(x*)`` solves them; conjugate gradients
-  solve it with exact Hessian-vector products (``methods.regvar_newton``), all fits of a stack
+  solve it with exact Hessian-vector products (``methods/regvar/newton.py``), all fits of a stack
   of ``query_batch`` queries at the shared θ₀; by default (``cg_block``) as one block CG over a
-  Krylov space the stack shares (``methods.regvar_block``), which needs far fewer products per
+  Krylov space the stack shares (``methods/regvar/block.py``), which needs far fewer products per
   query than a CG per query. The step is linear in λ, so one solve u serves
   the ± pair, θ₀ ± lam·u; with central differences the fits' O(λ²) remainder cancels in the
   read-out to O(λ³). CG stops when the read-out's variance grew by ≤ ``cg_tol`` (relative) over
   its last ``cg_window`` iterations (the standard lower estimate of its remaining error; 1 for a
   block, whose iterations each cut the error about 30×, 5 preconditioned, else 10).
   Products (option ``products``): ``auto`` computes them in closed form where the network is a
-  linear read-out or an MLP head (``methods.regvar_mlp``: one GEMM per layer for the whole
+  linear read-out or an MLP head (``methods/regvar/mlp.py``: one GEMM per layer for the whole
   stack), ``autograd`` through torch.func for any network; the values are the same. Option
   ``preconditioner``: ``auto`` preconditions CG with KFAC of the Gauss-Newton matrix where the
-  products are the MLP ones (``methods.regvar_kfac``); CG still solves the exact system, to the
+  products are the MLP ones (``methods/regvar/kfac.py``); CG still solves the exact system, to the
   same tolerance, so only the iteration count changes (the cg_tol rule then reads a 5-iteration
   window instead of 10). The run record names both.
 - ``lbfgs``: full-batch L-BFGS per fit from θ₀ (gradients only), checked afterwards: each fit's
@@ -102,8 +102,8 @@ from bench.options import option
 from bench.planning import VALIDATION_INPUTS_CAPPED, CostPlan, Estimate, duration, random_inputs, validation_inputs
 from bench.types import Prediction
 
-from .regvar_block import block_cg
-from .regvar_common import (
+from .block import block_cg
+from .common import (
     FlatModel,
     Optimizer,
     Precision,
@@ -113,9 +113,9 @@ from .regvar_common import (
     solve,
     train_tensors,
 )
-from .regvar_kfac import KroneckerPreconditioner
-from .regvar_mlp import MLPProducts
-from .regvar_newton import ENERGY_DELAY, CurvatureProducts, ProductEngine, batched_cg, curvature_products
+from .kfac import KroneckerPreconditioner
+from .mlp import MLPProducts
+from .newton import ENERGY_DELAY, CurvatureProducts, ProductEngine, batched_cg, curvature_products
 
 # Planning figures for the budget estimate (`python -m bench perf regvar`; IMDB's head: 18 CG
 # iterations per solve): CG iterations per solve, and L-BFGS iterations per fit.

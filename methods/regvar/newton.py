@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from .regvar_common import FlatModel, mean_cross_entropy
+from .common import FlatModel, mean_cross_entropy
 
 # Values per tensor of the vmapped chunk (stack × rows × activations per row): bounds memory.
 CHUNK_ELEMENTS = 2**24
@@ -265,7 +265,7 @@ def curvature_products(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, weight_d
                        engine: ProductEngine = ProductEngine.AUTO) -> CurvatureProducts:
     """The fastest exact products for ``fm``: closed form for a linear softmax read-out or an
     MLP (``engine=auto``), autograd's otherwise or when asked."""
-    from .regvar_mlp import MLPProducts  # it subclasses CurvatureProducts
+    from .mlp import MLPProducts  # it subclasses CurvatureProducts
 
     if engine is ProductEngine.AUTO and LinearSoftmaxProducts.applies(fm):
         return LinearSoftmaxProducts(fm, x, y, weight_decay, kind)

@@ -74,7 +74,8 @@ def main(argv: list[str]) -> int:
     from laplace.curvature import CurvlinopsGGN
 
     from bench.formulas import probit_probs
-    from bench_methods.kfac_predictive import FastGLMPredictive
+
+    from .kfac_predictive import FastGLMPredictive
 
     device = select_device(args.device)
     model, train, x_test, weights = _model_and_data(args.smoke, args.seed, device, args.task)

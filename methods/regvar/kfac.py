@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .regvar_mlp import MLPProducts
+from .mlp import MLPProducts
 
 
 class KroneckerPreconditioner:

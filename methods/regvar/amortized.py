@@ -4,7 +4,7 @@ One extra fine-tune of the whole trainable model from the MAP, with the listing'
 ``CE(f, y) − log p(θ)/n + λ·mean|f|/n`` over the *training* batches (mean over the batch and
 the logits), serves every test input; inference is two forward passes and
 ``σ²_k(x) = |f_λ,k(x) − f_ref,k(x)| / λ`` per logit k. Objective, prior and λ scale: see
-``methods.regvar_common`` (the prior term is (wd/2)‖θ‖², precision n·wd on the log-joint).
+``methods/regvar/common.py`` (the prior term is (wd/2)‖θ‖², precision n·wd on the log-joint).
 
 What it estimates (derivation in the project's regvar reference, not the paper's claim): by the
 implicit-function argument its λ → 0 limit is |J_k(x) P⁻¹ E_x'[Σ_j sign(f_j(x')) J_j(x')ᵀ]|/C,
@@ -59,7 +59,7 @@ from bench.scale_tuning import SCALE_GRID, flat_within_noise, scale_curve
 from bench.seeding import derive_seed
 from bench.types import Prediction
 
-from .regvar_common import (
+from .common import (
     FlatModel,
     Regularizer,
     SolverOptions,

@@ -21,7 +21,7 @@ L-BFGS, on a seeded training subset), where the Hessian is formed densely:
     the limit of RegVar's finite difference (the paper's Theorem 4.1), and
   - the GGN: laplace-torch ``Laplace(..., "all", "full")`` with prior precision n·wd.
 The objective is ``P = mean CE + (wd/2)‖θ‖²`` with wd = prior_precision / n (see
-``methods.regvar_common``); the default prior precision 1 (not the task recipe's weight decay,
+``methods/regvar/common.py``); the default prior precision 1 (not the task recipe's weight decay,
 which on a 256-point subset is a nearly flat prior under which L-BFGS does not reach a
 stationary point in thousands of iterations) keeps the exact problem well posed. Both RegVar
 methods then run with their default settings on the same problem (per-input RegVar from the
@@ -54,7 +54,11 @@ from bench.errors import BenchError
 from bench.method_api import FitContext
 from bench.seeding import derive_seed, seed_everything
 from bench.tasks.base import TaskData, TrainRecipe
-from bench_methods.regvar import (
+
+from .amortized import AmortizedOptions, RegVarAmortized
+from .common import FlatModel
+from .newton import CurvatureKind, CurvatureProducts, batched_cg
+from .per_input import (
     FitConfig,
     RegVar,
     RegVarLastLayer,
@@ -63,9 +67,6 @@ from bench_methods.regvar import (
     output_weights,
     regvar_response,
 )
-from bench_methods.regvar_amortized import AmortizedOptions, RegVarAmortized
-from bench_methods.regvar_common import FlatModel
-from bench_methods.regvar_newton import CurvatureKind, CurvatureProducts, batched_cg
 
 DTYPE = torch.float64
 AMORTIZED_CHECK_LAM = 1e-5

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .regvar_newton import CGResult, MatVec
+from .newton import CGResult, MatVec
 
 DEPENDENT = 100.0  # directions below DEPENDENT·eps (relative, see _orthonormal) are round-off
 GRAM_FLOOR = 1e-12  # float64 eigenvalues of a Gram matrix below this share of the largest are noise

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .regvar_common import FlatModel
-from .regvar_newton import CurvatureKind, CurvatureProducts
+from .common import FlatModel
+from .newton import CurvatureKind, CurvatureProducts
 
 ROW_CHUNK_ELEMENTS = 2**23  # rows × Q × widest layer per chunk: GEMMs large, temporaries ≤ 32 MB each
 _ACTIVATIONS = (nn.ReLU, nn.Tanh)
