@@ -42,6 +42,8 @@ from torch.nn import functional as F
 from bench.errors import BenchError
 from bench.formulas import probit_probs
 
+from .laplace_private import glm_samples, posterior_device
+
 # Largest number of elements of a per-layer (samples × classes × out × in) block formed at once.
 _BLOCK_BUDGET = 2**24
 
@@ -261,7 +263,7 @@ class FastGLMPredictive:
     def functional(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GLM mean logits (N, C) and functional covariance (N, C, C) for a batch ``x``."""
         self.model.eval()
-        x = x.to(self.la._device)
+        x = x.to(posterior_device(self.la))
         if not self.layered:
             with torch.enable_grad():
                 logits, J = self._generic_jacobians(x)
@@ -297,6 +299,6 @@ def glm_link(
     if link == "probit":
         return probit_probs(f_mu, f_var).to(f_mu.dtype)
     if link == "mc":
-        samples = la._glm_predictive_samples(f_mu, f_var, n_samples=n_samples, generator=generator)
+        samples = glm_samples(la, f_mu, f_var, n_samples, generator)
         return samples.mean(0)
     raise BenchError(f"unknown link {link!r}; use probit or mc")

@@ -33,6 +33,7 @@ from bench.seeding import derive_seed
 from bench.types import Prediction
 
 from .kfac_predictive import FastGLMPredictive, glm_link
+from .laplace_private import glm_functional, last_layer_name
 from .laplace_common import (
     Link,
     PriorMethod,
@@ -193,7 +194,7 @@ class _LaplaceBase(Method):
         raise NotImplementedError
 
     def _functional(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.la._glm_predictive_distribution(x.to(self.device))
+        return glm_functional(self.la, x.to(self.device))
 
     def _pred_batch(self) -> int:
         return self.options.batch_size
@@ -301,7 +302,7 @@ class LastLayerLaplace(_LaplaceBase):
                        hessian_structure=self.options.structure.value)
 
     def summary(self) -> dict[str, Any]:
-        return {**self.info, "last_layer": self.la.model._last_layer_name if self.la else None}
+        return {**self.info, "last_layer": last_layer_name(self.la) if self.la else None}
 
 
 @register_method("laplace")

@@ -73,3 +73,38 @@ def test_the_harness_never_imports_a_methods_module() -> None:
     reaching = sorted(f"{m} imports {name}" for m, names in SOURCES.items() if m.startswith("bench")
                       and not m.startswith("bench_methods") for name in names if name.startswith("bench_methods."))
     assert reaching == []
+
+
+LAPLACE_PRIVATE = {"_glm_predictive_distribution", "_glm_predictive_samples", "_device", "_last_layer_name"}
+
+
+def test_laplace_torchs_private_api_is_read_in_one_module() -> None:
+    readers = sorted({_module(p) for folder in ("bench", "methods") for p in sorted((REPO / folder).rglob("*.py"))
+                      for node in ast.walk(ast.parse(p.read_text()))
+                      if (isinstance(node, ast.Attribute) and node.attr in LAPLACE_PRIVATE)
+                      or (isinstance(node, ast.Constant) and node.value in LAPLACE_PRIVATE)})
+    assert readers == ["bench_methods.laplace_private"]  # by name, through one guarded getattr
+    adapter = ast.parse((REPO / "methods" / "laplace_private.py").read_text())
+    assert {n.value for n in ast.walk(adapter) if isinstance(n, ast.Constant)} >= LAPLACE_PRIVATE
+
+
+def test_the_installed_laplace_torch_is_in_the_tested_range() -> None:
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    from bench_methods.laplace_private import TESTED_RANGE
+
+    pinned = next(Requirement(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                  if r.startswith("laplace-torch"))
+    assert str(pinned.specifier) == str(Requirement(f"laplace-torch{TESTED_RANGE}").specifier)
+    assert pinned.specifier.contains(version("laplace-torch"))
+
+
+def test_a_laplace_torch_without_the_private_call_names_the_tested_range() -> None:
+    from bench.errors import BenchError
+    from bench_methods.laplace_private import glm_functional
+
+    with pytest.raises(BenchError, match=r"laplace-torch>=0\.3,<0\.4"):
+        glm_functional(object(), None)

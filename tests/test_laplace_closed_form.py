@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench_methods.kfac_predictive import FastGLMPredictive, probit_probs
+from bench_methods.laplace_private import glm_functional
 
 laplace = pytest.importorskip("laplace")
 
@@ -93,7 +94,7 @@ def test_logistic_regression_hessian_and_predictive():
     cov = torch.linalg.inv(precision)
     jac = torch.stack([torch.kron(torch.eye(c, dtype=torch.float64), xs[None]) for xs in x_star])
     closed = jac @ cov @ jac.transpose(1, 2)
-    f_mu, f_var = la._glm_predictive_distribution(x_star)
+    f_mu, f_var = glm_functional(la, x_star)
     torch.testing.assert_close(f_var, closed)
     fast_mu, fast_var = FastGLMPredictive(la).functional(x_star)
     torch.testing.assert_close(fast_var, closed)

@@ -49,18 +49,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray's fixed default ports (the client server's 10001, the dashboard agent's 52365, ...) would make a
+# node fail to start while any earlier node's process still holds one: every node gets its own.
+NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                   "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+
+
 def _node(*args: str, env: dict[str, str]) -> subprocess.Popen:
-    """A Ray node in its own session (``--block``: it lives as long as this process group)."""
-    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """A Ray node in its own session (``--block``: it lives as long as this process group), on free ports;
+    its output goes to ``node-<pid>.log`` in the temp dir, for the failure message."""
+    ports = [f"{flag}={_free_port()}" for flag in NODE_PORT_FLAGS]
+    if "--head" in args:
+        ports.append(f"--ray-client-server-port={_free_port()}")
+    log = tempfile.NamedTemporaryFile("w", prefix="ray-node-", suffix=".log", dir="/tmp", delete=False)
+    node = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args, *ports], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    NODE_LOGS[node.pid] = Path(log.name)
+    return node
+
+
+NODE_LOGS: dict[int, Path] = {}
 
 
 def _kill(node: subprocess.Popen) -> None:
+    """The node's process group, and any process of its session that left the group."""
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if process.pid != node.pid and os.getsid(process.pid) == node.pid:
+                process.kill()
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
     try:
         os.killpg(node.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     node.wait(30)
+    log = NODE_LOGS.pop(node.pid, None)
+    if log is not None:
+        log.unlink(missing_ok=True)
 
 
 def _metrics(out: Path) -> dict[str, dict]:
@@ -190,7 +218,9 @@ def _wait_for_cpus(port: int, cpus: int, env: dict[str, str], timeout: float = 1
         if f"/{cpus}.0 CPU" in status.stdout:
             return
         time.sleep(1)
-    pytest.fail(f"the Ray cluster never reached {cpus} CPUs")
+    logs = "\n".join(f"{path.name}: {path.read_text()[-1500:]}" for path in NODE_LOGS.values() if path.exists())
+    pytest.fail(f"the Ray cluster never reached {cpus} CPUs; ray status: {status.stdout[-500:]}"
+                f"{status.stderr[-1500:]}\nnode output:\n{logs}")
 
 
 def _session(pid: int) -> int | None:

@@ -1,8 +1,10 @@
 /* Hand-written for bench's static leaderboard (no library, no network, works from file://).
    Sorts a table.sortable by a click (or Enter) on a column header: by each cell's data-sort
-   (numbers unless the header says data-type="text"), cells without a value last either way.
+   (numbers unless the header says data-type="text"), cells without a value last either way;
+   a row whose data-parent names another row stays below that row.
    Filters the rows of the table named by a data-filter-text box (label contains the text)
-   and a data-filter-kind select (the row's data-kind). */
+   and a data-filter-kind select (the row's data-kind). The sort and the filters are kept in the
+   URL's fragment, so a view is a link. */
 (function () {
   "use strict";
   function value(row, i) {
@@ -10,22 +12,28 @@
     if (!cell) return "";
     return cell.hasAttribute("data-sort") ? cell.getAttribute("data-sort") : cell.textContent.trim();
   }
-  function sortBy(table, i, th) {
-    var ascending = th.getAttribute("aria-sort") !== "ascending";
+  function sortBy(table, i, th, direction) {
+    var ascending = direction ? direction === "asc" : th.getAttribute("aria-sort") !== "ascending";
     var numeric = th.getAttribute("data-type") !== "text";
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (h) { h.removeAttribute("aria-sort"); });
     th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
     var body = table.tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = value(a, i), y = value(b, i);
+    // A derived row (data-parent names its method's row) moves with its parent, below it.
+    var groups = {}, heads = [];
+    Array.prototype.forEach.call(body.rows, function (row) {
+      var parent = row.getAttribute("data-parent") || row.getAttribute("data-label") || "";
+      if (!groups[parent]) { groups[parent] = []; heads.push(parent); }
+      if (row.getAttribute("data-label") === parent) groups[parent].unshift(row); else groups[parent].push(row);
+    });
+    heads.sort(function (p, q) {
+      var x = value(groups[p][0], i), y = value(groups[q][0], i);
       if (numeric) { x = x === "" ? NaN : parseFloat(x); y = y === "" ? NaN : parseFloat(y); }
       var xMissing = numeric ? isNaN(x) : x === "", yMissing = numeric ? isNaN(y) : y === "";
       if (xMissing || yMissing) return xMissing - yMissing;
       var d = numeric ? x - y : String(x).localeCompare(String(y));
       return ascending ? d : -d;
     });
-    rows.forEach(function (row) { body.appendChild(row); });
+    heads.forEach(function (p) { groups[p].forEach(function (row) { body.appendChild(row); }); });
   }
   function applyFilters(id) {
     var table = document.getElementById(id);
@@ -39,16 +47,47 @@
       row.hidden = !shown;
     });
   }
+  // The page's state lives in its URL's fragment (#sort=table:column:asc&filter=text&kind=derived),
+  // so a sorted, filtered view can be bookmarked or sent as a link.
+  function column(th, i) { return th.getAttribute("title") || String(i); }
+  function remember(key, value) {
+    var state = new URLSearchParams(location.hash.slice(1));
+    if (value) state.set(key, value); else state.delete(key);
+    history.replaceState(null, "", "#" + state.toString());
+  }
   document.querySelectorAll("table.sortable").forEach(function (table) {
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
+      function sortHere() {
+        sortBy(table, i, th);
+        var dir = th.getAttribute("aria-sort") === "ascending" ? "asc" : "desc";
+        remember("sort", table.id + ":" + column(th, i) + ":" + dir);
+      }
       th.tabIndex = 0;
-      th.addEventListener("click", function () { sortBy(table, i, th); });
-      th.addEventListener("keydown", function (e) { if (e.key === "Enter") sortBy(table, i, th); });
+      th.addEventListener("click", sortHere);
+      th.addEventListener("keydown", function (e) { if (e.key === "Enter") sortHere(); });
     });
   });
   document.querySelectorAll("[data-filter-text], [data-filter-kind]").forEach(function (control) {
     var id = control.getAttribute("data-filter-text") || control.getAttribute("data-filter-kind");
-    control.addEventListener("input", function () { applyFilters(id); });
-    control.addEventListener("change", function () { applyFilters(id); });
+    var key = control.hasAttribute("data-filter-text") ? "filter" : "kind";
+    function update() { applyFilters(id); remember(key, control.value.trim()); }
+    control.addEventListener("input", update);
+    control.addEventListener("change", update);
+  });
+  var state = new URLSearchParams(location.hash.slice(1));
+  var sort = (state.get("sort") || "").split(":");
+  var table = sort.length >= 3 ? document.getElementById(sort[0]) : null;
+  if (table && table.tHead) {
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
+      if (column(th, i) === sort.slice(1, -1).join(":")) sortBy(table, i, th, sort[sort.length - 1]);
+    });
+  }
+  [["filter", "data-filter-text"], ["kind", "data-filter-kind"]].forEach(function (pair) {
+    var value = state.get(pair[0]);
+    document.querySelectorAll("[" + pair[1] + "]").forEach(function (control) {
+      if (value === null) return;
+      control.value = value;
+      applyFilters(control.getAttribute(pair[1]));
+    });
   });
 })();
