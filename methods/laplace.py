@@ -33,7 +33,6 @@ from bench.seeding import derive_seed
 from bench.types import Prediction
 
 from .kfac_predictive import FastGLMPredictive, glm_link
-from .laplace_private import glm_functional, last_layer_name
 from .laplace_common import (
     Link,
     PriorMethod,
@@ -46,6 +45,7 @@ from .laplace_common import (
     quiet_laplace,
     tune_prior,
 )
+from .laplace_private import glm_functional, last_layer_name
 
 # laplace-torch's own all-weights predictive holds an N x C x P Jacobian (and more inside
 # jacrev); this many inputs per call keeps it near 0.5 GB for a 100k-parameter model.

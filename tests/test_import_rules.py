@@ -89,15 +89,15 @@ def test_laplace_torchs_private_api_is_read_in_one_module() -> None:
 
 
 def test_the_installed_laplace_torch_is_in_the_tested_range() -> None:
-    import tomllib
     from importlib.metadata import version
 
+    import tomllib
     from packaging.requirements import Requirement
 
     from bench_methods.laplace_private import TESTED_RANGE
 
-    pinned = next(Requirement(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-                  if r.startswith("laplace-torch"))
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = next(Requirement(r) for r in dependencies if r.startswith("laplace-torch"))
     assert str(pinned.specifier) == str(Requirement(f"laplace-torch{TESTED_RANGE}").specifier)
     assert pinned.specifier.contains(version("laplace-torch"))
 
