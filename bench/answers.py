@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bench.derived_rows import UNTUNED
+from bench.metrics.registry import metric
 from bench.ranking import ahead, difference_cell, summarize
 
 if TYPE_CHECKING:
@@ -48,13 +49,19 @@ class Answer:
         return ahead(self.lead, self.headline.direction)
 
 
+ANSWERED = ("nll", "ece")  # registered metrics answered on the test set and (the first) on every shift set
+ANSWERED_SCORE = "entropy"  # the OOD score every row has
+
+
 def headlines(keys: set[str]) -> list[Headline]:
     """NLL and ECE, the entropy AUROC of every OOD set and the NLL of every shift set."""
-    out = [Headline("NLL", "cls/nll", -1), Headline("ECE", "cal/ece", -1)]
-    out += [Headline(f"OOD AUROC {k.split('/')[1]} (entropy)", k, 1)
-            for k in sorted(keys) if k.startswith("ood/") and k.endswith("/auroc/entropy")]
-    out += [Headline(f"shift NLL {k.split('/')[1]}", k, -1)
-            for k in sorted(keys) if k.startswith("shift/") and k.endswith("/nll")]
+    answered = [metric(name) for name in ANSWERED]
+    out = [Headline(m.title, m.test_key, m.direction) for m in answered]
+    out += [Headline(f"OOD AUROC {k.split('/')[1]} ({ANSWERED_SCORE})", k, 1)
+            for k in sorted(keys) if k.startswith("ood/") and k.endswith(f"/auroc/{ANSWERED_SCORE}")]
+    on_shift = answered[0]
+    out += [Headline(f"shift {on_shift.title} {k.split('/')[1]}", k, on_shift.direction)
+            for k in sorted(keys) if k.startswith("shift/") and k.endswith(f"/{on_shift.name}")]
     return out
 
 

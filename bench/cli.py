@@ -8,8 +8,6 @@ from pathlib import Path
 
 from bench.errors import BenchError
 
-MAIN_METRICS = ["cls/acc", "cls/nll", "cal/ece", "cls/brier"]
-
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
@@ -108,7 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     record = run(config)
     m, costs = record.metrics, record.costs
-    rows = [[k, f"{m[k]:.4f}"] for k in MAIN_METRICS]
+    from bench.metrics.registry import set_metrics
+
+    rows = [[metric.test_key, f"{m[metric.test_key]:.4f}"] for metric in set_metrics()]
     rows += [[k, f"{v:.4f}"] for k, v in sorted(m.items()) if k.startswith(("ood/", "shift/"))]
     rows += [["costs/train_s", f"{costs.train_s:.2f}"], ["costs/fit_posthoc_s", f"{costs.fit_posthoc_s:.2f}"],
              ["costs/predict_per_1k_s", f"{costs.predict_per_1k_s:.3f}"],

@@ -15,8 +15,10 @@ import numpy as np
 from bench.answers import COST_KEYS
 from bench.cells import MEMORY_KEY, MISSING, Mark, ranked_rows, spread_text
 from bench.derived_rows import UNTUNED
+from bench.metrics.registry import auroc_key, metric, shown_scores
 
-OOD_SCORES = ("entropy", "variance", "mutual_info", "centred_var")
+HEADLINE_METRICS = ("acc", "nll", "ece")  # registered metrics on the test set
+SHIFT_METRIC = "nll"  # the registered metric read on the hardest shift set
 TOTAL_COST = "cost/total_s"  # a headline-only key: train + post-hoc fit + predict 1,000 inputs, per run
 
 
@@ -29,15 +31,17 @@ class HeadlineColumn:
 
 def headline_columns(runs: dict[str, list[dict[str, float]]]) -> list[HeadlineColumn]:
     keys = {k for rows in runs.values() for r in rows for k in r}
-    out = [HeadlineColumn("Acc ↑", ("cls/acc",), 1), HeadlineColumn("NLL ↓", ("cls/nll",), -1),
-           HeadlineColumn("ECE ↓", ("cal/ece",), -1)]
+    out = [HeadlineColumn(f"{m.title} {m.arrow}", (m.test_key,), m.direction)
+           for m in map(metric, HEADLINE_METRICS)]
     for ood in sorted({k.split("/")[1] for k in keys if k.startswith("ood/")}):
-        scores = tuple(f"ood/{ood}/auroc/{s}" for s in OOD_SCORES if f"ood/{ood}/auroc/{s}" in keys)
+        scores = tuple(auroc_key(ood, s.name) for s in shown_scores() if auroc_key(ood, s.name) in keys)
         out.append(HeadlineColumn(f"AUROC {ood} (best score) ↑", scores, 1))
-    shifts = {k.split("/")[1] for k in keys if k.startswith("shift/") and k.endswith("/nll")}
+    on_shift = metric(SHIFT_METRIC)
+    shifts = {k.split("/")[1] for k in keys if k.startswith("shift/") and k.endswith(f"/{on_shift.name}")}
     if shifts:
-        hardest = max(sorted(shifts), key=lambda s: _mean_over_rows(runs, f"shift/{s}/nll"))
-        out.append(HeadlineColumn(f"{hardest} NLL ↓ (hardest shift)", (f"shift/{hardest}/nll",), -1))
+        hardest = max(sorted(shifts), key=lambda s: on_shift.direction * -_mean_over_rows(runs, on_shift.shift_key(s)))
+        out.append(HeadlineColumn(f"{hardest} {on_shift.title} {on_shift.arrow} (hardest shift)",
+                                  (on_shift.shift_key(hardest),), on_shift.direction))
     out.append(HeadlineColumn("cost s ↓", (TOTAL_COST,), -1))
     out.append(HeadlineColumn("peak MiB", (MEMORY_KEY,), 0))
     return out

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.formulas import nll_per_input
-from bench.metrics.calibration import N_BINS
-from bench.metrics.scores import max_prob_score, predictive_entropy
+from bench.metrics.registry import SHIFT, TEST, SetMetric, harness_scores, set_metrics
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -45,55 +43,52 @@ class Interval:
 
 
 class _Labelled:
-    """Per-input quantities of one labelled set (test or a shift set)."""
+    """Per-input terms of every compared metric on one labelled set (test or a shift set)."""
 
-    def __init__(self, probs: np.ndarray, labels: np.ndarray) -> None:
-        p, y = torch.from_numpy(probs).double(), torch.from_numpy(labels)
-        self.nll = nll_per_input(p, y).numpy()
-        self.brier = ((p - torch.nn.functional.one_hot(y.long(), p.shape[1])) ** 2).sum(1).numpy()
-        conf = np.minimum(p.max(1).values.numpy(), np.nextafter(1.0, 0.0))  # as bench.metrics.calibration
-        self.correct = (p.argmax(1) == y).double().numpy()
-        self.gap = self.correct - conf
-        edges = torch.linspace(0, 1, N_BINS + 1, dtype=torch.float64).numpy()  # torchmetrics' bin edges
-        self.bin = np.searchsorted(edges, conf, side="right") - 1
+    def __init__(self, probs: np.ndarray, labels: np.ndarray, metrics: list[SetMetric]) -> None:
+        probs = probs.astype(np.float64)
+        self.n = len(labels)
+        self.terms = {m.name: m.terms(probs, labels) for m in metrics}
 
-    def metric(self, name: str, counts: np.ndarray) -> np.ndarray:
+    def metric(self, metric: SetMetric, counts: np.ndarray) -> np.ndarray:
         """The metric on each resample, given as (replicates, inputs) multiplicities."""
-        n = counts[0].sum()
-        if name == "ece":
-            in_bin = np.zeros((len(self.gap), N_BINS))
-            in_bin[np.arange(len(self.gap)), self.bin] = self.gap
-            return np.abs(counts @ in_bin).sum(1) / n
-        return counts @ {"acc": self.correct, "nll": self.nll, "brier": self.brier}[name] / n
+        return metric.from_sums(counts @ self.terms[metric.name], counts[0].sum())
 
 
 def _scores(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     probs = torch.from_numpy(arrays[f"{prefix}/probs"]).double()
-    out = {"msp": max_prob_score(probs).numpy(), "entropy": predictive_entropy(probs).numpy()}
+    out = {name: score.numpy() for name, score in harness_scores(probs).items()}
     out.update({k.removeprefix(f"{prefix}/score/"): v.astype(np.float64) for k, v in arrays.items()
                 if k.startswith(f"{prefix}/score/")})
     return out
 
 
+def _compared(on: str) -> list[SetMetric]:
+    """The metrics a comparison covers on a set: those the leaderboard shows there."""
+    return [m for m in set_metrics() if on in m.shown_on]
+
+
 class _Run:
-    """Every metric of ``bench.metrics.evaluate`` as a statistic of resampled inputs."""
+    """Every compared metric of ``bench.metrics.evaluate`` as a statistic of resampled inputs."""
 
     def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self.sets = {"test": _Labelled(arrays["test/probs"], arrays["test/labels"])}
+        self.sets = {"test": _Labelled(arrays["test/probs"], arrays["test/labels"], _compared(TEST))}
         for key in arrays:
             if key.startswith("shift/") and key.endswith("/probs"):
                 name = key.removesuffix("/probs")
-                self.sets[name] = _Labelled(arrays[key], arrays[f"{name}/labels"])
+                self.sets[name] = _Labelled(arrays[key], arrays[f"{name}/labels"], _compared(SHIFT))
         self.scores = {"test": _scores(arrays, "test")}
         self.scores.update({k.removesuffix("/probs"): _scores(arrays, k.removesuffix("/probs"))
                             for k in arrays if k.startswith("ood/") and k.endswith("/probs")})
-        self.sizes = {name: len(s.nll) for name, s in self.sets.items()}
+        self.sizes = {name: s.n for name, s in self.sets.items()}
         self.sizes.update({name: len(s["entropy"]) for name, s in self.scores.items() if name != "test"})
         self._ranks: dict[tuple[str, str], _Ranks] = {}
+        self._by_key: dict[str, tuple[str, SetMetric]] = {m.test_key: ("test", m) for m in _compared(TEST)}
+        self._by_key.update({m.shift_key(name.split("/")[1]): (name, m) for name in self.sets if name != "test"
+                             for m in _compared(SHIFT)})
 
     def keys(self) -> list[str]:
-        out = [f"cls/{m}" for m in ("acc", "nll", "brier")] + ["cal/ece"]
-        out += [f"{name}/{m}" for name in self.sets if name != "test" for m in ("acc", "nll", "ece")]
+        out = list(self._by_key)
         out += [f"{name}/auroc/{score}" for name in self.scores if name != "test"
                 for score in self.scores[name] if score in self.scores["test"]]
         return out
@@ -102,13 +97,11 @@ class _Run:
         """(replicates, keys): the metrics on each resample (``counts[set]``: replicates × inputs)."""
         out = []
         for key in keys:
-            parts = key.split("/")
-            if parts[0] in ("cls", "cal"):
-                out.append(self.sets["test"].metric(parts[1], counts["test"]))
-            elif parts[0] == "shift":
-                name = "/".join(parts[:2])
-                out.append(self.sets[name].metric(parts[2], counts[name]))
+            if key in self._by_key:
+                name, metric = self._by_key[key]
+                out.append(self.sets[name].metric(metric, counts[name]))
             else:
+                parts = key.split("/")
                 name, score = "/".join(parts[:2]), parts[3]
                 if (name, score) not in self._ranks:
                     self._ranks[(name, score)] = _Ranks(self.scores["test"][score], self.scores[name][score])

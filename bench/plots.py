@@ -23,7 +23,7 @@ from bench.derived_rows import is_derived  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.leaderboard import collect, warn_damaged  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
-from bench.metrics.scores import max_prob_score, predictive_entropy  # noqa: E402
+from bench.metrics.registry import SCORES, confidence_bins  # noqa: E402
 from bench.ranking import summarize  # noqa: E402
 from bench.record import RunRecord  # noqa: E402
 from bench.results import (  # noqa: E402
@@ -43,8 +43,9 @@ MIN_INTENSITIES = 3  # shifted levels a curve needs (so fashion-mnist's default 
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS):
+    """Count, accuracy and mean confidence per bin, binned as ECE bins them."""
     conf, correct = probs.max(1), (probs.argmax(1) == labels)
-    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    idx = confidence_bins(conf, n_bins)
     counts = np.bincount(idx, minlength=n_bins)
     acc = np.bincount(idx, weights=correct, minlength=n_bins) / np.maximum(counts, 1)
     mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / np.maximum(counts, 1)
@@ -126,13 +127,12 @@ def best_ood_score(record: RunRecord, ood: str) -> str:
 
 
 def _score_values(data: dict[str, np.ndarray], where: str, score: str) -> np.ndarray:
-    """A score of every input of a set: the two computed from the probabilities (as
+    """A score of every input of a set: one the harness computes from the probabilities (as
     ``bench.metrics`` does), or one the method stored."""
-    from_probs = {"entropy": predictive_entropy, "msp": max_prob_score}
-    if score in from_probs:
+    if score in SCORES and (from_probs := SCORES.get(score).from_probs) is not None:
         import torch
 
-        return from_probs[score](torch.from_numpy(data[f"{where}/probs"])).numpy()
+        return from_probs(torch.from_numpy(data[f"{where}/probs"])).numpy()
     return np.asarray(data[f"{where}/score/{score}"], dtype=np.float64)
 
 

@@ -34,6 +34,7 @@ from bench.derived_rows import TUNED, UNTUNED, derived_label, is_derived
 from bench.errors import BenchError
 from bench.headline import headline_cell, headline_columns, headline_labels
 from bench.leaderboard import Collected, collect, warn_damaged
+from bench.metrics.registry import metric
 from bench.record import RunRecord
 from bench.results import atomic_write_bytes, ensure_writable, intact_record, iter_runs
 from bench.tables import columns_for, csv_number, render, task_answers, task_notes
@@ -47,7 +48,7 @@ PLOT_PATTERNS = ("reliability_{}.png", "ood_hist_{}_*.png", "cost_quality_{}.png
                  "shift_intensity_{}*.png")
 LONG = 300  # characters of a nested value shown on a run page; the run's JSON has the rest
 URL_SAFE = "/@=,"
-NLL = "cls/nll"  # the index matrix's headline metric
+NLL = metric("nll").test_key  # the index matrix's headline metric
 PLUGIN_MODULE = "bench_plugin_"  # the module name bench.plugins gives a plugin file
 
 

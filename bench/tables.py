@@ -30,6 +30,7 @@ from bench.cells import (
 )
 from bench.derived_rows import TUNED, UNTUNED
 from bench.headline import headline_cell, headline_columns, headline_labels
+from bench.metrics.registry import SHIFT, TEST, auroc_key, set_metrics, shown_scores
 from bench.paired import N_BOOT
 from bench.ranking import difference_cell, mean_ranks, summarize
 
@@ -37,22 +38,12 @@ if TYPE_CHECKING:
     from bench.leaderboard import Collected
 
 # (column title, key, direction): +1 higher is better, -1 lower is better, 0 not ranked.
-BASE_COLUMNS = [
-    ("Acc ↑", "cls/acc", 1),
-    ("NLL ↓", "cls/nll", -1),
-    ("ECE ↓", "cal/ece", -1),
-    ("Brier ↓", "cls/brier", -1),
-]
 COST_COLUMNS = [
     ("train s", "costs/train_s", 0),
     ("post-hoc fit s", "costs/fit_posthoc_s", 0),
     ("predict s/1k", "costs/predict_per_1k_s", 0),
     ("peak MiB", MEMORY_KEY, 0),
 ]
-# OOD score columns beside entropy: the method's own variance (defined per method, so not
-# comparable across rows), and the two defined once for every method that has them:
-# mutual_info (members, masks, or draws of the logit Gaussian) and centred_var (bench.logit_gaussian).
-OWN_SCORES = ("variance", "mutual_info", "centred_var")
 # Significant digits of the CSV's numbers: far below any difference a leaderboard resolves, and
 # above the last-bit noise of BLAS sums that differ between CPUs (a bootstrap interval's low end
 # moved in its 17th digit between two machines, which made `bench table --check` fail in CI).
@@ -87,11 +78,14 @@ HEADER = [
     f"{FLAG_MARK} = a run of that row carries a warning flag (listed under its table).",
     f"`M {UNTUNED}` / `M {TUNED}`: method M's own Gaussian over logits through the probit at s = 1 (untuned)",
     "and at the s with the lowest validation NLL on one grid (1e-4 … 1e4) over the validation inputs the run",
-    "predicted; the same rule for every method with a logit Gaussian (bench/derived_rows.py). OOD score",
-    "columns: entropy of the predictive; the method's own variance (defined per method, not comparable",
-    "across rows); mutual_info (ensemble members, dropout masks, or 100 draws of the logit Gaussian);",
-    "centred_var, the trace of the softmax-centred logit covariance (bench/logit_gaussian.py).", "",
+    "predicted; the same rule for every method with a logit Gaussian (bench/derived_rows.py).",
 ]
+
+
+def header() -> list[str]:
+    """The leaderboard's preamble, ending with what each shown OOD score is."""
+    scores = "; ".join(f"{s.name}, {s.description}" for s in shown_scores())
+    return [*HEADER, f"OOD score columns: {scores}.", ""]
 
 
 def csv_number(value: float) -> str:
@@ -117,18 +111,22 @@ def _same_cell(old: str, new: str) -> bool:
         return False
 
 
+def base_columns() -> list[tuple[str, str, int]]:
+    """The test-set columns: every registered metric shown on the test set."""
+    return [(f"{m.title} {m.arrow}", m.test_key, m.direction) for m in set_metrics() if TEST in m.shown_on]
+
+
 def columns_for(runs: dict[str, list[dict[str, float]]]) -> list[tuple[str, str, int]]:
+    """Every column of a task's full table: the registered metrics on the test set, each shown
+    score's AUROC on each OOD set the rows have, the registered metrics on each shift set, the costs."""
     keys = set().union(*(r.keys() for rs in runs.values() for r in rs))
-    cols = list(BASE_COLUMNS)
+    cols = base_columns()
     for ood in sorted({k.split("/")[1] for k in keys if k.startswith("ood/")}):
-        cols.append((f"AUROC {ood} (entropy) ↑", f"ood/{ood}/auroc/entropy", 1))
-        for own in OWN_SCORES:
-            if f"ood/{ood}/auroc/{own}" in keys:
-                cols.append((f"AUROC {ood} ({own}) ↑", f"ood/{ood}/auroc/{own}", 1))
+        cols += [(f"AUROC {ood} ({s.name}) ↑", auroc_key(ood, s.name), 1) for s in shown_scores()
+                 if auroc_key(ood, s.name) in keys]
     for shift in sorted({k.split("/")[1] for k in keys if k.startswith("shift/")}):
-        cols.append((f"{shift} Acc ↑", f"shift/{shift}/acc", 1))
-        cols.append((f"{shift} NLL ↓", f"shift/{shift}/nll", -1))
-        cols.append((f"{shift} ECE ↓", f"shift/{shift}/ece", -1))
+        cols += [(f"{shift} {m.title} {m.arrow}", m.shift_key(shift), m.direction) for m in set_metrics()
+                 if SHIFT in m.shown_on]
     return cols + COST_COLUMNS
 
 
@@ -207,7 +205,8 @@ def task_notes(task: str, found: Collected) -> list[str]:
 
 
 def _paired_table(task: str, found: Collected, writer: Any) -> list[str]:
-    """Δ = method − map on the same inputs for NLL, ECE and entropy AUROCs, with 95 % intervals."""
+    """Δ = method − map on the same inputs for every test-set metric and the AUROC of every score
+    the harness computes for all rows (entropy), with 95 % intervals."""
     if (task, PAIRED_REFERENCE) not in found.arrays:
         return []
     paired = {m: found.compare(task, m, PAIRED_REFERENCE) for m in sorted(found.table[task])
@@ -215,9 +214,10 @@ def _paired_table(task: str, found: Collected, writer: Any) -> list[str]:
     paired = {m: iv for m, iv in paired.items() if iv}
     if not paired:
         return []
-    keys = sorted({k for iv in paired.values() for k in iv
-                   if k in ("cls/nll", "cal/ece") or k.endswith("/auroc/entropy")},
-                  key=lambda k: (not k.startswith(("cls", "cal")), k))
+    test_keys = [m.test_key for m in set_metrics() if TEST in m.shown_on]
+    comparable = tuple(f"/auroc/{s.name}" for s in shown_scores() if s.from_probs is not None)  # every row has them
+    keys = [k for k in test_keys if any(k in iv for iv in paired.values())]
+    keys += sorted({k for iv in paired.values() for k in iv if k.startswith("ood/") and k.endswith(comparable)})
     rows = []
     for method, intervals in paired.items():
         row = [method]
@@ -240,7 +240,7 @@ def _paired_table(task: str, found: Collected, writer: Any) -> list[str]:
 
 def _rank_table(found: Collected) -> list[str]:
     """Mean rank of each full-set method per metric over the tasks it ran on (1 = best)."""
-    metrics = [(title, key, d) for title, key, d in BASE_COLUMNS] + [("AUROC (entropy) ↑", "ood/*/auroc/entropy", 1)]
+    metrics = base_columns() + [("AUROC (entropy) ↑", "ood/*/auroc/entropy", 1)]
     ranks = {}
     for title, key, direction in metrics:
         per_task = {}
@@ -278,7 +278,7 @@ def task_answers(task: str, found: Collected) -> list[str]:
 
 def render(found: Collected) -> tuple[str, str]:
     """The markdown and CSV texts."""
-    md = list(HEADER)
+    md = header()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["task", "method", "n_seeds", "metric", "mean", "std", "ci95_half_width"])

@@ -75,7 +75,11 @@ def test_run_writes_json_and_npz_with_everything(tmp_path: Path) -> None:
     assert record.metrics["cls/acc"] > 0.8
     assert record.provenance.versions["torch"]
     assert record.costs.predict_per_1k_s > 0
-    assert record.memory.peak_bytes > 0 and record.memory.kind
+    # in a process that ran other tests first the heap may already hold what the run needs: a peak
+    # above that baseline can be 0 there, and its kind says it was shared (sweeps give each run its own)
+    assert record.memory.kind in ("cpu_rss_fresh_process", "cpu_peak_rss_above_baseline")
+    fresh = record.memory.kind == "cpu_rss_fresh_process"
+    assert record.memory.peak_bytes > 0 if fresh else record.memory.peak_bytes >= 0
     with np.load(npz) as data:
         assert data["test/probs"].shape == (497, 10)
 

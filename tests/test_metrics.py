@@ -181,3 +181,15 @@ def test_evaluate_keys_are_namespaced() -> None:
     assert metrics["shift/noisy/acc"] == pytest.approx(accuracy(probs[:50], labels[:50]))
     # less confident OOD predictions are detected by entropy better than chance
     assert metrics["ood/far/auroc/entropy"] > 0.7
+
+
+def test_a_confidence_of_one_shares_the_top_bin_with_the_others() -> None:
+    """torchmetrics bins in float32, where 1 − 1e-9 is 1: such a confidence must still be averaged
+    with the rest of the top bin (one bin: acc 1/2, conf 0.975), not kept in a bin of its own."""
+    probs = torch.tensor([[1.0, 0.0], [1 - 1e-9, 1e-9], [0.95, 0.05], [0.95, 0.05]], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 0, 0])
+    expected = abs(0.5 - (1.0 + (1 - 1e-9) + 0.95 + 0.95) / 4)
+    assert numpy_ece(probs.numpy(), labels.numpy()) == pytest.approx(expected, abs=1e-12)
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected, abs=TOL)
+    assert max_calibration_error(probs, labels) == pytest.approx(expected, abs=TOL)
+    assert ECE(bins=15).measure(probs.numpy(), labels.numpy()) == pytest.approx(expected, abs=TOL)

@@ -9,16 +9,17 @@ N_BINS = 15
 
 
 def _guard_confidence_one(probs: torch.Tensor) -> torch.Tensor:
-    """Guard against torchmetrics binning a confidence of exactly 1.0 into a phantom bin.
+    """Keep a confidence of 1 in the last bin, where every equal-width ECE puts it.
 
-    torchmetrics buckets with ``bucketize(conf, linspace(0, 1, n+1), right=True) - 1``, which
-    sends conf == 1.0 to a phantom bin n in the releases with the open bug (1.9.0 handles it;
-    tests/test_metrics.py checks the value either way). Every equal-width ECE puts 1.0 in the
-    last bin; nudging it to the next float below 1.0 does exactly that and changes nothing else.
+    torchmetrics casts confidences to float32 and buckets them with ``bucketize(conf,
+    linspace(0, 1, n + 1), right=True) - 1``: a confidence that is 1 in float32 (any above
+    1 − 3e-8) lands in a bin n of its own, so it is not averaged with the rest of the top bin
+    (an MCE of the top bin read without it; an ECE off when such a prediction is wrong). Clamping
+    every probability to float32's largest value below 1 sends those to the last bin and changes
+    nothing else (tests/test_metrics.py checks a top bin shared by confidences 1 and 0.95).
     """
-    one = torch.ones((), dtype=probs.dtype)
-    below = torch.nextafter(one, torch.zeros((), dtype=probs.dtype))
-    return torch.where(probs >= 1.0, below, probs)
+    below_one = torch.nextafter(torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.float32))
+    return torch.clamp(probs, max=below_one.to(probs.dtype))
 
 
 def _calibration(probs: torch.Tensor, labels: torch.Tensor, norm: str, n_bins: int) -> float:

@@ -1,36 +1,18 @@
-"""All reported metrics for one run, under namespaced keys (``cls/nll``, ``ood/mnist/auroc/msp``)."""
+"""All reported metrics for one run, under namespaced keys (``cls/nll``, ``ood/mnist/auroc/msp``):
+every registered metric on the test set and each shift set, and every score's AUROC on each OOD
+set (``bench.metrics.registry``)."""
 
 from __future__ import annotations
 
 import torch
 
-from bench.metrics.calibration import (
-    N_BINS,
-    brier_score,
-    expected_calibration_error,
-    max_calibration_error,
-)
-from bench.metrics.classification import accuracy, negative_log_likelihood
 from bench.metrics.ood import auroc
-from bench.metrics.scores import max_prob_score, predictive_entropy
-
-
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return {
-        "acc": accuracy(probs, labels),
-        "nll": negative_log_likelihood(probs, labels),
-        "brier": brier_score(probs, labels),
-        "ece": expected_calibration_error(probs, labels, N_BINS),
-        "mce": max_calibration_error(probs, labels, N_BINS),
-    }
+from bench.metrics.registry import auroc_key, harness_scores, set_metrics
 
 
 def all_scores(probs: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The harness's scores (msp, entropy) plus the method's own, all higher = more uncertain."""
-    out = {"msp": max_prob_score(probs), "entropy": predictive_entropy(probs)}
-    for name, score in scores.items():
-        out[name] = score.double()
-    return out
+    """The harness's scores (msp, entropy, any registered) plus the method's own, all higher = more uncertain."""
+    return {**harness_scores(probs), **{name: score.double() for name, score in scores.items()}}
 
 
 def evaluate(
@@ -46,21 +28,13 @@ def evaluate(
     (probs, labels). Keys: ``cls/*`` and ``cal/*`` for the test set, ``shift/<set>/*``,
     ``ood/<set>/auroc/<score>``.
     """
-    base = classification_metrics(test_probs, test_labels)
-    metrics = {
-        "cls/acc": base["acc"],
-        "cls/nll": base["nll"],
-        "cls/brier": base["brier"],
-        "cal/ece": base["ece"],
-        "cal/mce": base["mce"],
-    }
+    metrics = {m.test_key: m.value(test_probs, test_labels) for m in set_metrics()}
     in_scores = all_scores(test_probs, test_scores or {})
     for name, (probs, scores) in (ood or {}).items():
         out_scores = all_scores(probs, scores)
         for score_name, score_in in in_scores.items():
             if score_name in out_scores:
-                metrics[f"ood/{name}/auroc/{score_name}"] = auroc(score_in, out_scores[score_name])
+                metrics[auroc_key(name, score_name)] = auroc(score_in, out_scores[score_name])
     for name, (probs, labels) in (shift or {}).items():
-        for key, value in classification_metrics(probs, labels).items():
-            metrics[f"shift/{name}/{key}"] = value
+        metrics.update({m.shift_key(name): m.value(probs, labels) for m in set_metrics()})
     return metrics
