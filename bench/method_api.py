@@ -36,6 +36,10 @@ class FitContext:
     progress: Progress
     log: Callable[[str], None]
     make_small_model: Callable[[], nn.Module] | None = None
+    # train_variant(name, model): ``model``, the task's architecture changed in a way its parameters
+    # do not show (``name`` says how, e.g. "dropout=0.3"), trained with the task's recipe, cached
+    # under that name and charged to the run like any network.
+    train_variant: Callable[[str, nn.Module], nn.Module] | None = None
 
 
 class Method(ABC):

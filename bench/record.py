@@ -78,6 +78,7 @@ class NetworkCost:
     threads: int | None = None
     peak_bytes: int | None = None
     memory_kind: str | None = None
+    variant: str = ""  # "": the task's network; else how a method changed it (e.g. "dropout=0.3")
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Costs:
 
     @property
     def map_train_s(self) -> float | None:
-        return self._seconds([n for n in self.networks if n.member == 0])
+        return self._seconds([n for n in self.networks if n.member == 0 and not n.variant])
 
     @property
     def member_train_s(self) -> float | None:

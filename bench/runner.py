@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from bench.tasks import TASKS, Task, TaskData
 from bench.training import (
     CorruptCheckpoint,
     TrainingCost,
+    checkpoint_path,
+    fingerprint,
     fingerprint_parts,
     load_state,
     map_checkpoint,
@@ -140,56 +143,93 @@ def result_paths(config: RunConfig) -> tuple[Path, Path]:
     return run_paths(config.out, r.task_label, r.method_label, config.seed)
 
 
+NetworkKey = tuple[int, str]  # (ensemble member, variant): (0, "") is the MAP network
+
+
+def network_name(key: NetworkKey) -> str:
+    member, variant = key
+    base = "MAP model" if member == 0 else f"ensemble member {member}"
+    return f"{base} with {variant}" if variant else base
+
+
 class ModelCache:
     """Trains a task's model with its recipe once per (task config, recipe, architecture and
-    data fingerprint, seed, member), and knows what each network cost to train, cached or not."""
+    data fingerprint, seed, member, variant), and knows what each network cost to train, cached or not."""
 
     def __init__(self, task: Task, data: TaskData, device: torch.device, seed: int, reporter: Reporter,
                  baseline: int | None = None):
         self.task, self.data, self.device, self.seed, self.reporter = task, data, device, seed, reporter
         self.baseline = baseline  # memory figures are above this RSS (None on a GPU)
         self.recipe = task.recipe()
-        self.costs: dict[int, TrainingCost] = {}  # member → its training cost (0: the MAP network)
-        self.certificates: dict[int, MapCertificate] = {}  # member → where it stands on its objective
+        self.costs: dict[NetworkKey, TrainingCost] = {}  # (0, ""): the MAP network
+        self.certificates: dict[NetworkKey, MapCertificate] = {}  # where each stands on its objective
         self.trained_now_s = 0.0  # training done in this process (to separate it from post-hoc time)
         self.fingerprint: str | None = None  # of architecture and training data, hashed once
-        self.loaded: list[int] = []
-        self.trained: list[int] = []
+        self.loaded: list[NetworkKey] = []
+        self.trained: list[NetworkKey] = []
 
     def make_model(self) -> torch.nn.Module:
         return self.task.make_model(self.data.num_classes)
 
     def get(self, member: int = 0) -> torch.nn.Module:
+        """The task's network for ensemble member ``member`` (0: the MAP), trained or loaded."""
         model, path = map_checkpoint(self.task, self.data, self.seed, member, self.fingerprint)
         self.fingerprint = path.parent.name  # every member shares the architecture and the data
-        what = "MAP model" if member == 0 else f"ensemble member {member}"
+        seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
+        return self._network((member, ""), model, path, seed,
+                             lambda: map_checkpoint(self.task, self.data, self.seed, member, self.fingerprint)[0])
+
+    def get_variant(self, variant: str, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (the task's architecture changed as ``variant`` names, e.g. ``dropout=0.3``,
+        seeded by the caller) trained with the task's recipe: cached under that name and charged
+        to the run like any network."""
+        if not variant or any(c in variant for c in "/\\"):
+            raise BenchError(f"a network variant needs a name without slashes; got {variant!r}")
+        fresh = copy.deepcopy(model)
+        path = checkpoint_path(self.task.cache_key(), self.recipe, self._fingerprint(model), self.seed, 0, variant)
+        seed = derive_seed(self.seed, "variant", variant)
+        return self._network((0, variant), model, path, seed, lambda: copy.deepcopy(fresh), rng_seed=seed)
+
+    def _fingerprint(self, model: torch.nn.Module) -> str:
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint(model, self.data.train)
+        return self.fingerprint
+
+    def _network(self, key: NetworkKey, model: torch.nn.Module, path: Path, seed: int,
+                 fresh: Callable[[], torch.nn.Module], rng_seed: int | None = None) -> torch.nn.Module:
+        """Load ``model``'s weights from ``path`` or train it there (``seed``: its data order;
+        ``rng_seed``: the dropout masks', on a forked RNG; None: the RNG as the caller left it)."""
+        what = network_name(key)
         with cache_lock(path):  # a parallel run training the same model: wait, then load
             loaded = self._load(model, path, what)
             if loaded is None:  # a corrupt checkpoint was moved aside: start again from a fresh, seeded network
-                model, path = map_checkpoint(self.task, self.data, self.seed, member, self.fingerprint)
+                model = fresh()
             if loaded:
-                self.costs[member] = read_cost(path)
-                self.certificates[member] = self._cached_certificate(model, path)
-                self.loaded.append(member)
+                self.costs[key] = read_cost(path)
+                self.certificates[key] = self._cached_certificate(model, path)
+                self.loaded.append(key)
                 self.reporter.log(f"{what}: loaded cached checkpoint {path} (trained in "
-                                  f"{self.costs[member].seconds:.1f} s; charged as if trained now); "
-                                  f"{self.certificates[member].describe()}")
+                                  f"{self.costs[key].seconds:.1f} s; charged as if trained now); "
+                                  f"{self.certificates[key].describe()}")
                 return model.to(self.device).eval()
             parts = fingerprint_parts(model, self.data.train)
             self.reporter.log(f"{what}: {why_not_cached(path, parts)}; training {self.recipe.epochs} epoch(s) "
                               f"on {len(self.data.train)} examples")
-            seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
             generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
             with measure(self.device, self.baseline, separate=True) as m:  # its peak: its own record
-                train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress, desc=what)
-                self.certificates[member] = certify(model, self.data.train, self.recipe, self.reporter.log)
-            self.reporter.log(f"{what}: {self.certificates[member].describe()}")
-            self.costs[member] = TrainingCost(m.seconds, str(self.device), torch.get_num_threads(),
-                                              m.peak_bytes, memory_kind(m, self.device))
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    if rng_seed is not None:
+                        torch.manual_seed(rng_seed)
+                    train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress,
+                          desc=what)
+                self.certificates[key] = certify(model, self.data.train, self.recipe, self.reporter.log)
+            self.reporter.log(f"{what}: {self.certificates[key].describe()}")
+            self.costs[key] = TrainingCost(m.seconds, str(self.device), torch.get_num_threads(),
+                                           m.peak_bytes, memory_kind(m, self.device))
             self.trained_now_s += m.seconds
-            self.trained.append(member)
-            save_cost(path, self.costs[member])  # first: a checkpoint without its cost is never left behind
-            save_certificate(path, self.certificates[member])
+            self.trained.append(key)
+            save_cost(path, self.costs[key])  # first: a checkpoint without its cost is never left behind
+            save_certificate(path, self.certificates[key])
             save_state(model, path)
             save_parts(path, parts)
         return model.eval()
@@ -219,7 +259,7 @@ class ModelCache:
 
     def member_seconds(self) -> float:
         """Training seconds of the ensemble members (k > 0) this run used, cached or trained now."""
-        return sum(c.seconds for k, c in self.costs.items() if k > 0)
+        return sum(c.seconds for (member, _), c in self.costs.items() if member > 0)
 
 
 _runs_in_this_process = 0  # a CPU peak is only a run's own when nothing ran before it here
@@ -377,7 +417,8 @@ def fit(config: RunConfig, p: Prepared) -> Fitted:
     ctx = FitContext(
         data=p.data, make_model=p.cache.make_model, recipe=p.cache.recipe, device=p.device, seed=config.seed,
         map_model=copy.deepcopy(p.map_model) if p.map_model is not None else None,
-        train_model=p.cache.get, progress=p.reporter.progress, log=p.reporter.log,
+        train_model=p.cache.get, train_variant=p.cache.get_variant, progress=p.reporter.progress,
+        log=p.reporter.log,
         make_small_model=lambda: p.task.make_small_model(p.data.num_classes),
     )
     trained_before = p.cache.trained_now_s
@@ -445,18 +486,18 @@ def score(pred: Predicted) -> dict[str, float]:
     )
 
 
-def certificate_flags(certificates: dict[int, MapCertificate]) -> list[str]:
+def certificate_flags(certificates: dict[NetworkKey, MapCertificate]) -> list[str]:
     """One flag per network the run used that is not a certified minimum of its objective."""
-    return [f"{'MAP' if member == 0 else f'ensemble member {member}'} is {c.describe()}"
-            for member, c in sorted(certificates.items()) if not c.certified]
+    return [f"{network_name(key).replace('MAP model', 'MAP')} is {c.describe()}"
+            for key, c in sorted(certificates.items()) if not c.certified]
 
 
 def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
                 metrics: dict[str, float]) -> RunRecord:
     r, cache = p.resolved, p.cache
     summary = fitted.method.summary()
-    networks = [NetworkCost(member, member in cache.loaded, **dataclasses.asdict(cost))
-                for member, cost in sorted(cache.costs.items())]
+    networks = [NetworkCost(member, (member, variant) in cache.loaded, **dataclasses.asdict(cost), variant=variant)
+                for (member, variant), cost in sorted(cache.costs.items())]
     n_test = max(len(pred.y_test), 1)
     return RunRecord(
         task=r.task_label, method=r.method_label, seed=config.seed, status=Status.OK,
@@ -480,7 +521,7 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
         ),
         metrics=metrics, method_summary=summary,
         flags=[str(f) for f in summary.get(FLAGS_KEY, [])] + pred.flags + certificate_flags(cache.certificates),
-        map_certificate=cache.certificates.get(0),
+        map_certificate=cache.certificates.get((0, "")),
         provenance=Provenance(git_commit(), versions(), machine(p.device)),
     )
 

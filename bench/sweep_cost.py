@@ -43,7 +43,7 @@ def sweep_cost(records: list[RunRecord], by: str = "task") -> dict[str, Cost]:
     """Cost per group (``by``: task or method), plus ``"all"``; networks counted once each (grouped
     by task, or as their own ``NETWORKS`` row when grouped by method: runs share them)."""
     groups: dict[str, Cost] = defaultdict(Cost)
-    trained: dict[tuple[str, int, int], tuple[float, int]] = {}
+    trained: dict[tuple[str, int, int, str], tuple[float, int]] = {}
     for record in records:
         assert record.costs is not None
         key = record.task if by == "task" else record.method
@@ -52,7 +52,7 @@ def sweep_cost(records: list[RunRecord], by: str = "task") -> dict[str, Cost]:
             cost.runs += 1
             cost.add(record.costs.run_s, threads)
         for net in record.costs.networks:
-            ident = (record.task, record.seed, net.member)
+            ident = (record.task, record.seed, net.member, net.variant)
             if net.seconds is not None and ident not in trained:
                 trained[ident] = (net.seconds, net.threads or threads)
                 for cost in (groups[key if by == "task" else NETWORKS], groups["all"]):

@@ -137,9 +137,11 @@ def why_not_cached(path: Path, parts: dict[str, str]) -> str:
     return f"the network's {what} changed since the cached checkpoint {closest} was trained; not reusing it"
 
 
-def checkpoint_path(task_key: str, recipe: TrainRecipe, fingerprint_: str, seed: int, member: int = 0) -> Path:
-    """Where the cache keeps a network: task options, recipe, architecture + data fingerprint."""
-    name = f"seed{seed}" + (f"-member{member}" if member else "") + ".pt"
+def checkpoint_path(task_key: str, recipe: TrainRecipe, fingerprint_: str, seed: int, member: int = 0,
+                    variant: str = "") -> Path:
+    """Where the cache keeps a network: task options, recipe, architecture + data fingerprint
+    (a variant, e.g. ``dropout=0.3``, differs in what the parameters do not show: named)."""
+    name = f"seed{seed}" + (f"-member{member}" if member else "") + (f"-{variant}" if variant else "") + ".pt"
     return cache_root() / "checkpoints" / task_key / recipe.key() / fingerprint_ / name
 
 

@@ -30,7 +30,6 @@ from bench.errors import BenchError
 from bench.method_api import FitContext, Method, register_method
 from bench.options import option
 from bench.seeding import derive_seed
-from bench.training import train
 from bench.types import Prediction
 
 from .sample_scores import batched_summary
@@ -129,7 +128,7 @@ class MCDropout(Method):
 
     Options = MCDropoutOptions
     # The network comes from ctx.train_model(0) (the cached MAP checkpoint) or, for another
-    # rate, is trained in fit: the harness need not prepare the MAP network.
+    # rate, from ctx.train_variant: the harness need not prepare the MAP network.
     uses_map = False
 
     def __init__(self, options: MCDropoutOptions | None = None) -> None:
@@ -159,7 +158,7 @@ class MCDropout(Method):
             if all(p == rate for p in own_rates):
                 model = self._map_network(ctx)  # the MAP network already has this rate
             else:
-                model = self._train_with_rate(ctx, set_rate(model, rate), rate, train_seed)
+                model = self._train_with_rate(ctx, set_rate(model, rate), rate)
         self.model = enable_dropout(model.to(ctx.device))
         self.rates = [float(m.p) for m in dropout_layers(self.model)]
         ctx.log(
@@ -176,22 +175,14 @@ class MCDropout(Method):
         self.retrained = False
         return model
 
-    def _train_with_rate(
-        self, ctx: FitContext, model: nn.Module, rate: float, seed: int
-    ) -> nn.Module:
-        """The MAP recipe with every dropout layer at ``rate`` (dropout on while training)."""
-        ctx.log(f"mc-dropout: training a network with dropout rate {rate} (not cached)")
+    def _train_with_rate(self, ctx: FitContext, model: nn.Module, rate: float) -> nn.Module:
+        """The MAP recipe with every dropout layer at ``rate`` (dropout on while training), trained
+        through the context: cached and charged to the run like any network."""
+        if ctx.train_variant is None:
+            raise BenchError("mc-dropout: this fit context cannot train a network; keep the model's own "
+                             "rates (rate=-1)")
         self.retrained = True
-        with seeded_rng(ctx.device, seed):
-            return train(
-                model,
-                ctx.data.train,
-                ctx.recipe,
-                ctx.device,
-                torch.Generator().manual_seed(seed),
-                ctx.progress,
-                desc=f"train mc-dropout p={rate}",
-            )
+        return ctx.train_variant(f"dropout={rate:g}", model)
 
     def _sample_probs(self, xb: torch.Tensor) -> torch.Tensor:
         assert self.model is not None

@@ -91,6 +91,17 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path: Path, isolated_cache:
     assert first.metrics == second.metrics
 
 
+def test_a_network_a_method_retrains_is_cached_and_charged_like_any_other(tmp_path: Path) -> None:
+    """mc-dropout at another rate trains its network through the context: cached, costed, same metrics."""
+    spec, task = "mc-dropout(rate=0.3)", "tiny-digits(hidden=29)"
+    first = _run_tiny(tmp_path / "a", method=spec, task=task)
+    second = _run_tiny(tmp_path / "b", method=spec, task=task)
+    assert [(n.member, n.variant, n.cached) for n in first.costs.networks] == [(0, "dropout=0.3", False)]
+    assert [(n.member, n.variant, n.cached) for n in second.costs.networks] == [(0, "dropout=0.3", True)]
+    assert second.costs.train_s == first.costs.train_s > 0 and first.costs.map_train_s == 0
+    assert first.metrics == second.metrics
+
+
 @pytest.mark.slow
 def test_a_cached_network_is_charged_what_it_cost_to_train(tmp_path: Path, isolated_cache: Path) -> None:
     """Costs do not depend on the cache: a cached MAP or ensemble member costs what training it did."""

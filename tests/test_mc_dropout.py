@@ -39,7 +39,7 @@ def mlp(
 
 def make_ctx(
     make_model: Callable[[], nn.Module], seed: int = 0, device: str = "cpu"
-) -> tuple[FitContext, list[int]]:
+) -> tuple[FitContext, list[int | str]]:
     g = torch.Generator().manual_seed(123)
     x = torch.randn(64, N_IN, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
@@ -50,7 +50,7 @@ def make_ctx(
         num_classes=N_CLASSES,
     )
     recipe = TrainRecipe(epochs=2, batch_size=16, lr=1e-2, weight_decay=0.0)
-    calls: list[int] = []
+    calls: list[int | str] = []
     shared: dict[int, nn.Module] = {}
 
     def train_model(member: int) -> nn.Module:
@@ -64,6 +64,12 @@ def make_ctx(
             )
         return shared[member]
 
+    def train_variant(name: str, model: nn.Module) -> nn.Module:
+        """Like the harness: the method's changed network trained with the recipe (not the MAP)."""
+        calls.append(name)
+        gen = torch.Generator().manual_seed(seed + 100)
+        return train(model, data.train, recipe, torch.device(device), gen, lambda it, **k: it)
+
     ctx = FitContext(
         data=data,
         make_model=make_model,
@@ -74,6 +80,7 @@ def make_ctx(
         train_model=train_model,
         progress=lambda it, **k: it,
         log=lambda m: None,
+        train_variant=train_variant,
     )
     return ctx, calls
 
@@ -156,7 +163,7 @@ def test_model_without_dropout_is_refused() -> None:
 
 def test_other_rate_retrains_with_that_rate() -> None:
     method, ctx, calls = fitted(mlp(p=0.5), rate=0.1)
-    assert calls == []  # the cached MAP network (p=0.5) is not used
+    assert calls == ["dropout=0.1"]  # trained through the context; the cached MAP network (p=0.5) is not used
     assert method.summary() == {"samples": 8, "dropout_rates": [0.1], "retrained_with_rate": True}
     assert [m.p for m in dropout_layers(ctx.make_model())] == [0.5]
 

@@ -24,7 +24,7 @@ def _map_run(threads: int = 2):
 def test_each_network_counts_once_and_core_seconds_weigh_threads() -> None:
     ensemble, single = make_record(), _map_run()  # ensemble: own 6.5 s, networks 10 + 11 + 12 s on 1 thread
     groups = sweep_cost([ensemble, single], by="task")
-    assert groups["all"].runs == 2 and groups["all"].networks == {("t", 1, 0), ("t", 1, 1), ("t", 1, 2)}
+    assert groups["all"].runs == 2 and groups["all"].networks == {("t", 1, 0, ""), ("t", 1, 1, ""), ("t", 1, 2, "")}
     assert groups["all"].wall_s == pytest.approx(6.5 + 33.0 + 6.5)  # member 0 once, at the first record's 10 s
     assert groups["all"].core_s == pytest.approx(6.5 + 33.0 + 6.5 * 2)  # the MAP run's own parts on 2 threads
     by_method = sweep_cost([ensemble, single], by="method")
