@@ -14,7 +14,7 @@ from bench.options import build
 from bench.planning import VALIDATION_INPUTS_CAPPED
 from bench.tasks.base import TaskData, TrainRecipe
 from bench_methods.regvar.newton import ProductEngine
-from bench_methods.regvar.per_input import (
+from bench_methods.regvar.response import (
     Difference,
     FitConfig,
     FitStats,

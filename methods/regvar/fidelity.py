@@ -58,15 +58,8 @@ from bench.tasks.base import TaskData, TrainRecipe
 from .amortized import AmortizedOptions, RegVarAmortized
 from .common import FlatModel
 from .newton import CurvatureKind, CurvatureProducts, batched_cg
-from .per_input import (
-    FitConfig,
-    RegVar,
-    RegVarLastLayer,
-    RegVarLLOptions,
-    RegVarOptions,
-    output_weights,
-    regvar_response,
-)
+from .per_input import RegVar, RegVarLastLayer, RegVarLLOptions, RegVarOptions
+from .response import FitConfig, output_weights, regvar_response
 
 DTYPE = torch.float64
 AMORTIZED_CHECK_LAM = 1e-5

@@ -40,7 +40,8 @@ from bench.tasks.base import TaskData
 
 from .amortized import AmortizedOptions, RegVarAmortized
 from .newton import ProductEngine
-from .per_input import Preconditioner, RegVar, RegVarLastLayer
+from .per_input import RegVar, RegVarLastLayer
+from .response import Preconditioner
 
 CPU_ROWS = {"fashion-mnist": 2000}
 
