@@ -99,3 +99,8 @@ def help_lines(cls: type) -> list[str]:
         default = f.default.value if isinstance(f.default, enum.Enum) else f.default
         lines.append(f"{f.name}={default}  ({describe(hints[f.name])}) {f.metadata.get('help', '')}")
     return lines
+
+
+def format_option(value: Any) -> str:
+    """An option's value as ``--set`` and labels write it (a list as ``a|b``)."""
+    return "|".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from bench.errors import BenchError
 
+PLUGIN_MODULE = "bench_plugin_"  # the prefix of the module name a plugin file is imported under
+
 
 def plugin_paths(cli_paths: list[str]) -> list[Path]:
     env = [p for p in os.environ.get("BENCH_PLUGINS", "").split(os.pathsep) if p]
@@ -23,7 +25,7 @@ def load_plugin(path: Path) -> None:
         raise BenchError(f"plugin {path} is a directory; pass the path of a .py file inside it")
     if not path.is_file():
         raise BenchError(f"plugin file {path} does not exist; pass the path of a .py file")
-    name = "bench_plugin_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    name = PLUGIN_MODULE + hashlib.sha256(str(path).encode()).hexdigest()[:12]
     if name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(name, path)
@@ -44,3 +46,11 @@ def load_plugin(path: Path) -> None:
 def load_plugins(cli_paths: list[str]) -> None:
     for path in plugin_paths(cli_paths):
         load_plugin(path)
+
+
+def plugin_file(cls: type) -> str | None:
+    """The file name (not the path: commands must not depend on where they were made) of the
+    plugin file that defines ``cls``; None for a class bench itself defines."""
+    if not cls.__module__.startswith(PLUGIN_MODULE):
+        return None
+    return Path(getattr(sys.modules.get(cls.__module__), "__file__", None) or "PLUGIN.py").name

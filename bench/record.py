@@ -170,6 +170,7 @@ class Provenance:
     git: str | None
     versions: dict[str, str]
     machine: dict[str, Any]
+    command: str | None = None  # the `bench run` command that writes this run again (bench.reproduce)
 
 
 @dataclass

@@ -26,13 +26,16 @@ from bench.logit_gaussian import gaussian_scores
 from bench.map_finish import certify, finish_seconds
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
+from bench.options import format_option
 from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds, validation_inputs
+from bench.plugins import plugin_file
 from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, measure, settled_rss_bytes
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.record import Config as RecordConfig
 from bench.record import CostEstimate, Costs, Data, MapCertificate, Memory, NetworkCost, Provenance, RunRecord, Status
 from bench.registry import parse_spec
+from bench.reproduce import run_command
 from bench.results import ensure_writable, pack_predictions, run_paths, write_run
 from bench.seeding import check_seed, derive_seed, seed_everything
 from bench.subsets import draw_subset
@@ -111,10 +114,6 @@ def _label(name: str, defaults: Any, chosen: Any, extra: list[str] = ()) -> str:
     base, mine = opts.as_dict(defaults), opts.as_dict(chosen)
     changed = [f"{k}={format_option(v)}" for k, v in mine.items() if base[k] != v] + list(extra)
     return name + ("@" + ",".join(changed) if changed else "")
-
-
-def format_option(value: Any) -> str:
-    return "|".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def resolve(config: RunConfig) -> Resolved:
@@ -522,7 +521,9 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
         metrics=metrics, method_summary=summary,
         flags=[str(f) for f in summary.get(FLAGS_KEY, [])] + pred.flags + certificate_flags(cache.certificates),
         map_certificate=cache.certificates.get((0, "")),
-        provenance=Provenance(git_commit(), versions(), machine(p.device)),
+        provenance=Provenance(git_commit(), versions(), machine(p.device), run_command(
+            config.method, config.task, config.seed, smoke=config.smoke, device=config.device,
+            settings=config.settings, plugins=[f for f in map(plugin_file, (r.method_cls, r.task_cls)) if f])),
     )
 
 

@@ -19,7 +19,6 @@ import glob
 import hashlib
 import json
 import shlex
-import sys
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -35,7 +34,9 @@ from bench.errors import BenchError
 from bench.headline import headline_cell, headline_columns, headline_labels
 from bench.leaderboard import Collected, collect, warn_damaged
 from bench.metrics.registry import metric
+from bench.plugins import plugin_file
 from bench.record import RunRecord
+from bench.reproduce import PLACEHOLDER_DIR, run_command
 from bench.results import atomic_write_bytes, ensure_writable, intact_record, iter_runs
 from bench.tables import columns_for, csv_number, render, task_answers, task_notes
 
@@ -49,7 +50,6 @@ PLOT_PATTERNS = ("reliability_{}.png", "ood_hist_{}_*.png", "cost_quality_{}.png
 LONG = 300  # characters of a nested value shown on a run page; the run's JSON has the rest
 URL_SAFE = "/@=,"
 NLL = metric("nll").test_key  # the index matrix's headline metric
-PLUGIN_MODULE = "bench_plugin_"  # the module name bench.plugins gives a plugin file
 
 
 # ---------------------------------------------------------------- table rows (numbers of bench.tables)
@@ -140,8 +140,9 @@ class Reproduction:
 
 
 def _registered(name: str, kind: str) -> type | None:
+    import bench_methods  # noqa: F401 - registers the built-in methods
     from bench.method_api import METHODS
-    from bench.runner import TASKS
+    from bench.tasks import TASKS
 
     registry = METHODS if kind == "method" else TASKS
     return registry.get(name) if name in registry else None
@@ -161,15 +162,8 @@ def _label_settings(label: str, prefix: str) -> dict[str, str]:
     return dict(f"{prefix}.{item}".split("=", 1) for item in items if "=" in item)
 
 
-def _plugin_file(cls: type) -> str:
-    """The file name (not the path: the site must not depend on where it was built) of a plugin."""
-    return Path(getattr(sys.modules.get(cls.__module__), "__file__", None) or "PLUGIN.py").name
-
-
 def run_settings(record: RunRecord) -> tuple[dict[str, str], list[str]]:
     """``--set`` key → value that give the run's options, and notes on how sure that is."""
-    from bench.runner import format_option
-
     cfg = record.config
     method_cls, task_cls = _registered(cfg.method, "method"), _registered(cfg.task, "task")
     if method_cls is None or task_cls is None:
@@ -181,41 +175,45 @@ def run_settings(record: RunRecord) -> tuple[dict[str, str], list[str]]:
     for options, cls, theirs, prefix in ((cfg.method_options, method_cls, t_fields, "method"),
                                          (cfg.task_options, task_cls, m_fields, "task")):
         for key, value in changed_options(options, cls).items():  # a key both declare needs its owner
-            settings[f"{prefix}.{key}" if key in theirs else key] = format_option(value)
-    notes = [f"{cls.name} is registered by a plugin: PATH/TO/ is where your copy of {_plugin_file(cls)} lives"
-             for cls in (method_cls, task_cls) if cls.__module__.startswith(PLUGIN_MODULE)]
+            settings[f"{prefix}.{key}" if key in theirs else key] = opts.format_option(value)
+    notes = [_plugin_note(cls.name, file) for cls in (method_cls, task_cls) if (file := plugin_file(cls))]
     return settings, notes
 
 
-def plugin_args(record: RunRecord) -> list[str]:
-    """``--plugin`` arguments the command needs: one per plugin file that registers the run's
+def _plugin_note(name: str, file: str) -> str:
+    return f"{name} is registered by a plugin: {PLACEHOLDER_DIR} is where your copy of {file} lives"
+
+
+def plugin_files(record: RunRecord) -> list[str]:
+    """The plugin files the command needs (``--plugin``): one per file that registers the run's
     method or task (a placeholder for a name not registered here at all)."""
     files = []
     for name, kind in ((record.config.method, "method"), (record.config.task, "task")):
         cls = _registered(name, kind)
         if cls is None:
             files.append("PLUGIN.py")
-        elif cls.__module__.startswith(PLUGIN_MODULE):
-            files.append(_plugin_file(cls))
-    return [a for f in dict.fromkeys(files) for a in ("--plugin", f"PATH/TO/{f}")]
+        elif file := plugin_file(cls):
+            files.append(file)
+    return files
 
 
 def reproduce(record: RunRecord) -> Reproduction:
-    """The ``bench run`` command that writes this run again (built from its recorded config),
-    checked by resolving it as ``bench run`` would: a note says when today's option defaults
-    give other labels than the run's."""
+    """The ``bench run`` command that writes this run again: the one its record keeps (made as it
+    ran; its options' defaults are those of the commit it names), or, for a record without one,
+    rebuilt from its config and checked by resolving it as ``bench run`` would: a note says when
+    today's option defaults give other labels than the run's."""
+    if record.provenance.command is not None:
+        plugins = shlex.split(record.provenance.command)
+        files = [a.removeprefix(PLACEHOLDER_DIR) for a in plugins if a.startswith(PLACEHOLDER_DIR)]
+        return Reproduction(record.provenance.command, [_plugin_note("the run's method or task", f) for f in files])
     from bench.runner import RunConfig, resolve
 
     cfg = record.config
     settings, notes = run_settings(record)
-    args = ["python", "-m", "bench", *plugin_args(record), "run", "--method", cfg.method, "--task", cfg.task,
-            "--seed", str(record.seed)]
-    args += ["--smoke"] if cfg.smoke else []
-    args += ["--device", cfg.device_requested] if cfg.device_requested != "auto" else []
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
+    command = run_command(cfg.method, cfg.task, record.seed, smoke=cfg.smoke, device=cfg.device_requested,
+                          settings=settings, plugins=plugin_files(record))
     if _registered(cfg.method, "method") is None or _registered(cfg.task, "task") is None:
-        return Reproduction(shlex.join(args), notes)  # nothing to check it against here
+        return Reproduction(command, notes)  # nothing to check it against here
     try:
         resolved = resolve(RunConfig(method=cfg.method, task=cfg.task, seed=record.seed, smoke=cfg.smoke,
                                      settings=settings))
@@ -224,7 +222,7 @@ def reproduce(record: RunRecord) -> Reproduction:
                          f"{record.method} on {record.task}: option defaults changed since the run")
     except BenchError as exc:
         notes.append(f"today this command is refused: {exc}")
-    return Reproduction(shlex.join(args), notes)
+    return Reproduction(command, notes)
 
 
 # ---------------------------------------------------------------- pages

@@ -9,6 +9,8 @@ import posixpath
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -18,6 +20,7 @@ from conftest import TINY_TASK
 from bench.cli import build_parser, main
 from bench.leaderboard import collect
 from bench.plugins import load_plugin
+from bench.record import RunRecord
 from bench.results import dumps_json, read_record
 from bench.runner import RunConfig, resolve, run
 from bench.site import MANIFEST, SCREENSHOTS, build_site, check_site, reproduce, write_site
@@ -152,8 +155,21 @@ def test_run_page_holds_the_command_that_reproduces_the_run(site: dict[str, byte
     assert "PATH/TO/ is where your copy of tiny_task.py lives" in page(site, f"runs/{TASK}/map/seed1.html")
 
 
+def _without_command(record: RunRecord) -> RunRecord:
+    """As a record written before runs kept their command."""
+    return dataclasses.replace(record, provenance=dataclasses.replace(record.provenance, command=None))
+
+
+def test_a_run_keeps_the_command_it_was_given_and_the_site_shows_it(results: Path) -> None:
+    record = read_record(results / "runs" / TASK / DROPOUT / "seed0.json")
+    assert record.provenance.command == ("python -m bench --plugin PATH/TO/tiny_task.py run --method mc-dropout "
+                                         f"--task {TASK} --seed 0 --set samples=4")
+    assert reproduce(record).command == record.provenance.command
+    assert reproduce(_without_command(record)).command == record.provenance.command  # rebuilt, the same
+
+
 def test_reproduce_sets_task_options_and_says_when_defaults_moved(results: Path) -> None:
-    record = read_record(results / "runs" / TASK / "map" / "seed0.json")
+    record = _without_command(read_record(results / "runs" / TASK / "map" / "seed0.json"))
     config = dataclasses.replace(record.config, task_options={**record.config.task_options, "hidden": 16})
     moved = reproduce(dataclasses.replace(record, config=config, task=f"{TASK}@hidden=16"))
     assert shlex.split(moved.command)[-2:] == ["--set", "hidden=16"]
@@ -163,7 +179,7 @@ def test_reproduce_sets_task_options_and_says_when_defaults_moved(results: Path)
 
 
 def test_reproduce_reads_the_labels_of_a_method_not_registered_here(results: Path) -> None:
-    record = read_record(results / "runs" / TASK / "map" / "seed0.json")
+    record = _without_command(read_record(results / "runs" / TASK / "map" / "seed0.json"))
     config = dataclasses.replace(record.config, method="gone")
     lost = reproduce(dataclasses.replace(record, config=config, method="gone@k=v,w=1|2"))
     assert shlex.split(lost.command)[-4:] == ["--set", "method.k=v", "--set", "method.w=1|2"]
@@ -265,3 +281,12 @@ def test_the_site_offers_the_tables_as_json_and_the_csv(results: Path, site: dic
     nll = next(c for r in tables["full"] if r["label"] == "map" for c in r["cells"] if c["key"] == "cls/nll")
     assert nll["text"] == _site_cell(page(site, f"task-{TASK}.html"), "map", "cls/nll")
     assert f'href="task-{TASK}.json"' in page(site, f"task-{TASK}.html")
+
+
+def test_the_site_of_runs_that_keep_their_commands_never_imports_the_runner(results: Path, tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from bench.plugins import load_plugin; "
+            f"load_plugin(Path({str(TINY_TASK)!r})); from bench.site import build_site; "
+            f"build_site(Path({str(results)!r})); print('bench.runner' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
