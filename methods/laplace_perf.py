@@ -29,21 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bench.device import select_device
 from bench.perf import register_perf
 from bench.profiling import measure
-
-
-def _model_and_data(smoke: bool, seed: int, device: torch.device, task_name: str = "fashion-mnist"
-                    ) -> tuple[Any, TensorDataset, torch.Tensor, str]:
-    from bench.tasks import TASKS
-    from bench.training import load_state, map_checkpoint
-
-    task = TASKS.get(task_name)(smoke=smoke)
-    data = task.load()
-    model, path = map_checkpoint(task, data, seed)
-    weights = f"cached MAP checkpoint {path}" if load_state(model, path) else (
-        "random initial weights (no cached MAP checkpoint; `python -m bench run --method map "
-        f"--task {task_name}{' --smoke' if smoke else ''}` makes one)"
-    )
-    return model.to(device).eval(), data.train, data.test.tensors[0], weights
+from bench.studies import task_with_map
 
 
 def _timed(device: torch.device, fn: Any, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, Any]:
@@ -78,7 +64,8 @@ def main(argv: list[str]) -> int:
     from .kfac_predictive import FastGLMPredictive
 
     device = select_device(args.device)
-    model, train, x_test, weights = _model_and_data(args.smoke, args.seed, device, args.task)
+    loaded = task_with_map(args.task, args.seed, args.smoke, device)
+    model, train, x_test, weights = loaded.model, loaded.data.train, loaded.data.test.tensors[0], loaded.describe()
     x = x_test[: args.n]
     fit_data = TensorDataset(*(t[: args.fit_n] for t in train.tensors))
     n_params = sum(p.numel() for p in model.parameters())

@@ -110,3 +110,4 @@ def test_a_laplace_torch_without_the_private_call_names_the_tested_range() -> No
 
     with pytest.raises(BenchError, match=r"laplace-torch>=0\.3,<0\.4"):
         glm_functional(object(), None)
+

@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from bench.errors import BenchError
 from bench.method_api import METHODS, FitContext
 from bench.options import build
+from bench.studies import context_around
 from bench.tasks.base import TaskData, TrainRecipe
 from bench.training import train
 
@@ -57,11 +58,7 @@ def setup() -> tuple[TaskData, nn.Module]:
 
 
 def context(data: TaskData, model: nn.Module, seed: int = 0) -> FitContext:
-    return FitContext(
-        data=data, make_model=TinyCNN, recipe=RECIPE, device=torch.device("cpu"), seed=seed,
-        map_model=model, train_model=lambda member: model, progress=lambda it, **_: it,
-        log=lambda _m: None,
-    )
+    return context_around(model, data, RECIPE, seed=seed, make_model=TinyCNN)
 
 
 def run(setup, name: str, **settings: str):

@@ -12,6 +12,7 @@ from bench.errors import BenchError
 from bench.method_api import METHODS, FitContext
 from bench.options import build
 from bench.planning import VALIDATION_INPUTS_CAPPED
+from bench.studies import context_around
 from bench.tasks.base import TaskData, TrainRecipe
 from bench_methods.regvar.newton import ProductEngine
 from bench_methods.regvar.response import (
@@ -181,11 +182,8 @@ def tiny_model() -> nn.Module:
 
 
 def context(model: nn.Module, logs: list[str] | None = None) -> FitContext:
-    return FitContext(
-        data=tiny_data(), make_model=tiny_model, recipe=RECIPE, device=CPU, seed=0, map_model=model,
-        train_model=lambda m: model, progress=lambda it, **_: it,
-        log=(logs.append if logs is not None else lambda _m: None),
-    )
+    return context_around(model, tiny_data(), RECIPE, make_model=tiny_model,
+                          log=logs.append if logs is not None else None)
 
 
 def fit_predict(method: str = "regvar", **settings: str):
@@ -350,9 +348,7 @@ def test_a_solve_that_met_negative_curvature_counts_as_not_converged():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(8, C))
     cls = METHODS.get("regvar")
     m = cls(build(cls.Options, {"cg_block": "false", "preconditioner": "none"}, "regvar"))
-    m.fit(FitContext(data=tiny_data(), make_model=tiny_model, recipe=TrainRecipe(1, 8, 1e-3, 1e-6), device=CPU,
-                     seed=0, map_model=model, train_model=lambda _m: model, progress=lambda it, **_: it,
-                     log=lambda _m: None))
+    m.fit(context_around(model, tiny_data(), TrainRecipe(1, 8, 1e-3, 1e-6), make_model=tiny_model))
     m.predict(tiny_data().test.tensors[0])
     flags = m.summary()["solver_flags"]
     assert flags.get("negative_curvature", 0) > 0

@@ -12,6 +12,7 @@ from bench.errors import BenchError
 from bench.formulas import probit_probs
 from bench.method_api import METHODS, FitContext
 from bench.options import build
+from bench.studies import context_around
 from bench.tasks.base import TaskData, TrainRecipe
 from bench_methods.regvar.common import (
     FlatModel,
@@ -64,17 +65,7 @@ def logistic():
 
 def context(data: TaskData, model: nn.Module) -> FitContext:
     recipe = TrainRecipe(epochs=1, batch_size=32, lr=1e-2, weight_decay=WD)
-    return FitContext(
-        data=data,
-        make_model=lambda: model,
-        recipe=recipe,
-        device=CPU,
-        seed=0,
-        map_model=model,
-        train_model=lambda m: model,
-        progress=lambda it, **_: it,
-        log=lambda _m: None,
-    )
+    return context_around(model, data, recipe)
 
 
 def fit(data: TaskData, model: nn.Module, **settings: str):

@@ -42,7 +42,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,8 +50,8 @@ from torch.func import grad, jvp, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
-from bench.method_api import FitContext
 from bench.seeding import derive_seed, seed_everything
+from bench.studies import context_around, task_with_map
 from bench.tasks.base import TaskData, TrainRecipe
 
 from .amortized import AmortizedOptions, RegVarAmortized
@@ -201,21 +200,6 @@ def _timed(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> tupl
     return out, seconds
 
 
-def _context(data: TaskData, model: nn.Module, recipe: TrainRecipe, seed: int, log: Callable[[str], None],
-             make_model: Callable[[], nn.Module]) -> FitContext:
-    return FitContext(
-        data=data,
-        make_model=make_model,
-        recipe=recipe,
-        device=torch.device("cpu"),
-        seed=seed,
-        map_model=model,
-        train_model=lambda member: model,
-        progress=lambda it, **_: it,
-        log=log,
-    )
-
-
 def _variance(method: RegVar, x: torch.Tensor) -> torch.Tensor:
     """The method's variance of its regularised read-out (output=top: the top logit's)."""
     return method.moments(x)[1][:, 0]
@@ -272,18 +256,18 @@ def run(
     target = quad(jg, hess)[:, 0]
     target_ggn = quad(jg, ggn)[:, 0]
 
-    ctx = _context(
+    ctx = context_around(
+        model,
         TaskData(
             train=TensorDataset(x_tr, y_tr),
             val=TensorDataset(x_va, y_va),
             test=TensorDataset(x_q, torch.zeros(len(x_q), dtype=torch.long)),
             num_classes=data.num_classes,
         ),
-        model,
         TrainRecipe(epochs=1, batch_size=n, lr=1.0, weight_decay=wd, optimizer="lbfgs"),
-        seed,
-        log,
-        lambda: make_small(task, data.num_classes, x_tr[0]).to(DTYPE),
+        seed=seed,
+        log=log,
+        make_model=lambda: make_small(task, data.num_classes, x_tr[0]).to(DTYPE),
     )
     # The network is converged: the variance is read there (reference=map).
     per_input = RegVar(RegVarOptions(max_queries=len(x_q)))
@@ -412,19 +396,6 @@ def exact_variance(
     return (jg * res.x).sum(1) / n, info
 
 
-def load_map(task: Any, seed: int, data: TaskData) -> tuple[nn.Module, Path]:
-    """The task's MAP network from the checkpoint cache that ``bench run`` fills."""
-    from bench.training import load_state, map_checkpoint
-
-    model, path = map_checkpoint(task, data, seed)
-    if not load_state(model, path):
-        raise BenchError(
-            f"no cached MAP checkpoint for {task.name} seed {seed} ({path}); run "
-            f"`python -m bench run --method map --task {task.name} --seed {seed}` first"
-        )
-    return model.eval(), path
-
-
 def _probe_map_curvature(model: nn.Module, data: TaskData, wd: float, x_q: torch.Tensor) -> dict[str, Any]:
     """Float64 CG along the first test inputs' top-logit gradients at the raw checkpoint:
     does ∇²P have non-positive curvature there (then the variance is not defined at the MAP)?"""
@@ -447,12 +418,9 @@ def _probe_map_curvature(model: nn.Module, data: TaskData, wd: float, x_q: torch
 def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
              log: Callable[[str], None]) -> dict[str, Any]:
     """The full-model check (``--model full``) on the leaderboard's own MAP network."""
-    from bench.tasks import TASKS
-
     seed_everything(seed)
-    task = TASKS.get(task_name)()
-    data = task.load()
-    model, path = load_map(task, seed, data)
+    loaded = task_with_map(task_name, seed)
+    task, data, model, path = loaded.task, loaded.data, loaded.model, loaded.require_checkpoint(seed)
     recipe = task.recipe()
     gen = torch.Generator().manual_seed(derive_seed(seed, "fidelity", "full"))
     if train_size is not None and train_size < len(data.train):
@@ -461,7 +429,7 @@ def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
     pick_te = torch.randperm(len(data.test), generator=gen)[:n_queries]
     x_q = data.test.tensors[0][pick_te]
     n, wd = len(data.train), recipe.weight_decay
-    ctx = _context(data, model, recipe, seed, log, lambda: task.make_model(data.num_classes))
+    ctx = context_around(model, data, recipe, seed=seed, log=log, make_model=lambda: task.make_model(data.num_classes))
     log(f"fidelity: {task_name} MAP checkpoint {path}, {len(x_q)} test inputs, n={n}, prior precision {n * wd:g}")
     probe, t_probe = _timed(log, "∇²P probe at the raw checkpoint", lambda: _probe_map_curvature(model, data, wd, x_q))
     out: dict[str, Any] = {

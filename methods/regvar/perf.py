@@ -36,6 +36,7 @@ from bench.perf import register_perf
 from bench.profiling import measure
 from bench.registry import parse_spec
 from bench.results import atomic_write_bytes
+from bench.studies import context_around, task_with_map
 from bench.tasks.base import TaskData
 
 from .amortized import AmortizedOptions, RegVarAmortized
@@ -44,35 +45,6 @@ from .per_input import RegVar, RegVarLastLayer
 from .response import Preconditioner
 
 CPU_ROWS = {"fashion-mnist": 2000}
-
-
-def _setup(task_name: str, smoke: bool, seed: int, device: torch.device) -> tuple[Any, TaskData, torch.nn.Module, str]:
-    """Task, data and its MAP network with provenance (cached checkpoint, else initial weights)."""
-    from bench import options as opts
-    from bench.tasks import TASKS
-    from bench.training import load_state, map_checkpoint
-
-    name, raw = parse_spec(task_name)
-    cls = TASKS.get(name)
-    task = cls(opts.build(cls.Options, raw, f"task {name}"), smoke=smoke)
-    data = task.load()
-    model, path = map_checkpoint(task, data, seed)
-    weights = f"cached MAP checkpoint {path}" if load_state(model, path) else "initial weights (no cached MAP)"
-    return task, data, model.to(device).eval(), weights
-
-
-def _context(task: Any, data: TaskData, model: torch.nn.Module, device: torch.device) -> FitContext:
-    return FitContext(
-        data=data,
-        make_model=lambda: model,
-        recipe=task.recipe(),
-        device=device,
-        seed=0,
-        map_model=model,
-        train_model=lambda m: model,
-        progress=lambda it, **_: it,
-        log=lambda m: None,
-    )
 
 
 # The solver before closed-form products, block CG and preconditioning: autograd's products and
@@ -143,7 +115,7 @@ def amortized_vs_map(
     """Amortized RegVar's ``predict`` against the MAP's forward pass + softmax, best of
     ``repeats`` interleaved timings (the fine-tune is shortened: it does not change the cost)."""
     method = RegVarAmortized(AmortizedOptions(steps=5, lam_grid=(10.0,)))
-    method.fit(_context(task, data, model, device))
+    method.fit(context_around(model, data, task.recipe(), device=device))
     x = data.test.tensors[0][:n_inputs]
     method.predict(x[:2])
     t_map, t_am = [], []
@@ -199,13 +171,14 @@ def main(argv: list[str]) -> int:
         "tasks": {},
     }
     for name in filter(None, args.tasks.split(",")):
-        task, data, model, weights = _setup(name, args.smoke, 0, device)
+        loaded = task_with_map(name, 0, args.smoke, device)
+        task, data, model, weights = loaded.task, loaded.data, loaded.model, loaded.describe()
         n_all = len(data.train)
         base = parse_spec(name)[0]
         if base in rows and rows[base] < n_all:
             x, y = data.train.tensors
             data = replace(data, train=TensorDataset(x[: rows[base]], y[: rows[base]]))
-        ctx = _context(task, data, model, device)
+        ctx = context_around(model, data, task.recipe(), device=device)
         x = data.test.tensors[0][: args.queries]
         entry: dict[str, Any] = {"weights": weights, "rows": len(data.train), "rows_all": n_all}
         for m in wanted:
