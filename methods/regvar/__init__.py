@@ -6,7 +6,8 @@ when training is pushed on it. Importing this package registers its three method
 - ``amortized``: ``regvar-amortized``, one pair of λ-regularised refits for all queries;
 - ``common``, ``newton``, ``block``, ``mlp``, ``kfac``: the objective P, curvature products, CG
   and block CG, closed-form MLP products and the KFAC preconditioner they share;
-- ``fidelity`` (``bench fidelity``) and ``perf`` (``bench perf regvar``): RegVar's own studies, kept
+- ``fidelity`` (``bench fidelity``; the full-model check in ``fidelity_full``) and ``perf``
+  (``bench perf regvar``): RegVar's own studies, kept
   with the method so that the harness never reaches into its internals.
 """
 

@@ -41,7 +41,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,14 +50,14 @@ from torch.func import grad, jvp, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
+from bench.method_api import FitContext
 from bench.seeding import derive_seed, seed_everything
-from bench.studies import context_around, task_with_map
+from bench.studies import context_around
 from bench.tasks.base import TaskData, TrainRecipe
 
 from .amortized import AmortizedOptions, RegVarAmortized
 from .common import FlatModel
-from .newton import CurvatureKind, CurvatureProducts, batched_cg
-from .per_input import RegVar, RegVarLastLayer, RegVarLLOptions, RegVarOptions
+from .per_input import RegVar, RegVarOptions
 from .response import FitConfig, output_weights, regvar_response
 
 DTYPE = torch.float64
@@ -192,7 +192,7 @@ def compare(est: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _timed(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+def timed(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
@@ -200,25 +200,37 @@ def _timed(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> tupl
     return out, seconds
 
 
-def _variance(method: RegVar, x: torch.Tensor) -> torch.Tensor:
+def top_variance(method: RegVar, x: torch.Tensor) -> torch.Tensor:
     """The method's variance of its regularised read-out (output=top: the top logit's)."""
     return method.moments(x)[1][:, 0]
 
 
-def run(
-    task_name: str,
-    smoke: bool,
-    n_queries: int,
-    seed: int,
-    train_size: int,
-    val_size: int,
-    prior_precision: float,
-    lams: tuple[float, ...],
-    steps_grid: tuple[int, ...],
-    sweep_queries: int,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """The small-model check (``--model small``)."""
+@dataclass
+class SmallProblem:
+    """The small model trained to convergence on a subset of the task, with its query inputs."""
+
+    task: Any
+    data: TaskData
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor
+    x_va: torch.Tensor
+    y_va: torch.Tensor
+    x_q: torch.Tensor
+    model: nn.Module
+    fm: FlatModel
+    theta: torch.Tensor
+    grad_inf: float
+    wd: float
+    seconds: float
+
+    @property
+    def n(self) -> int:
+        return len(self.x_tr)
+
+
+def _small_problem(task_name: str, smoke: bool, n_queries: int, seed: int, train_size: int, val_size: int,
+                   prior_precision: float, log: Callable[[str], None]) -> SmallProblem:
+    """The task's subsets (seeded) and the small model, trained by float64 L-BFGS to its MAP."""
     from bench.tasks import TASKS
 
     seed_everything(seed)
@@ -242,57 +254,71 @@ def run(
         f"fidelity: {type(model).__name__} with {fm.dim} params, n={n}, prior precision "
         f"{prior_precision} (wd={wd:.3g}), {len(x_q)} queries"
     )
-    (theta, grad_inf), t_train = _timed(log, "MAP (L-BFGS, float64)", lambda: train_to_convergence(fm, x_tr, y_tr, wd))
+    (theta, grad_inf), t_train = timed(log, "MAP (L-BFGS, float64)", lambda: train_to_convergence(fm, x_tr, y_tr, wd))
     with torch.no_grad():
         for p, v in zip([p for p in model.parameters()], fm.unflatten(theta).values(), strict=True):
             p.copy_(v)
     fm = FlatModel(model, DTYPE, torch.device("cpu"))
-    hess, t_hess = _timed(log, "true Hessian", lambda: exact_hessian(fm, theta, x_tr, y_tr, wd))
-    ggn, t_ggn = _timed(log, "GGN (laplace-torch full)", lambda: ggn_precision(model, x_tr, y_tr, n * wd))
-    eig_h = torch.linalg.eigvalsh(hess)
-    logits = fm.logits(theta, x_q)
-    w = output_weights(logits, RegVarOptions().output)
-    jg = output_jacobians(fm, theta, x_q, w)
-    target = quad(jg, hess)[:, 0]
-    target_ggn = quad(jg, ggn)[:, 0]
+    return SmallProblem(task, data, x_tr, y_tr, x_va, y_va, x_q, model, fm, theta, grad_inf, wd, t_train)
 
-    ctx = context_around(
-        model,
+
+def _small_context(sp: SmallProblem, seed: int, log: Callable[[str], None]) -> FitContext:
+    """A fit context on the problem's subsets whose MAP is its converged small model."""
+    return context_around(
+        sp.model,
         TaskData(
-            train=TensorDataset(x_tr, y_tr),
-            val=TensorDataset(x_va, y_va),
-            test=TensorDataset(x_q, torch.zeros(len(x_q), dtype=torch.long)),
-            num_classes=data.num_classes,
+            train=TensorDataset(sp.x_tr, sp.y_tr),
+            val=TensorDataset(sp.x_va, sp.y_va),
+            test=TensorDataset(sp.x_q, torch.zeros(len(sp.x_q), dtype=torch.long)),
+            num_classes=sp.data.num_classes,
         ),
-        TrainRecipe(epochs=1, batch_size=n, lr=1.0, weight_decay=wd, optimizer="lbfgs"),
+        TrainRecipe(epochs=1, batch_size=sp.n, lr=1.0, weight_decay=sp.wd, optimizer="lbfgs"),
         seed=seed,
         log=log,
-        make_model=lambda: make_small(task, data.num_classes, x_tr[0]).to(DTYPE),
+        make_model=lambda: make_small(sp.task, sp.data.num_classes, sp.x_tr[0]).to(DTYPE),
     )
-    # The network is converged: the variance is read there (reference=map).
-    per_input = RegVar(RegVarOptions(max_queries=len(x_q)))
-    _, t_fit = _timed(log, "regvar fit", lambda: per_input.fit(ctx))
-    var_rv, t_rv = _timed(log, f"regvar on {len(x_q)} queries", lambda: _variance(per_input, x_q).double())
+
+
+def _amortized(sp: SmallProblem, ctx: FitContext, hess: torch.Tensor, jg: torch.Tensor, smoke: bool,
+               target: torch.Tensor, log: Callable[[str], None]) -> tuple[dict[str, Any], torch.Tensor, float]:
+    """Amortized RegVar against the variance and against its own λ → 0 limit (its entry, its
+    variances, its fit seconds)."""
     amort = RegVarAmortized(AmortizedOptions(steps=100) if smoke else AmortizedOptions())
-    _, t_am = _timed(log, "regvar-amortized fit", lambda: amort.fit(ctx))
-    var_am = amort.predict(x_q).scores["variance"].double()
+    _, t_am = timed(log, "regvar-amortized fit", lambda: amort.fit(ctx))
+    var_am = amort.predict(sp.x_q).scores["variance"].double()
     # Amortized's own λ→0 limit: |J_k P⁻¹ E_x'[Σ_j sign f_j(x') J_j(x')ᵀ]|/C, k = top logit.
-    c = data.num_classes
-    jt = output_jacobians(fm, theta, x_tr, fm.logits(theta, x_tr).sign()[:, None, :] / c)[:, 0]
+    c, n = sp.data.num_classes, sp.n
+    jt = output_jacobians(sp.fm, sp.theta, sp.x_tr, sp.fm.logits(sp.theta, sp.x_tr).sign()[:, None, :] / c)[:, 0]
     u = torch.cholesky_solve(jt.mean(0)[:, None], torch.linalg.cholesky(hess / n))[:, 0] / n
     own_target = (jg[:, 0] @ u).abs()
     # The same estimator at one small λ (no λ choice), to check that it does reach that limit.
     small = RegVarAmortized(replace(amort.options, lam_grid=(AMORTIZED_CHECK_LAM,)))
     small.fit(ctx)
-    var_small = small.predict(x_q).scores["variance"].double()
+    var_small = small.predict(sp.x_q).scores["variance"].double()
+    entry = {
+        **compare(var_am, target),
+        "lam": amort.lam,
+        "scale": amort.scale,
+        "median_ratio": float((var_am / target).median()),
+        "vs_own_limit": compare(var_am, own_target),
+        f"at_lam_{AMORTIZED_CHECK_LAM:g}": {
+            "vs_own_limit": compare(var_small, own_target),
+            "vs_variance": compare(var_small, target),
+        },
+    }
+    return entry, var_am, t_am
 
-    # Sweeps on a few queries, in one stacked solve: error vs λ (at convergence) and vs CG
-    # iterations (at the default λ); every other setting is the default.
+
+def _sweeps(per_input: RegVar, x_q: torch.Tensor, w: torch.Tensor, target: torch.Tensor, lams: tuple[float, ...],
+            steps_grid: tuple[int, ...], sweep_queries: int, log: Callable[[str], None]
+            ) -> tuple[dict[str, float], dict[str, float], int, float]:
+    """Error against the target over λ (at convergence) and over CG iterations (at the default
+    λ), on a few queries in one stacked solve; every other setting is the default."""
     o = per_input.options
     assert per_input.problem is not None
     sub = slice(0, min(sweep_queries, len(x_q)))
     sweep_lams = tuple(sorted({*lams, o.lam}))
-    response, t_sweep = _timed(
+    response, t_sweep = timed(
         log,
         f"λ × CG-iterations sweep on {sub.stop} queries",
         lambda: regvar_response(per_input.problem, x_q[sub], w[sub], sweep_lams, FitConfig.from_options(o),
@@ -308,19 +334,52 @@ def run(
                  for j, lam in enumerate(sweep_lams)}
     step_curve = {str(k): compare(read(response.at[k])[:, at_default], tgt)["median_rel_err"]
                   for k in sorted(steps_grid)}
+    return lam_curve, step_curve, sub.stop, t_sweep
+
+
+def run(
+    task_name: str,
+    smoke: bool,
+    n_queries: int,
+    seed: int,
+    train_size: int,
+    val_size: int,
+    prior_precision: float,
+    lams: tuple[float, ...],
+    steps_grid: tuple[int, ...],
+    sweep_queries: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The small-model check (``--model small``)."""
+    sp = _small_problem(task_name, smoke, n_queries, seed, train_size, val_size, prior_precision, log)
+    fm, theta, x_q, n, wd = sp.fm, sp.theta, sp.x_q, sp.n, sp.wd
+    hess, t_hess = timed(log, "true Hessian", lambda: exact_hessian(fm, theta, sp.x_tr, sp.y_tr, wd))
+    ggn, t_ggn = timed(log, "GGN (laplace-torch full)", lambda: ggn_precision(sp.model, sp.x_tr, sp.y_tr, n * wd))
+    eig_h = torch.linalg.eigvalsh(hess)
+    w = output_weights(fm.logits(theta, x_q), RegVarOptions().output)
+    jg = output_jacobians(fm, theta, x_q, w)
+    target, target_ggn = quad(jg, hess)[:, 0], quad(jg, ggn)[:, 0]
+
+    ctx = _small_context(sp, seed, log)
+    # The network is converged: the variance is read there (reference=map).
+    per_input = RegVar(RegVarOptions(max_queries=len(x_q)))
+    _, t_fit = timed(log, "regvar fit", lambda: per_input.fit(ctx))
+    var_rv, t_rv = timed(log, f"regvar on {len(x_q)} queries", lambda: top_variance(per_input, x_q).double())
+    amortized, var_am, t_am = _amortized(sp, ctx, hess, jg, smoke, target, log)
+    lam_curve, step_curve, swept, t_sweep = _sweeps(per_input, x_q, w, target, lams, steps_grid, sweep_queries, log)
     summary = per_input.summary()
     return {
         "task": task_name,
         "smoke": smoke,
         "seed": seed,
         "n": len(x_q),
-        "model": type(model).__name__,
+        "model": type(sp.model).__name__,
         "n_params": fm.dim,
         "n_train": n,
         "prior_precision": n * wd,
         "weight_decay": wd,
         "output": RegVarOptions().output.value,
-        "map_grad_inf": grad_inf,
+        "map_grad_inf": sp.grad_inf,
         "hessian_min_eig": float(eig_h[0]),
         "hessian_max_eig": float(eig_h[-1]),
         "target_median": float(target.median()),
@@ -330,17 +389,7 @@ def run(
             **{k: summary[k] for k in ("lam", "solver", "dtype", "difference", "cg_iterations_max")},
             "solver_flags": summary["solver_flags"],
         },
-        "regvar-amortized": {
-            **compare(var_am, target),
-            "lam": amort.lam,
-            "scale": amort.scale,
-            "median_ratio": float((var_am / target).median()),
-            "vs_own_limit": compare(var_am, own_target),
-            f"at_lam_{AMORTIZED_CHECK_LAM:g}": {
-                "vs_own_limit": compare(var_small, own_target),
-                "vs_variance": compare(var_small, target),
-            },
-        },
+        "regvar-amortized": amortized,
         "vs_ggn": {
             "regvar": compare(var_rv, target_ggn),
             "regvar-amortized": compare(var_am, target_ggn),
@@ -348,9 +397,9 @@ def run(
         },
         "rel_err_vs_lam": lam_curve,
         "rel_err_vs_cg_iterations": step_curve,
-        "sweep_queries": sub.stop,
+        "sweep_queries": swept,
         "seconds": {
-            "map": t_train,
+            "map": sp.seconds,
             "hessian": t_hess,
             "ggn": t_ggn,
             "regvar_fit": t_fit,
@@ -360,165 +409,6 @@ def run(
             "sweep": t_sweep,
         },
     }
-
-
-# A target is converged only when float64 CG ends with the true residual ‖Au − b‖ ≤ this·‖b‖
-# (recomputed after the solve) and met no direction of non-positive curvature; anything else is
-# counted as not converged, whatever else the solve reports.
-TARGET_RTOL = 1e-8
-TARGET_MAX_ITER = 5000
-MAP_PROBE = 8  # test inputs along which ∇²P at the raw checkpoint is probed
-
-
-def exact_variance(
-    products: CurvatureProducts, theta: torch.Tensor, jg: torch.Tensor, n: int
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """g'ᵀ(n·A)⁻¹g' for each row of ``jg`` (N, D) with A the products' curvature at ``theta``
-    (mean scale), by float64 CG; and what the solve reached: iterations, the true relative
-    residual ‖Au − g'‖/‖g'‖ recomputed at the end, solves stopped at non-positive curvature."""
-    res = batched_cg(lambda p, _r: products.at(theta, p), jg, TARGET_RTOL, TARGET_MAX_ITER)
-    true_res = torch.cat([
-        (products.at(theta, res.x[i : i + 16]) - jg[i : i + 16]).norm(dim=1) / jg[i : i + 16].norm(dim=1)
-        for i in range(0, len(jg), 16)
-    ])
-    info = {
-        "curvature": products.kind.value,
-        "dtype": str(jg.dtype).removeprefix("torch."),
-        "stop_rule": f"converged: true residual ‖r‖ ≤ {TARGET_RTOL:g}‖b‖ and no non-positive curvature",
-        "cg_iterations_max": int(res.iterations.max()),
-        "cg_iterations_median": float(res.iterations.double().median()),
-        "rel_residual_max": float(true_res.max()),
-        "rel_residual_median": float(true_res.median()),
-        "variance_gain_last10_max": float(res.energy_gain.max()),
-        "not_converged": int(((true_res > TARGET_RTOL) | res.negative_curvature).sum()),
-        "negative_curvature": int(res.negative_curvature.sum()),
-    }
-    return (jg * res.x).sum(1) / n, info
-
-
-def _probe_map_curvature(model: nn.Module, data: TaskData, wd: float, x_q: torch.Tensor) -> dict[str, Any]:
-    """Float64 CG along the first test inputs' top-logit gradients at the raw checkpoint:
-    does ∇²P have non-positive curvature there (then the variance is not defined at the MAP)?"""
-    fm = FlatModel(model, DTYPE, torch.device("cpu"))
-    x, y = data.train.tensors[0].to(DTYPE), data.train.tensors[1]
-    products = CurvatureProducts(fm, x, y, wd)
-    xq = x_q[:MAP_PROBE].to(DTYPE)
-    jg = output_jacobians(fm, fm.theta0, xq, output_weights(fm.logits(fm.theta0, xq), RegVarOptions().output))[:, 0]
-    res = batched_cg(lambda p, _r: products.at(fm.theta0, p), jg, TARGET_RTOL, 200)
-    grad_map = products.gradient(fm.theta0[None])[0]
-    return {
-        "grad_norm": float(grad_map.norm()),
-        "grad_inf": float(grad_map.abs().max()),
-        "probed_inputs": len(xq),
-        "negative_curvature": int(res.negative_curvature.sum()),
-        "cg_iterations_max": int(res.iterations.max()),
-    }
-
-
-def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
-             log: Callable[[str], None]) -> dict[str, Any]:
-    """The full-model check (``--model full``) on the leaderboard's own MAP network."""
-    seed_everything(seed)
-    loaded = task_with_map(task_name, seed)
-    task, data, model, path = loaded.task, loaded.data, loaded.model, loaded.require_checkpoint(seed)
-    recipe = task.recipe()
-    gen = torch.Generator().manual_seed(derive_seed(seed, "fidelity", "full"))
-    if train_size is not None and train_size < len(data.train):
-        pick = torch.randperm(len(data.train), generator=gen)[:train_size].sort().values
-        data = replace(data, train=TensorDataset(*(t[pick] for t in data.train.tensors)))
-    pick_te = torch.randperm(len(data.test), generator=gen)[:n_queries]
-    x_q = data.test.tensors[0][pick_te]
-    n, wd = len(data.train), recipe.weight_decay
-    ctx = context_around(model, data, recipe, seed=seed, log=log, make_model=lambda: task.make_model(data.num_classes))
-    log(f"fidelity: {task_name} MAP checkpoint {path}, {len(x_q)} test inputs, n={n}, prior precision {n * wd:g}")
-    probe, t_probe = _timed(log, "∇²P probe at the raw checkpoint", lambda: _probe_map_curvature(model, data, wd, x_q))
-    out: dict[str, Any] = {
-        "task": task_name,
-        "model": "full",
-        "checkpoint": str(path),
-        "seed": seed,
-        "n": len(x_q),
-        "n_train": n,
-        "train_subset": None if train_size is None or train_size >= n else f"{n} seeded training rows",
-        "weight_decay": wd,
-        "prior_precision": n * wd,
-        "output": RegVarOptions().output.value,
-        "P": (
-            "n·[mean CE + (wd/2)‖θ‖²] on the training rows, the task recipe's wd (prior precision n·wd); "
-            "its Hessian (true, and GGN) at the θ₀ each method reads its variance at (field theta0)"
-        ),
-        "raw_checkpoint_curvature": probe,
-        "seconds": {"map_probe": t_probe},
-    }
-    for label, method in (("regvar", RegVar(RegVarOptions(max_queries=len(x_q)))),
-                          ("regvar-ll", RegVarLastLayer(RegVarLLOptions(max_queries=len(x_q))))):
-        _, t_fit = _timed(log, f"{label} fit", lambda method=method: method.fit(ctx))
-        var, t_pred = _timed(log, f"{label} on {len(x_q)} inputs", lambda method=method: _variance(method, x_q))
-        problem = method.problem
-        assert problem is not None
-        inputs = method.network_inputs(x_q).to(DTYPE)
-        theta = problem.fm64.theta0
-        w = output_weights(problem.fm64.logits(theta, inputs), method.options.output)[:, 0]
-        jg = problem.readout_grads(theta.expand(len(inputs), -1), inputs, w)
-        targets: dict[str, torch.Tensor] = {}
-        infos: dict[str, Any] = {}
-        for kind in CurvatureKind:
-            products = CurvatureProducts(problem.fm64, problem.x.to(DTYPE), problem.y, wd, kind)
-            (targets[kind.value], infos[kind.value]), secs = _timed(
-                log,
-                f"{label}: exact {kind.value} variances",
-                lambda p=products, t=theta, j=jg: exact_variance(p, t, j, n),
-            )
-            infos[kind.value]["seconds"] = secs
-        summary = method.summary()
-        entry = {
-            "weights": summary["weights"],
-            "n_params": summary["n_params"],
-            "theta0": {k: v for k, v in summary.items() if k.startswith("theta0")},
-            **compare(var, targets["hessian"]),
-            "vs_ggn": compare(var, targets["ggn"]),
-            "target_true_hessian": infos["hessian"],
-            "target_ggn": infos["ggn"],
-            "true_hessian_vs_ggn": compare(targets["hessian"], targets["ggn"]),
-            "target_median": float(targets["hessian"].median()),
-            "solver": {k: summary[k] for k in ("solver", "dtype", "lam", "difference", "cg_iterations_max",
-                                               "cg_iterations_mean", "cg_rel_residual_max", "cg_variance_gain_max",
-                                               "nonlinearity_max")},
-            "solver_flags": summary["solver_flags"],
-            "seconds": {"fit": t_fit, "predict": t_pred, "per_query": t_pred / len(x_q)},
-        }
-        if label == "regvar-ll":
-            entry["vs_all_weights_true_hessian"] = compare(var, out["_all_target"])
-            entry["note"] = "targets: the exact last-layer variance; vs_all_weights_true_hessian: regvar's target"
-        else:
-            out["_all_target"] = targets["hessian"]
-        out[label] = entry
-    del out["_all_target"]
-    out["notes"] = _notes(out)
-    return out
-
-
-def _notes(out: dict[str, Any]) -> list[str]:
-    """What the figures rest on, stated from the figures themselves."""
-    notes = []
-    probe = out["raw_checkpoint_curvature"]
-    if probe["negative_curvature"]:
-        notes.append(
-            f"∇²P at the raw AdamW checkpoint (‖∇P‖ = {probe['grad_norm']:.3g}, not stationary) has non-positive "
-            f"curvature along {probe['negative_curvature']} of {probe['probed_inputs']} probed inputs: the Laplace "
-            "variance is not defined there"
-        )
-    for key in ("regvar", "regvar-ll"):
-        for kind in ("true_hessian", "ggn"):
-            t = out[key][f"target_{kind}"]
-            if t["not_converged"]:
-                notes.append(
-                    f"{key}: {t['not_converged']} of {out['n']} {kind} targets NOT converged "
-                    f"({t['negative_curvature']} met non-positive curvature; true residual median "
-                    f"{t['rel_residual_median']:.2g}, max {t['rel_residual_max']:.2g}, tolerance {TARGET_RTOL:g}): "
-                    "comparisons against this target are not against the Laplace variance"
-                )
-    return notes
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -556,6 +446,8 @@ def main(argv: list[str]) -> int:
     if args.model == "full":
         if args.smoke:
             raise BenchError("--smoke is for --model small; --model full uses the task's real MAP network")
+        from .fidelity_full import run_full  # imports this module's helpers
+
         out = run_full(args.task, args.n or 100, args.seed, args.train_size, log)
         if args.json:
             print(json.dumps(out, indent=1, default=_jsonable))
