@@ -152,6 +152,10 @@ class Memory:
     # back, bench.profiling). False (records before that): heap freed by data loading could sit
     # in the baseline and be reused by the block unseen, so the figure is a lower bound.
     settled: bool = False
+    # CPU: glibc's mmap threshold was fixed for the run (bench.profiling.fix_mmap_threshold). False
+    # (records before that, or no glibc): the peak also holds heap the allocator kept by chance,
+    # which made identical runs' peaks differ several-fold.
+    mmap_threshold_fixed: bool = False
 
     @property
     def lower_bound(self) -> bool:

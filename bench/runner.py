@@ -29,7 +29,7 @@ from bench.metrics import evaluate
 from bench.options import format_option
 from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds, validation_inputs
 from bench.plugins import plugin_file
-from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, measure, settled_rss_bytes
+from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, fix_mmap_threshold, measure, settled_rss_bytes
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.record import Config as RecordConfig
@@ -533,11 +533,14 @@ def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, di
     driver, which writes). ``check_output``: prove the results folder writable first."""
     global _runs_in_this_process
     _runs_in_this_process += 1
+    fixed_threshold = fix_mmap_threshold()  # before the run loads anything: peaks that do not depend on timing
     r = resolve(config)
     prepared = prepare(config, r, check_output)
     fitted = fit(config, prepared)
     predicted = predict(config, prepared, fitted.method)
     record = make_record(config, prepared, fitted, predicted, score(predicted))
+    memory = dataclasses.replace(record.memory, mmap_threshold_fixed=fixed_threshold)
+    record = dataclasses.replace(record, memory=memory)
     for flag in record.flags:
         prepared.reporter.log(f"WARNING {r.method_label}: {flag}")
     arrays = pack_predictions(predicted.test, predicted.y_test, predicted.ood, predicted.shift, predicted.val)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +79,7 @@ def test_run_writes_json_and_npz_with_everything(tmp_path: Path) -> None:
     # in a process that ran other tests first the heap may already hold what the run needs: a peak
     # above that baseline can be 0 there, and its kind says it was shared (sweeps give each run its own)
     assert record.memory.kind in ("cpu_rss_fresh_process", "cpu_peak_rss_above_baseline")
+    assert record.memory.mmap_threshold_fixed == (platform.libc_ver()[0] == "glibc")  # bench.profiling
     fresh = record.memory.kind == "cpu_rss_fresh_process"
     assert record.memory.peak_bytes > 0 if fresh else record.memory.peak_bytes >= 0
     with np.load(npz) as data:

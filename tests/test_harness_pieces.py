@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +172,36 @@ def test_grid_edge_flag_names_the_edge_and_the_grid(value: float, edge: str | No
     else:
         assert f"on the {edge} of its grid [0.01, 100]: widen it" in flag
     assert grid_edge_flag("x", 5.0, [5.0]) is None  # a one-point grid is a fixed value, not a tuning
+
+
+RATCHET = '''
+import sys
+import numpy as np
+from bench.profiling import current_rss_bytes, fix_mmap_threshold, settled_rss_bytes
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+block = np.ones(30 << 20, dtype=np.uint8)
+del block  # freed: glibc's dynamic threshold rises to 30 MiB
+base = settled_rss_bytes()
+kept = []
+for i in range(20):  # growing blocks, each followed by a small object that outlives it
+    block = np.ones((4 + i) << 20, dtype=np.uint8)
+    kept.append(np.ones(2000))
+    del block
+print((current_rss_bytes() - base) >> 20)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_fixed_mmap_threshold_stops_the_heap_keeping_freed_blocks(tmp_path: Path) -> None:
+    """With glibc's dynamic threshold the freed blocks stay resident (the peak of identical runs then
+    depends on the allocation history); with it fixed each is unmapped when freed."""
+    script = tmp_path / "ratchet.py"
+    script.write_text(RATCHET)
+
+    def growth(mode: str) -> int:
+        proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+
+    assert growth("dynamic") >= 16 and growth("fixed") <= 2
