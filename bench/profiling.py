@@ -59,6 +59,9 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
 
 
+FIX_MMAP_ENV = "BENCH_FIX_MMAP_THRESHOLD"  # "1": runs fix the threshold (fix_mmap_threshold)
+
+
 def fix_mmap_threshold() -> bool:
     """Keep glibc's mmap threshold at its starting 128 KiB (setting it turns off its dynamic raise).
 
@@ -66,7 +69,9 @@ def fix_mmap_threshold() -> bool:
     then come from the heap, where small live objects pin freed space, so the heap ratchets up by
     an amount that depends on timing: identical Fashion-MNIST mc-dropout runs peaked at 777, 169
     and 263 MiB while predicting. With the threshold fixed every large block is its own mapping,
-    returned when freed (126 and 131 MiB). True where glibc took it (False elsewhere: no glibc)."""
+    returned when freed (126 and 131 MiB), but each is mapped and zeroed afresh, which made that
+    prediction about 40 % slower: runs do it only when ``BENCH_FIX_MMAP_THRESHOLD=1``.
+    True where glibc took it (False elsewhere: no glibc)."""
     try:
         return bool(_libc().mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):

@@ -152,9 +152,9 @@ class Memory:
     # back, bench.profiling). False (records before that): heap freed by data loading could sit
     # in the baseline and be reused by the block unseen, so the figure is a lower bound.
     settled: bool = False
-    # CPU: glibc's mmap threshold was fixed for the run (bench.profiling.fix_mmap_threshold). False
-    # (records before that, or no glibc): the peak also holds heap the allocator kept by chance,
-    # which made identical runs' peaks differ several-fold.
+    # CPU: glibc's mmap threshold was fixed for the run (BENCH_FIX_MMAP_THRESHOLD=1,
+    # bench.profiling.fix_mmap_threshold). False (the default): the peak also holds heap the
+    # allocator kept by chance, which can make identical runs' peaks differ several-fold.
     mmap_threshold_fixed: bool = False
 
     @property

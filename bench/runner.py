@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,15 @@ from bench.metrics import evaluate
 from bench.options import format_option
 from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds, validation_inputs
 from bench.plugins import plugin_file
-from bench.profiling import CPU_FRESH_KIND, CPU_KIND, Measurement, fix_mmap_threshold, measure, settled_rss_bytes
+from bench.profiling import (
+    CPU_FRESH_KIND,
+    CPU_KIND,
+    FIX_MMAP_ENV,
+    Measurement,
+    fix_mmap_threshold,
+    measure,
+    settled_rss_bytes,
+)
 from bench.progress import Reporter
 from bench.provenance import git_commit, machine, versions
 from bench.record import Config as RecordConfig
@@ -533,7 +542,8 @@ def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, di
     driver, which writes). ``check_output``: prove the results folder writable first."""
     global _runs_in_this_process
     _runs_in_this_process += 1
-    fixed_threshold = fix_mmap_threshold()  # before the run loads anything: peaks that do not depend on timing
+    # opt-in (it makes peaks repeatable, and predicting slower): before the run loads anything
+    fixed_threshold = os.environ.get(FIX_MMAP_ENV) == "1" and fix_mmap_threshold()
     r = resolve(config)
     prepared = prepare(config, r, check_output)
     fitted = fit(config, prepared)

@@ -79,11 +79,21 @@ def test_run_writes_json_and_npz_with_everything(tmp_path: Path) -> None:
     # in a process that ran other tests first the heap may already hold what the run needs: a peak
     # above that baseline can be 0 there, and its kind says it was shared (sweeps give each run its own)
     assert record.memory.kind in ("cpu_rss_fresh_process", "cpu_peak_rss_above_baseline")
-    assert record.memory.mmap_threshold_fixed == (platform.libc_ver()[0] == "glibc")  # bench.profiling
+    assert not record.memory.mmap_threshold_fixed  # opt-in (BENCH_FIX_MMAP_THRESHOLD=1)
     fresh = record.memory.kind == "cpu_rss_fresh_process"
     assert record.memory.peak_bytes > 0 if fresh else record.memory.peak_bytes >= 0
     with np.load(npz) as data:
         assert data["test/probs"].shape == (497, 10)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_a_run_can_fix_the_mmap_threshold_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BENCH_FIX_MMAP_THRESHOLD", "1")
+    proc = run_cli("--plugin", str(TINY_TASK), "run", "--method", "map", "--task", "tiny-digits", "--smoke",
+                   "--out", str(tmp_path), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(next(tmp_path.rglob("seed0.json")).read_text())
+    assert record["memory"]["mmap_threshold_fixed"] is True
 
 
 def test_same_seed_twice_gives_identical_metrics(tmp_path: Path, isolated_cache: Path) -> None:
