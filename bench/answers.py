@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bench.derived_rows import UNTUNED
-from bench.metrics.registry import metric
+from bench.metrics.registry import metric, parse_auroc_key, parse_shift_key
 from bench.ranking import ahead, difference_cell, summarize
 
 if TYPE_CHECKING:
@@ -57,11 +57,11 @@ def headlines(keys: set[str]) -> list[Headline]:
     """NLL and ECE, the entropy AUROC of every OOD set and the NLL of every shift set."""
     answered = [metric(name) for name in ANSWERED]
     out = [Headline(m.title, m.test_key, m.direction) for m in answered]
-    out += [Headline(f"OOD AUROC {k.split('/')[1]} ({ANSWERED_SCORE})", k, 1)
-            for k in sorted(keys) if k.startswith("ood/") and k.endswith(f"/auroc/{ANSWERED_SCORE}")]
+    out += [Headline(f"OOD AUROC {p[0]} ({ANSWERED_SCORE})", k, 1)
+            for k in sorted(keys) if (p := parse_auroc_key(k)) and p[1] == ANSWERED_SCORE]
     on_shift = answered[0]
-    out += [Headline(f"shift {on_shift.title} {k.split('/')[1]}", k, on_shift.direction)
-            for k in sorted(keys) if k.startswith("shift/") and k.endswith(f"/{on_shift.name}")]
+    out += [Headline(f"shift {on_shift.title} {p[0]}", k, on_shift.direction)
+            for k in sorted(keys) if (p := parse_shift_key(k)) and p[1] == on_shift.name]
     return out
 
 

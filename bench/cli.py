@@ -106,10 +106,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     record = run(config)
     m, costs = record.metrics, record.costs
-    from bench.metrics.registry import set_metrics
+    from bench.metrics.registry import parse_auroc_key, parse_shift_key, set_metrics
 
     rows = [[metric.test_key, f"{m[metric.test_key]:.4f}"] for metric in set_metrics()]
-    rows += [[k, f"{v:.4f}"] for k, v in sorted(m.items()) if k.startswith(("ood/", "shift/"))]
+    rows += [[k, f"{v:.4f}"] for k, v in sorted(m.items()) if parse_auroc_key(k) or parse_shift_key(k)]
     rows += [["costs/train_s", f"{costs.train_s:.2f}"], ["costs/fit_posthoc_s", f"{costs.fit_posthoc_s:.2f}"],
              ["costs/predict_per_1k_s", f"{costs.predict_per_1k_s:.3f}"],
              [f"memory/peak_MiB ({record.memory.kind})", f"{record.memory.peak_bytes / 2**20:.1f}"]]

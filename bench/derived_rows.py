@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from bench.formulas import probit_probs
+from bench.prediction_arrays import VAL, PredictionArrays
 from bench.record import ScaleTuning
 from bench.scale_tuning import SCALE_GRID, best_on_curve, scale_curve, scale_edge_flag
-from bench.validation import GAUSSIAN_KEY as _GAUSSIAN_KEY
 
 UNTUNED, TUNED = "[s=1]", "[s tuned]"
 # Scores whose ranking a scale s cannot change are kept in the [s tuned] row; mutual_info was
@@ -34,45 +34,35 @@ def is_derived(label: str) -> bool:
     return label.endswith((UNTUNED, TUNED))
 
 
-def has_gaussian(arrays: dict[str, np.ndarray]) -> bool:
-    return "test/logit_mean" in arrays and "val/logit_mean" in arrays
-
-
 def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array, dtype=np.float64))
 
 
-def _with_scale(arrays: dict[str, np.ndarray], scale: float, drop: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _with_scale(predictions: PredictionArrays, scale: float, drop: tuple[str, ...]) -> PredictionArrays:
     """The run's evaluation arrays with every set's probabilities replaced by the probit
     predictive of its stored Gaussian at ``scale``."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in arrays.items():
-        if key.startswith("val/") or _GAUSSIAN_KEY.match(key):
-            continue
-        if any(key.endswith(f"/score/{name}") for name in drop):
-            continue
-        if key.endswith("/probs"):
-            prefix = key.removesuffix("/probs")
-            mean, var = _tensor(arrays[f"{prefix}/logit_mean"]), _tensor(arrays[f"{prefix}/logit_var"])
-            value = probit_probs(mean, var, scale).numpy()
-        out[key] = value
-    return out
+
+    def probit(where: str) -> np.ndarray:
+        mean, var = predictions.gaussian(where)
+        return probit_probs(_tensor(mean), _tensor(var), scale).numpy()
+
+    return predictions.with_probs(probit, drop)
 
 
-def tune(arrays: dict[str, np.ndarray]) -> ScaleTuning:
+def tune(predictions: PredictionArrays) -> ScaleTuning:
     """The one scale rule on a run's stored validation Gaussian: the NLL curve over the grid,
     the s with the lowest NLL (the first of equal minima) and its flag."""
-    val_var = _tensor(arrays["val/logit_var"])
-    curve = scale_curve(_tensor(arrays["val/logit_mean"]), val_var, torch.from_numpy(arrays["val/labels"]))
+    val_mean, val_var = map(_tensor, predictions.gaussian(VAL))
+    curve = scale_curve(val_mean, val_var, torch.from_numpy(predictions.labels(VAL)))
     scale, _ = best_on_curve(curve)
     return ScaleTuning(list(SCALE_GRID), curve.mean(1).tolist(), scale, curve.shape[1],
                        scale_edge_flag(scale, val_var, curve=curve))
 
 
-def derive(arrays: dict[str, np.ndarray]) -> dict[str, tuple[dict[str, np.ndarray], float, str | None]]:
+def derive(predictions: PredictionArrays) -> dict[str, tuple[PredictionArrays, float, str | None]]:
     """kind → (the derived row's arrays, its scale s, its flag or None)."""
-    tuned = tune(arrays)
+    tuned = tune(predictions)
     return {
-        UNTUNED: (_with_scale(arrays, 1.0, ()), 1.0, None),
-        TUNED: (_with_scale(arrays, tuned.chosen, S_DEPENDENT_SCORES), tuned.chosen, tuned.flag),
+        UNTUNED: (_with_scale(predictions, 1.0, ()), 1.0, None),
+        TUNED: (_with_scale(predictions, tuned.chosen, S_DEPENDENT_SCORES), tuned.chosen, tuned.flag),
     }

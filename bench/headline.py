@@ -15,7 +15,7 @@ import numpy as np
 from bench.answers import COST_KEYS
 from bench.cells import MEMORY_KEY, MISSING, Mark, ranked_rows, spread_text
 from bench.derived_rows import UNTUNED
-from bench.metrics.registry import auroc_key, metric, shown_scores
+from bench.metrics.registry import auroc_key, metric, ood_sets_in, shift_sets_in, shown_scores
 
 HEADLINE_METRICS = ("acc", "nll", "ece")  # registered metrics on the test set
 SHIFT_METRIC = "nll"  # the registered metric read on the hardest shift set
@@ -33,13 +33,13 @@ def headline_columns(runs: dict[str, list[dict[str, float]]]) -> list[HeadlineCo
     keys = {k for rows in runs.values() for r in rows for k in r}
     out = [HeadlineColumn(f"{m.title} {m.arrow}", (m.test_key,), m.direction)
            for m in map(metric, HEADLINE_METRICS)]
-    for ood in sorted({k.split("/")[1] for k in keys if k.startswith("ood/")}):
+    for ood in ood_sets_in(keys):
         scores = tuple(auroc_key(ood, s.name) for s in shown_scores() if auroc_key(ood, s.name) in keys)
         out.append(HeadlineColumn(f"AUROC {ood} (best score) ↑", scores, 1))
     on_shift = metric(SHIFT_METRIC)
-    shifts = {k.split("/")[1] for k in keys if k.startswith("shift/") and k.endswith(f"/{on_shift.name}")}
+    shifts = shift_sets_in(keys, on_shift.name)
     if shifts:
-        hardest = max(sorted(shifts), key=lambda s: on_shift.direction * -_mean_over_rows(runs, on_shift.shift_key(s)))
+        hardest = max(shifts, key=lambda s: on_shift.direction * -_mean_over_rows(runs, on_shift.shift_key(s)))
         out.append(HeadlineColumn(f"{hardest} {on_shift.title} {on_shift.arrow} (hardest shift)",
                                   (on_shift.shift_key(hardest),), on_shift.direction))
     out.append(HeadlineColumn("cost s ↓", (TOTAL_COST,), -1))

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.cells import LOWER_BOUND_KEY, MEMORY_KEY, PAIRED_REFERENCE, is_paired, paired_label
-from bench.derived_rows import UNTUNED, derive, derived_label, has_gaussian, is_derived
+from bench.derived_rows import UNTUNED, derive, derived_label, is_derived
 from bench.errors import BenchError
 from bench.method_api import OWN_PREDICTIVE_KEY, PROBIT_AT_1
 from bench.metrics import evaluate
 from bench.paired import Interval, Replicates, intervals, replicates
+from bench.prediction_arrays import TEST, PredictionArrays
 from bench.record import CALIBRATION_BINNING_SCHEMA, OLD_CALIBRATION_TOL, SCHEMA_VERSION, RunRecord
 from bench.results import (
     atomic_write_bytes,
@@ -28,9 +29,6 @@ from bench.results import (
     iter_runs,
     read_predictions,
     read_record,
-    restrict,
-    subset_indices,
-    unpack_predictions,
 )
 from bench.tables import render, same_csv
 
@@ -67,7 +65,7 @@ class Collected:
         self.devices: dict[tuple[str, str], set[str]] = defaultdict(set)  # where costs were measured
         self.same_as_own: dict[tuple[str, str], set[str]] = defaultdict(set)  # derived rows not repeated
         self.flags: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # (task, method) → (seed, flag)
-        self.arrays: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # → seed → npz
+        self.arrays: dict[tuple[str, str], dict[int, PredictionArrays]] = defaultdict(dict)  # → seed → npz
         self.indices: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = defaultdict(dict)  # capped runs
         self._compared: dict[tuple[str, str, str], dict[str, Interval]] = {}
         self._boot: dict[tuple[str, str, int, str | None], Replicates] = {}
@@ -89,7 +87,7 @@ class Collected:
         if key not in self._boot:
             arrays = self.arrays[(task, label)][seed]
             cuts = self.indices[(task, cut_by)] if cut_by is not None else {}
-            self._boot[key] = replicates(restrict(arrays, cuts[seed]) if seed in cuts else arrays, seed)
+            self._boot[key] = replicates(arrays.restrict(cuts[seed]) if seed in cuts else arrays, seed)
         return self._boot[key]
 
 
@@ -104,7 +102,7 @@ def collect(root: Path) -> Collected:
                 out.failed.append(record)
                 continue
             arrays = read_predictions(path, record)
-            metrics = evaluate(**unpack_predictions(arrays))
+            metrics = evaluate(**arrays.metric_inputs())
             if record.checkable:
                 verify_metrics(path, record.metrics, metrics, record.schema)
         except BenchError as damaged:  # this run only: the others still make the table
@@ -114,13 +112,13 @@ def collect(root: Path) -> Collected:
             out.old_format.append(path)
         key = (record.task, record.method)
         out.arrays[key][record.seed] = arrays
-        if indices := subset_indices(arrays):
+        if indices := arrays.subset_indices():
             out.indices[key][record.seed] = indices
         table[record.task][record.method].append(
             {**metrics, **cost_cells(record), "seed": record.seed,
              "subset": record.data.evaluated_subsets.get("test", 0)})
         out.flags[key] += [(record.seed, f) for f in record.flags]
-        if has_gaussian(arrays):
+        if arrays.has_gaussian:
             _add_derived(out, record, arrays, indices)
         out.devices[key].add(str(record.provenance.machine.get("device", "?")) if record.provenance else "?")
     for path in iter_failures(root):
@@ -134,14 +132,14 @@ def collect(root: Path) -> Collected:
         reference = out.arrays.get((task, PAIRED_REFERENCE), {})
         for seed, indices in sorted(by_seed.items()):
             if seed in reference:
-                flat = dict(evaluate(**unpack_predictions(restrict(reference[seed], indices))))
+                flat = dict(evaluate(**reference[seed].restrict(indices).metric_inputs()))
                 flat["seed"] = seed
                 flat["subset"] = len(indices.get("test", ()))
                 table[task][paired_label(method)].append(flat)
     return out
 
 
-def _add_derived(out: Collected, record: RunRecord, arrays: dict[str, np.ndarray],
+def _add_derived(out: Collected, record: RunRecord, arrays: PredictionArrays,
                  indices: dict[str, np.ndarray]) -> None:
     """The run's ``[s=1]`` and ``[s tuned]`` rows (``bench.derived_rows``). A row that is the
     method's own predictive by definition (the run declares its probabilities the probit at s = 1,
@@ -150,7 +148,7 @@ def _add_derived(out: Collected, record: RunRecord, arrays: dict[str, np.ndarray
     declared = record.method_summary.get(OWN_PREDICTIVE_KEY) == PROBIT_AT_1
     for kind, (derived, scale, flag) in derive(arrays).items():
         label = derived_label(record.method, kind)
-        gap = float(np.abs(derived["test/probs"] - arrays["test/probs"]).max(initial=0.0))
+        gap = float(np.abs(derived.probs(TEST) - arrays.probs(TEST)).max(initial=0.0))
         if kind == UNTUNED and declared and gap > DECLARED_ATOL:
             out.flags[(record.task, record.method)].append(
                 (record.seed, f"its probabilities are declared the probit at s=1 of its stored logit Gaussian, "
@@ -158,7 +156,7 @@ def _add_derived(out: Collected, record: RunRecord, arrays: dict[str, np.ndarray
         if (kind == UNTUNED and declared) or (OWN_PREDICTIVE_KEY not in record.method_summary and gap <= 1e-6):
             out.same_as_own[(record.task, record.method)].add(kind)
             continue
-        metrics = evaluate(**unpack_predictions(derived))
+        metrics = evaluate(**derived.metric_inputs())
         out.table[record.task][label].append({**metrics, "seed": record.seed, "subset": len(indices.get("test", ())),
                                               "scale": scale})
         out.arrays[(record.task, label)][record.seed] = derived

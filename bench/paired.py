@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.metrics.registry import SHIFT, TEST, SetMetric, harness_scores, set_metrics
+from bench.metrics.registry import SHIFT, TEST, SetMetric, auroc_key, harness_scores, set_metrics
+from bench.prediction_arrays import PredictionArrays, ood_set, shift_set
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -55,11 +56,10 @@ class _Labelled:
         return metric.from_sums(counts @ self.terms[metric.name], counts[0].sum())
 
 
-def _scores(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    probs = torch.from_numpy(arrays[f"{prefix}/probs"]).double()
+def _scores(predictions: PredictionArrays, where: str) -> dict[str, np.ndarray]:
+    probs = torch.from_numpy(predictions.probs(where)).double()
     out = {name: score.numpy() for name, score in harness_scores(probs).items()}
-    out.update({k.removeprefix(f"{prefix}/score/"): v.astype(np.float64) for k, v in arrays.items()
-                if k.startswith(f"{prefix}/score/")})
+    out.update({name: v.astype(np.float64) for name, v in predictions.scores(where).items()})
     return out
 
 
@@ -71,27 +71,25 @@ def _compared(on: str) -> list[SetMetric]:
 class _Run:
     """Every compared metric of ``bench.metrics.evaluate`` as a statistic of resampled inputs."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self.sets = {"test": _Labelled(arrays["test/probs"], arrays["test/labels"], _compared(TEST))}
-        for key in arrays:
-            if key.startswith("shift/") and key.endswith("/probs"):
-                name = key.removesuffix("/probs")
-                self.sets[name] = _Labelled(arrays[key], arrays[f"{name}/labels"], _compared(SHIFT))
-        self.scores = {"test": _scores(arrays, "test")}
-        self.scores.update({k.removesuffix("/probs"): _scores(arrays, k.removesuffix("/probs"))
-                            for k in arrays if k.startswith("ood/") and k.endswith("/probs")})
+    def __init__(self, predictions: PredictionArrays) -> None:
+        self.sets = {"test": _Labelled(predictions.probs("test"), predictions.labels("test"), _compared(TEST))}
+        self.sets.update({shift_set(name): _Labelled(predictions.probs(shift_set(name)),
+                                                     predictions.labels(shift_set(name)), _compared(SHIFT))
+                          for name in predictions.shift_names()})
+        self.scores = {where: _scores(predictions, where)
+                       for where in ["test", *map(ood_set, predictions.ood_names())]}
         self.sizes = {name: s.n for name, s in self.sets.items()}
         self.sizes.update({name: len(s["entropy"]) for name, s in self.scores.items() if name != "test"})
         self._ranks: dict[tuple[str, str], _Ranks] = {}
         self._by_key: dict[str, tuple[str, SetMetric]] = {m.test_key: ("test", m) for m in _compared(TEST)}
-        self._by_key.update({m.shift_key(name.split("/")[1]): (name, m) for name in self.sets if name != "test"
+        self._by_key.update({m.shift_key(name): (shift_set(name), m) for name in predictions.shift_names()
                              for m in _compared(SHIFT)})
+        self._auroc: dict[str, tuple[str, str]] = {
+            auroc_key(name, score): (ood_set(name), score) for name in predictions.ood_names()
+            for score in self.scores[ood_set(name)] if score in self.scores["test"]}
 
     def keys(self) -> list[str]:
-        out = list(self._by_key)
-        out += [f"{name}/auroc/{score}" for name in self.scores if name != "test"
-                for score in self.scores[name] if score in self.scores["test"]]
-        return out
+        return [*self._by_key, *self._auroc]
 
     def metrics(self, keys: list[str], counts: dict[str, np.ndarray]) -> np.ndarray:
         """(replicates, keys): the metrics on each resample (``counts[set]``: replicates × inputs)."""
@@ -101,8 +99,7 @@ class _Run:
                 name, metric = self._by_key[key]
                 out.append(self.sets[name].metric(metric, counts[name]))
             else:
-                parts = key.split("/")
-                name, score = "/".join(parts[:2]), parts[3]
+                name, score = self._auroc[key]
                 if (name, score) not in self._ranks:
                     self._ranks[(name, score)] = _Ranks(self.scores["test"][score], self.scores[name][score])
                 out.append(self._ranks[(name, score)].auroc(counts["test"], counts[name]))
@@ -156,9 +153,9 @@ class Replicates:
     sizes: tuple[tuple[str, int], ...]
 
 
-def replicates(arrays: dict[str, np.ndarray], seed: int, n_boot: int = N_BOOT) -> Replicates:
+def replicates(predictions: PredictionArrays, seed: int, n_boot: int = N_BOOT) -> Replicates:
     """Every metric of one run's predictions on the full sample and on the resamples of ``seed``."""
-    run = _Run(arrays)
+    run = _Run(predictions)
     keys = run.keys()
     point = run.metrics(keys, {s: np.ones((1, n)) for s, n in run.sizes.items()})[0]
     streams = {s: _draws(seed, s, n, n_boot) for s, n in run.sizes.items()}
@@ -186,13 +183,13 @@ def intervals(pairs: list[tuple[Replicates, Replicates]]) -> dict[str, Interval]
     return {k: Interval(float(point[i]), float(low[i]), float(high[i])) for i, k in enumerate(keys)}
 
 
-def compared_keys(arrays: dict[str, np.ndarray]) -> list[str]:
+def compared_keys(predictions: PredictionArrays) -> list[str]:
     """The metric keys a paired comparison covers (those of ``bench.metrics.evaluate`` but MCE)."""
-    return _Run(arrays).keys()
+    return _Run(predictions).keys()
 
 
 def paired_intervals(
-    pairs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], n_boot: int = N_BOOT
+    pairs: list[tuple[PredictionArrays, PredictionArrays]], n_boot: int = N_BOOT
 ) -> dict[str, Interval]:
     """First − second for every key both runs have; ``pairs`` holds the two runs' prediction
     arrays on the same inputs (a capped run and the reference cut to its subset), one pair per

@@ -23,7 +23,8 @@ from bench.derived_rows import is_derived  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.leaderboard import collect, warn_damaged  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
-from bench.metrics.registry import SCORES, confidence_bins  # noqa: E402
+from bench.metrics.registry import SCORES, auroc_key, confidence_bins, shift_key, shift_sets_in  # noqa: E402
+from bench.prediction_arrays import TEST, PredictionArrays, ood_set  # noqa: E402
 from bench.ranking import summarize  # noqa: E402
 from bench.record import RunRecord  # noqa: E402
 from bench.results import (  # noqa: E402
@@ -73,7 +74,7 @@ def _readable(path: Path, record: RunRecord) -> bool:
     return True
 
 
-def _arrays(path: Path) -> dict[str, np.ndarray]:
+def _arrays(path: Path) -> PredictionArrays:
     """A run's checked prediction arrays (a damaged file is a one-line error naming it)."""
     return read_predictions(path, read_record(path))
 
@@ -98,7 +99,7 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
     edges = np.linspace(0, 1, N_BINS + 1)
     for ax, (method, path) in zip(axes.flat, sorted(methods.items()), strict=False):
         data = _arrays(path)
-        counts, acc, conf = reliability_bins(data["test/probs"].astype(np.float64), data["test/labels"])
+        counts, acc, conf = reliability_bins(data.probs(TEST).astype(np.float64), data.labels(TEST))
         filled = counts > 0
         ax.bar(edges[:-1][filled], acc[filled], width=1 / N_BINS, align="edge", color="#4C72B0",
                edgecolor="white", label="accuracy")
@@ -121,19 +122,19 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
 
 def best_ood_score(record: RunRecord, ood: str) -> str:
     """The score with the highest AUROC of the run on ``ood`` (entropy when it has no other)."""
-    prefix = f"ood/{ood}/auroc/"
+    prefix = auroc_key(ood, "")
     aurocs = {k.removeprefix(prefix): v for k, v in record.metrics.items() if k.startswith(prefix)}
     return max(sorted(aurocs), key=aurocs.__getitem__) if aurocs else "entropy"
 
 
-def _score_values(data: dict[str, np.ndarray], where: str, score: str) -> np.ndarray:
+def _score_values(data: PredictionArrays, where: str, score: str) -> np.ndarray:
     """A score of every input of a set: one the harness computes from the probabilities (as
     ``bench.metrics`` does), or one the method stored."""
     if score in SCORES and (from_probs := SCORES.get(score).from_probs) is not None:
         import torch
 
-        return from_probs(torch.from_numpy(data[f"{where}/probs"])).numpy()
-    return np.asarray(data[f"{where}/score/{score}"], dtype=np.float64)
+        return from_probs(torch.from_numpy(data.probs(where))).numpy()
+    return np.asarray(data.scores(where)[score], dtype=np.float64)
 
 
 def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[Path]:
@@ -141,17 +142,17 @@ def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[
     (the one with its highest AUROC, named), on a log axis where the score spans decades."""
     paths = []
     first = _arrays(next(iter(methods.values())))
-    ood_sets = sorted({k.split("/")[1] for k in first if k.startswith("ood/")})
+    ood_sets = first.ood_names()
     for ood in ood_sets:
         rows, cols = _grid(len(methods))
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
         for ax, (method, path) in zip(axes.flat, sorted(methods.items()), strict=False):
             data, record = _arrays(path), read_record(path)
             score = best_ood_score(record, ood)
-            if f"ood/{ood}/probs" not in data:
+            if not data.has(ood_set(ood)):
                 ax.axis("off")
                 continue
-            v_in, v_out = _score_values(data, "test", score), _score_values(data, f"ood/{ood}", score)
+            v_in, v_out = _score_values(data, TEST, score), _score_values(data, ood_set(ood), score)
             both = np.concatenate([v_in, v_out])
             logged = bool(both.min() > 0 and both.max() / both.min() > 100)
             edges = (np.geomspace(both.min(), both.max(), 40) if logged
@@ -160,7 +161,7 @@ def plot_ood_histograms(task: str, methods: dict[str, Path], out: Path) -> list[
             ax.hist(v_out, bins=edges, alpha=0.6, density=True, label=f"OOD: {ood}")
             if logged:
                 ax.set_xscale("log")
-            auroc = record.metrics.get(f"ood/{ood}/auroc/{score}", float("nan"))
+            auroc = record.metrics.get(auroc_key(ood, score), float("nan"))
             ax.set_title(f"{method}\nAUROC {auroc:.3f} (n = {len(v_in)} / {len(v_out)})", fontsize=9)
             ax.set_xlabel(score, fontsize=8)
         for ax in list(axes.flat)[len(methods):]:
@@ -265,8 +266,7 @@ def intensity_sets(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[fl
     """kind → intensity → shift set name (None: the clean test set), for every kind with at least
     ``MIN_INTENSITIES`` shifted levels. Intensity 0 is ``rotate-0`` when the runs hold it (the same
     images as every other suite set, unshifted), else the clean test set."""
-    names = {k.split("/")[1] for rows in runs.values() for r in rows for k in r
-             if k.startswith("shift/") and k.endswith("/acc")}
+    names = shift_sets_in((k for rows in runs.values() for r in rows for k in r), "acc")
     found: dict[str, dict[float, str | None]] = defaultdict(dict)
     for name in names:
         if parsed := parse_set_name(name):
@@ -282,7 +282,7 @@ def intensity_curve(rows: list[dict[str, float]], sets: dict[float, str | None],
     """Intensities, means over seeds and 95 % t half-widths; a level no seed has is left out."""
     xs, means, halves = [], [], []
     for intensity, name in sorted(sets.items()):
-        key = clean_key if name is None else f"shift/{name}/{metric}"
+        key = clean_key if name is None else shift_key(name, metric)
         values = [r[key] for r in rows if key in r]
         if values:
             s = summarize(values)

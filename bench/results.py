@@ -30,12 +30,8 @@ import torch
 
 from bench.cache import cache_root
 from bench.errors import BenchError
-from bench.logit_gaussian import diagonal
+from bench.prediction_arrays import PredictionArrays
 from bench.record import RunRecord, load_record
-from bench.types import Prediction
-from bench.validation import arrays_problem
-
-F16_MAX = 6.0e4  # below float16's largest finite value (65504)
 
 
 def run_paths(root: Path, task: str, label: str, seed: int) -> tuple[Path, Path]:
@@ -108,104 +104,10 @@ def ensure_writable(directory: Path, hint: str = WRITABLE_HINT) -> None:
         raise _unwritable(directory, exc, hint) from None
 
 
-def pack_predictions(
-    test: Prediction,
-    test_labels: torch.Tensor,
-    ood: dict[str, Prediction],
-    shift: dict[str, tuple[Prediction, torch.Tensor]],
-    val: tuple[Prediction, torch.Tensor] | None = None,
-) -> dict[str, np.ndarray]:
-    """Flatten predictions into named arrays: ``test/probs``, ``ood/<set>/score/<name>``, and
-    for a method with a logit Gaussian ``<set>/logit_mean``, ``<set>/logit_var`` and ``val/...``.
-
-    Everything in float64, as the metrics compute it, so the JSON's metrics recompute exactly."""
-    arrays: dict[str, np.ndarray] = {
-        "test/probs": test.probs.double().numpy(),
-        "test/labels": test_labels.numpy(),
-    }
-    for name, score in test.scores.items():
-        arrays[f"test/score/{name}"] = score.double().numpy()
-    for set_name, pred in ood.items():
-        arrays[f"ood/{set_name}/probs"] = pred.probs.double().numpy()
-        for name, score in pred.scores.items():
-            arrays[f"ood/{set_name}/score/{name}"] = score.double().numpy()
-    for set_name, (pred, labels) in shift.items():
-        arrays[f"shift/{set_name}/probs"] = pred.probs.double().numpy()
-        arrays[f"shift/{set_name}/labels"] = labels.numpy()
-    sets = {"test": test, **{f"ood/{k}": v for k, v in ood.items()}, **{f"shift/{k}": v for k, (v, _) in shift.items()}}
-    if val is not None:
-        sets["val"] = val[0]
-        arrays["val/labels"] = val[1].numpy()
-    for prefix, pred in sets.items():
-        arrays.update(pack_gaussian(prefix, pred))
-    return arrays
-
-
-def pack_gaussian(prefix: str, pred: Prediction) -> dict[str, np.ndarray]:
-    """A set's logit Gaussian as the table needs it (mean and per-logit variances), in float16:
-    the derived rows are computed from exactly these stored values (so they recompute exactly),
-    and half precision keeps a Fashion-MNIST run's file at 2.0 MB instead of 2.9 (NLL moves by
-    2e-6, ECE by 1e-4 against float32; committed results must also travel to a GPU machine in
-    64 MiB). Values beyond float16's range stay float32."""
-    if not pred.has_gaussian:
-        return {}
-    out = {f"{prefix}/logit_mean": pred.logit_mean.numpy(), f"{prefix}/logit_var": diagonal(pred.logit_cov).numpy()}
-    return {k: v.astype(np.float16 if np.abs(v).max(initial=0.0) < F16_MAX else np.float32) for k, v in out.items()}
-
-
-def unpack_predictions(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Inverse of :func:`pack_predictions`, as the arguments of ``bench.metrics.evaluate``."""
-
-    def scores(prefix: str) -> dict[str, torch.Tensor]:
-        return {
-            k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)
-        }
-
-    ood_sets = sorted({k.split("/")[1] for k in arrays if k.startswith("ood/")})
-    shift_sets = sorted({k.split("/")[1] for k in arrays if k.startswith("shift/")})
-    return {
-        "test_probs": torch.from_numpy(arrays["test/probs"]),
-        "test_labels": torch.from_numpy(arrays["test/labels"]),
-        "test_scores": scores("test/score/"),
-        "ood": {
-            s: (torch.from_numpy(arrays[f"ood/{s}/probs"]), scores(f"ood/{s}/score/")) for s in ood_sets
-        },
-        "shift": {
-            s: (torch.from_numpy(arrays[f"shift/{s}/probs"]), torch.from_numpy(arrays[f"shift/{s}/labels"]))
-            for s in shift_sets
-        },
-    }
-
-
-def set_of(key: str) -> str:
-    """The evaluation set an array belongs to: ``test``, ``ood/<set>`` or ``shift/<set>``."""
-    parts = key.split("/")
-    return "test" if parts[0] == "test" else "/".join(parts[:2])
-
-
-def restrict(arrays: dict[str, np.ndarray], indices: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The prediction arrays of a full-set run cut to another run's evaluated subset
-    (``indices``: evaluation set → row indices, the ``index/<set>`` arrays of a capped run)."""
-    out = {}
-    for key, value in arrays.items():
-        if key.startswith("index/"):
-            continue
-        idx = indices.get(set_of(key))
-        if idx is not None and len(value) <= int(idx.max(initial=-1)):
-            raise BenchError(f"cannot restrict {key}: the subset indexes past its {len(value)} rows")
-        out[key] = value if idx is None else value[idx]
-    return out
-
-
-def subset_indices(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``{set: indices}`` from a capped run's ``index/<set>`` arrays (empty for full-set runs)."""
-    return {k.removeprefix("index/"): v for k, v in arrays.items() if k.startswith("index/")}
-
-
-def write_run(json_path: Path, npz_path: Path, record: RunRecord, arrays: dict[str, np.ndarray]) -> None:
+def write_run(json_path: Path, npz_path: Path, record: RunRecord, predictions: PredictionArrays) -> None:
     """Write a run's npz, then its JSON (with the npz's checksum); then drop a stale failure record."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **predictions.arrays)
     data = buffer.getvalue()
     record.predictions_sha256 = hashlib.sha256(data).hexdigest()
     text = dumps_json(record.to_json())
@@ -287,13 +189,13 @@ def read_npz(path: Path, sha256: str | None = None) -> dict[str, np.ndarray]:
         raise BenchError(f"predictions file {path} is unreadable ({reason}); delete the run and rerun it") from None
 
 
-def read_predictions(json_path: Path, record: RunRecord) -> dict[str, np.ndarray]:
+def read_predictions(json_path: Path, record: RunRecord) -> PredictionArrays:
     """The npz beside a run's JSON, checked against its checksum and for consistent arrays."""
     npz_path = json_path.with_suffix(".npz")
-    arrays = read_npz(npz_path, record.predictions_sha256)
-    if problem := arrays_problem(arrays):
+    predictions = PredictionArrays(read_npz(npz_path, record.predictions_sha256))
+    if problem := predictions.problem():
         raise BenchError(f"predictions file {npz_path} is damaged: {problem}; delete the run and rerun it")
-    return arrays
+    return predictions
 
 
 _RUN_FILE = re.compile(r"seed\d+\.json")

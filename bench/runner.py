@@ -20,7 +20,7 @@ import torch
 import bench_methods  # noqa: F401 - registers the built-in methods
 from bench import options as opts
 from bench.cache import cache_lock, cache_root
-from bench.derived_rows import has_gaussian, tune
+from bench.derived_rows import tune
 from bench.device import select_device
 from bench.errors import BenchError
 from bench.logit_gaussian import gaussian_scores
@@ -30,6 +30,7 @@ from bench.metrics import evaluate
 from bench.options import format_option
 from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds, validation_inputs
 from bench.plugins import plugin_file
+from bench.prediction_arrays import PredictionArrays, ood_set, shift_set
 from bench.profiling import (
     CPU_FRESH_KIND,
     CPU_KIND,
@@ -45,7 +46,7 @@ from bench.record import Config as RecordConfig
 from bench.record import CostEstimate, Costs, Data, MapCertificate, Memory, NetworkCost, Provenance, RunRecord, Status
 from bench.registry import parse_spec
 from bench.reproduce import run_command
-from bench.results import ensure_writable, pack_predictions, run_paths, write_run
+from bench.results import ensure_writable, run_paths, write_run
 from bench.seeding import check_seed, derive_seed, seed_everything
 from bench.subsets import draw_subset
 from bench.tasks import TASKS, Task, TaskData
@@ -464,12 +465,12 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
     with measure(p.device, p.baseline) as test_time:
         test_pred = on("test", x_test, "the test set")
     with measure(p.device) as rest_time:
-        ood = {name: on(f"ood/{name}", subset(f"ood/{name}", x)[0], f"OOD set {name!r}")
+        ood = {name: on(ood_set(name), subset(ood_set(name), x)[0], f"OOD set {name!r}")
                for name, x in p.data.ood.items()}
         shift = {}
         for name, ds in p.data.shift.items():
-            xs, ys = subset(f"shift/{name}", *ds.tensors)
-            shift[name] = (on(f"shift/{name}", xs, f"shift set {name!r}"), ys)
+            xs, ys = subset(shift_set(name), *ds.tensors)
+            shift[name] = (on(shift_set(name), xs, f"shift set {name!r}"), ys)
         val = None
         if test_pred.has_gaussian and len(p.data.val):  # for the harness's one scale-tuning rule
             n_val = validation_inputs(limit, len(p.data.val))
@@ -536,7 +537,7 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
     )
 
 
-def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, dict[str, np.ndarray]]:
+def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, PredictionArrays]:
     """One run's stages without the write: resolve → prepare (data, MAP) → fit → predict →
     evaluate; returns the record and its prediction arrays (a Ray task returns them to the
     driver, which writes). ``check_output``: prove the results folder writable first."""
@@ -553,17 +554,17 @@ def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, di
     record = dataclasses.replace(record, memory=memory)
     for flag in record.flags:
         prepared.reporter.log(f"WARNING {r.method_label}: {flag}")
-    arrays = pack_predictions(predicted.test, predicted.y_test, predicted.ood, predicted.shift, predicted.val)
-    arrays.update({f"index/{name}": idx for name, idx in predicted.indices.items()})  # for paired tables
-    if has_gaussian(arrays):  # the curve the [s tuned] row is chosen on, kept with the run
-        record.scale_tuning = tune(arrays)
-    return record, arrays
+    predictions = PredictionArrays.pack(predicted.test, predicted.y_test, predicted.ood, predicted.shift,
+                                        predicted.val, predicted.indices)  # indices: for paired tables
+    if predictions.has_gaussian:  # the curve the [s tuned] row is chosen on, kept with the run
+        record.scale_tuning = tune(predictions)
+    return record, predictions
 
 
-def write(config: RunConfig, record: RunRecord, arrays: dict[str, np.ndarray]) -> Path:
+def write(config: RunConfig, record: RunRecord, predictions: PredictionArrays) -> Path:
     """Write a run's npz and JSON atomically where ``config`` puts them; returns the JSON path."""
     json_path, npz_path = run_paths(config.out, record.task, record.method, config.seed)
-    write_run(json_path, npz_path, record, arrays)
+    write_run(json_path, npz_path, record, predictions)
     return json_path
 
 

@@ -30,7 +30,16 @@ from bench.cells import (
 )
 from bench.derived_rows import TUNED, UNTUNED
 from bench.headline import headline_cell, headline_columns, headline_labels
-from bench.metrics.registry import SHIFT, TEST, auroc_key, set_metrics, shown_scores
+from bench.metrics.registry import (
+    SHIFT,
+    TEST,
+    auroc_key,
+    ood_sets_in,
+    parse_auroc_key,
+    set_metrics,
+    shift_sets_in,
+    shown_scores,
+)
 from bench.paired import N_BOOT
 from bench.ranking import difference_cell, mean_ranks, summarize
 
@@ -121,10 +130,10 @@ def columns_for(runs: dict[str, list[dict[str, float]]]) -> list[tuple[str, str,
     score's AUROC on each OOD set the rows have, the registered metrics on each shift set, the costs."""
     keys = set().union(*(r.keys() for rs in runs.values() for r in rs))
     cols = base_columns()
-    for ood in sorted({k.split("/")[1] for k in keys if k.startswith("ood/")}):
+    for ood in ood_sets_in(keys):
         cols += [(f"AUROC {ood} ({s.name}) ↑", auroc_key(ood, s.name), 1) for s in shown_scores()
                  if auroc_key(ood, s.name) in keys]
-    for shift in sorted({k.split("/")[1] for k in keys if k.startswith("shift/")}):
+    for shift in shift_sets_in(keys):
         cols += [(f"{shift} {m.title} {m.arrow}", m.shift_key(shift), m.direction) for m in set_metrics()
                  if SHIFT in m.shown_on]
     return cols + COST_COLUMNS
@@ -215,9 +224,9 @@ def _paired_table(task: str, found: Collected, writer: Any) -> list[str]:
     if not paired:
         return []
     test_keys = [m.test_key for m in set_metrics() if TEST in m.shown_on]
-    comparable = tuple(f"/auroc/{s.name}" for s in shown_scores() if s.from_probs is not None)  # every row has them
+    comparable = {s.name for s in shown_scores() if s.from_probs is not None}  # every row has them
     keys = [k for k in test_keys if any(k in iv for iv in paired.values())]
-    keys += sorted({k for iv in paired.values() for k in iv if k.startswith("ood/") and k.endswith(comparable)})
+    keys += sorted({k for iv in paired.values() for k in iv if (p := parse_auroc_key(k)) and p[1] in comparable})
     rows = []
     for method, intervals in paired.items():
         row = [method]
@@ -240,14 +249,14 @@ def _paired_table(task: str, found: Collected, writer: Any) -> list[str]:
 
 def _rank_table(found: Collected) -> list[str]:
     """Mean rank of each full-set method per metric over the tasks it ran on (1 = best)."""
-    metrics = base_columns() + [("AUROC (entropy) ↑", "ood/*/auroc/entropy", 1)]
+    metrics = base_columns() + [("AUROC (entropy) ↑", auroc_key("*", "entropy"), 1)]
     ranks = {}
     for title, key, direction in metrics:
         per_task = {}
         for task, runs in found.table.items():
             means = {}
             for m in ranked_rows(runs):
-                keys = [k for k in runs[m][0] if k.startswith("ood/") and k.endswith("/auroc/entropy")] \
+                keys = [k for k in runs[m][0] if (p := parse_auroc_key(k)) and p[1] == "entropy"] \
                     if "*" in key else [key]
                 values = [r[k] for r in runs[m] for k in keys if k in r]
                 if values:

@@ -1,14 +1,14 @@
 """What a valid prediction and a valid result file are, decided in one place.
 
 The harness checks every prediction a method returns, and every results reader checks what it
-loads, with the same rules: probabilities finite, non-negative, rows summing to 1, the task's
-number of classes, one row per input; every score finite with one value per input. A wrong
-number is then an error naming its source, never a metric (a NaN score once became AUROC 0.5).
+loads (``bench.prediction_arrays``), with the same rules: probabilities finite, non-negative,
+rows summing to 1, the task's number of classes, one row per input; every score finite with
+one value per input. A wrong number is then an error naming its source, never a metric (a NaN
+score would read as AUROC 0.5).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -75,61 +75,4 @@ def labels_problem(key: str, labels: np.ndarray, n: int, classes: int) -> str | 
         return f"{key} has shape {labels.shape} and type {labels.dtype}, expected {n} integer labels"
     if n and (labels.min() < 0 or labels.max() >= classes):
         return f"{key} holds labels outside 0..{classes - 1}"
-    return None
-
-
-GAUSSIAN_KEY = re.compile(r"^(test|val|ood/[^/]+|shift/[^/]+)/logit_(mean|var)$")
-_KEY = re.compile(r"^(test|ood/[^/]+|shift/[^/]+)/(probs|labels|score/[^/]+|logit_mean|logit_var)$"
-                  r"|^val/(labels|logit_mean|logit_var)$|^index/(test|val|(ood|shift)/[^/]+)$")
-
-
-def arrays_problem(arrays: dict[str, np.ndarray]) -> str | None:
-    """Why a run's prediction arrays (its npz) are not self-consistent, or None."""
-    if "test/probs" not in arrays or "test/labels" not in arrays:
-        return "it lacks test/probs or test/labels"
-    if unknown := [k for k in arrays if not _KEY.match(k)]:
-        return f"it holds an unexpected array {unknown[0]!r}"
-    classes = arrays["test/probs"].shape[-1] if arrays["test/probs"].ndim == 2 else 0
-    if problem := _gaussian_problem(arrays, classes):
-        return problem
-    sets = {k.rsplit("/", 1)[0] for k in arrays if k.endswith(("/probs", "/labels")) and not k.startswith("val/")}
-    sets |= {k.split("/score/")[0] for k in arrays if "/score/" in k}
-    sets |= {k.removeprefix("index/") for k in arrays if k.startswith("index/") and k != "index/val"}
-    for name in sorted(sets):
-        if f"{name}/probs" not in arrays:
-            return f"it lacks {name}/probs"
-        probs = arrays[f"{name}/probs"]
-        n = len(probs)
-        problem = probs_problem(probs, n, classes)
-        needs_labels = name == "test" or name.startswith("shift/")
-        if problem is None and needs_labels:
-            if f"{name}/labels" not in arrays:
-                return f"it lacks {name}/labels"
-            problem = labels_problem(f"{name}/labels", arrays[f"{name}/labels"], n, classes)
-        for key in (k for k in arrays if k.startswith(f"{name}/score/")):
-            problem = problem or score_problem(key, arrays[key], n)
-        index = arrays.get(f"index/{name}")
-        if problem is None and index is not None and (index.shape != (n,) or index.dtype.kind not in "iu"):
-            problem = f"index/{name} has shape {index.shape} and type {index.dtype}, expected {n} integers"
-        if problem:
-            return f"{name}: {problem}"
-    return None
-
-
-def _gaussian_problem(arrays: dict[str, np.ndarray], classes: int) -> str | None:
-    """The logit Gaussians stored beside a set's probabilities (and for the validation set):
-    mean and variance together, N × C like the set, finite, variances non-negative."""
-    sets = {m.group(1) for k in arrays if (m := GAUSSIAN_KEY.match(k))}
-    for name in sorted(sets):
-        mean, var = arrays.get(f"{name}/logit_mean"), arrays.get(f"{name}/logit_var")
-        if mean is None or var is None:
-            return f"{name}: it has only one of logit_mean and logit_var"
-        rows = len(arrays["val/labels"]) if name == "val" and "val/labels" in arrays else len(
-            arrays.get(f"{name}/probs", mean))
-        if mean.shape != (rows, classes) or var.shape != (rows, classes):
-            return f"{name}: logit_mean {mean.shape} and logit_var {var.shape} are not {rows} x {classes}"
-        if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var < 0).any():
-            return f"{name}: its logit Gaussian has NaN, inf or negative variances"
-    if "val/labels" in arrays and "val" not in sets:
-        return "val: it has labels but no logit Gaussian"
     return None

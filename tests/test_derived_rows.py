@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.derived_rows import TUNED, UNTUNED, derive, has_gaussian
+from bench.derived_rows import TUNED, UNTUNED, derive
 from bench.formulas import nll, probit_probs
+from bench.prediction_arrays import PredictionArrays
 from bench.scale_tuning import SCALE_GRID
-from bench.validation import arrays_problem
 
 
 def _arrays(overconfident: float) -> dict[str, np.ndarray]:
@@ -31,8 +31,8 @@ def _arrays(overconfident: float) -> dict[str, np.ndarray]:
 
 def test_derived_rows_are_the_probit_at_one_and_at_the_validation_best_scale() -> None:
     arrays = _arrays(4.0)
-    assert has_gaussian(arrays) and arrays_problem(arrays) is None
-    rows = derive(arrays)
+    assert PredictionArrays(arrays).has_gaussian and PredictionArrays(arrays).problem() is None
+    rows = {kind: (derived.arrays, s, flag) for kind, (derived, s, flag) in derive(PredictionArrays(arrays)).items()}
     untuned, s1, flag1 = rows[UNTUNED]
     mean, var = (torch.from_numpy(arrays[f"test/logit_{k}"]).double() for k in ("mean", "var"))
     np.testing.assert_array_equal(untuned["test/probs"], probit_probs(mean, var, 1.0).numpy())
@@ -50,17 +50,17 @@ def test_derived_rows_are_the_probit_at_one_and_at_the_validation_best_scale() -
 
 def test_a_tuned_scale_on_the_grid_floor_is_flagged() -> None:
     arrays = _arrays(0.05)  # underconfident already: any variance hurts, s goes to the floor
-    _, s, flag = derive(arrays)[TUNED]
+    _, s, flag = derive(PredictionArrays(arrays))[TUNED]
     assert s == SCALE_GRID[0] and "floor" in flag
 
 
 def test_bad_gaussian_arrays_are_named() -> None:
     arrays = _arrays(1.0)
     arrays["test/logit_var"] = -arrays["test/logit_var"]
-    assert "negative" in arrays_problem(arrays)
+    assert "negative" in PredictionArrays(arrays).problem()
     arrays = _arrays(1.0)
     del arrays["val/logit_var"]
-    assert "only one of" in arrays_problem(arrays)
+    assert "only one of" in PredictionArrays(arrays).problem()
 
 
 CAPPED_GAUSSIAN = '''
@@ -146,7 +146,7 @@ def _collected_rows(arrays: dict[str, np.ndarray], summary: dict) -> tuple[set[s
 
     out = Collected()
     record = replace(make_record(), method="m", method_summary=summary)
-    _add_derived(out, record, arrays, {})
+    _add_derived(out, record, PredictionArrays(arrays), {})
     return set(out.table["t"]), out.same_as_own[("t", "m")], out.flags[("t", "m")]
 
 

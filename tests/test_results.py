@@ -12,6 +12,7 @@ from conftest import make_record
 
 from bench.errors import BenchError
 from bench.metrics import evaluate
+from bench.prediction_arrays import PredictionArrays
 from bench.record import RunRecord, Status
 from bench.results import (
     atomic_write_bytes,
@@ -19,12 +20,10 @@ from bench.results import (
     failure_path,
     iter_failures,
     iter_runs,
-    pack_predictions,
     read_json,
     read_npz,
     read_predictions,
     read_record,
-    unpack_predictions,
     write_failure,
     write_run,
 )
@@ -37,14 +36,14 @@ def _pred(n: int, seed: int) -> Prediction:
     return Prediction(probs, {"variance": torch.rand(n, generator=g, dtype=torch.float64)})
 
 
-def _write(tmp_path: Path, name: str = "seed0", seed: int = 0) -> tuple[dict, dict]:
+def _write(tmp_path: Path, name: str = "seed0", seed: int = 0) -> tuple[dict, PredictionArrays]:
     test = _pred(40, seed)
     labels = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(seed + 1))
     ood = {"far": _pred(30, seed + 2)}
     shift = {"rot": (_pred(20, seed + 3), labels[:20])}
     metrics = evaluate(test.probs, labels, test.scores, ood={"far": (ood["far"].probs, ood["far"].scores)},
                        shift={"rot": (shift["rot"][0].probs, labels[:20])})
-    arrays = pack_predictions(test, labels, ood, shift)
+    arrays = PredictionArrays.pack(test, labels, ood, shift)
     record = make_record()
     record.metrics = metrics
     write_run(tmp_path / f"{name}.json", tmp_path / f"{name}.npz", record, arrays)
@@ -56,7 +55,7 @@ def test_metrics_recompute_exactly_from_the_npz(tmp_path: Path) -> None:
     changed msp AUROCs by up to 6.5e-5)."""
     metrics, _ = _write(tmp_path)
     record = read_record(tmp_path / "seed0.json")
-    args = unpack_predictions(read_predictions(tmp_path / "seed0.json", record))
+    args = read_predictions(tmp_path / "seed0.json", record).metric_inputs()
     assert args["test_probs"].dtype == torch.float64
     assert evaluate(**args) == metrics == record.metrics
 
@@ -78,7 +77,7 @@ def test_damaged_npz_is_one_error_naming_the_file(tmp_path: Path, damage: str) -
     if damage == "truncate":
         npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
     else:
-        arrays.pop("shift/rot/labels")
+        arrays.arrays.pop("shift/rot/labels")
         write_run(tmp_path / "seed0.json", npz, make_record(), arrays)
     unchecked = make_record()
     unchecked.predictions_sha256 = None
@@ -89,7 +88,7 @@ def test_damaged_npz_is_one_error_naming_the_file(tmp_path: Path, damage: str) -
 def test_json_is_strict_nan_becomes_null(tmp_path: Path) -> None:
     record = make_record()
     record.method_summary = {"grid": [1.0, float("nan"), float("inf")], "t": torch.tensor([0.5]), "n": np.float32(2.0)}
-    write_run(tmp_path / "r.json", tmp_path / "r.npz", record, {"x": np.zeros(1)})
+    write_run(tmp_path / "r.json", tmp_path / "r.npz", record, PredictionArrays({"x": np.zeros(1)}))
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     summary = json.loads(text)["method_summary"]
@@ -172,7 +171,7 @@ def _sklearn_auroc_mismatches(root: Path) -> tuple[int, int, list[str]]:
         if not record.checkable:
             old += 1  # float32 probabilities: msp/entropy AUROCs cannot be recomputed exactly
             continue
-        arrays = read_predictions(path, record)
+        arrays = read_predictions(path, record).arrays  # read independently of PredictionArrays
         test = scores(arrays, "test")
         for key, value in record.metrics.items():
             if key.startswith("ood/"):
@@ -203,17 +202,6 @@ def test_committed_ood_aurocs_equal_sklearn_on_the_npz_scores() -> None:
     if not checked:
         pytest.skip(f"all {old} committed runs use the older result format (schema 1); regenerate results/")
     assert old == 0, f"{old} committed runs still use the older result format (schema 1)"
-
-
-def test_logit_gaussians_are_stored_in_half_precision_unless_out_of_range() -> None:
-    from bench.results import pack_gaussian
-
-    probs = torch.full((2, 3), 1 / 3, dtype=torch.float64)
-    small = pack_gaussian("test", Prediction(probs, {}, torch.zeros(2, 3), torch.eye(3).expand(2, 3, 3)))
-    assert small["test/logit_mean"].dtype == np.float16 and small["test/logit_var"].tolist() == [[1, 1, 1]] * 2
-    huge = pack_gaussian("test", Prediction(probs, {}, torch.zeros(2, 3), torch.full((2, 3), 1e6)))
-    assert huge["test/logit_var"].dtype == np.float32 and huge["test/logit_mean"].dtype == np.float16
-    assert pack_gaussian("test", Prediction(probs)) == {}
 
 
 def test_a_failed_write_into_the_cache_names_bench_cache_dir_not_out(tmp_path: Path, monkeypatch) -> None:

@@ -17,7 +17,7 @@ adds a metric or a score with ``register_metric`` / ``register_score``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +50,7 @@ class SetMetric:
         return f"{self.namespace}/{self.name}"
 
     def shift_key(self, shift_set: str) -> str:
-        return f"shift/{shift_set}/{self.name}"
+        return shift_key(shift_set, self.name)
 
     @property
     def arrow(self) -> str:
@@ -99,6 +99,32 @@ def harness_scores(probs: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def auroc_key(ood_set: str, score: str) -> str:
     return f"ood/{ood_set}/auroc/{score}"
+
+
+def shift_key(shift_set: str, metric_name: str) -> str:
+    return f"shift/{shift_set}/{metric_name}"
+
+
+def parse_auroc_key(key: str) -> tuple[str, str] | None:
+    """(OOD set, score) of an :func:`auroc_key`, else None."""
+    parts = key.split("/")
+    return (parts[1], parts[3]) if len(parts) == 4 and parts[0] == "ood" and parts[2] == "auroc" else None
+
+
+def parse_shift_key(key: str) -> tuple[str, str] | None:
+    """(shift set, metric) of a :meth:`SetMetric.shift_key`, else None."""
+    parts = key.split("/")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "shift" else None
+
+
+def ood_sets_in(keys: Iterable[str]) -> list[str]:
+    """The OOD sets the metric keys have AUROCs on, in name order."""
+    return sorted({p[0] for k in keys if (p := parse_auroc_key(k))})
+
+
+def shift_sets_in(keys: Iterable[str], metric_name: str | None = None) -> list[str]:
+    """The shift sets the metric keys have metrics on (only ``metric_name`` if given), in name order."""
+    return sorted({p[0] for k in keys if (p := parse_shift_key(k)) and metric_name in (None, p[1])})
 
 
 # --- per-input terms of the built-in metrics --------------------------------------------------

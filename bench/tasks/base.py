@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from bench.options import as_dict
 from bench.planning import EvaluationPlan, LoadPlan
+from bench.prediction_arrays import ood_set, shift_set
 from bench.registry import Registry
 
 
@@ -59,8 +60,8 @@ class TaskData:
     def sizes(self) -> dict[str, int]:
         """Every set's full size (a set loaded in part counts what it was drawn from)."""
         out = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
-        out.update({f"ood/{k}": len(v) for k, v in self.ood.items()})
-        out.update({f"shift/{k}": len(v) for k, v in self.shift.items()})
+        out.update({ood_set(k): len(v) for k, v in self.ood.items()})
+        out.update({shift_set(k): len(v) for k, v in self.shift.items()})
         out.update({k: full for k, (full, _) in self.subsets.items()})
         return out
 

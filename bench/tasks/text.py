@@ -34,6 +34,7 @@ from bench.data.features import (
 from bench.errors import BenchError
 from bench.options import option
 from bench.planning import LoadPlan
+from bench.prediction_arrays import ood_set, shift_set
 from bench.subsets import draw_subset
 from bench.tasks.base import Task, TaskData, TrainRecipe, register_task
 
@@ -254,8 +255,8 @@ class TextTask(Task):
                 shift = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in shift.items()}
                 ood = {k: v.subset(range(min(len(v), SMOKE["other"]))) for k, v in ood.items()}
             named = [(f"id/{k}", v) for k, v in splits.items()]
-            named += [(f"shift/{k}", v) for k, v in shift.items()]
-            named += [(f"ood/{k}", v) for k, v in ood.items()]
+            named += [(shift_set(k), v) for k, v in shift.items()]  # a capped subset's key is the harness's name
+            named += [(ood_set(k), v) for k, v in ood.items()]
             kept: dict[str, tuple[int, np.ndarray]] = {}
             plan = self.evaluation
             if plan is not None and plan.limit is not None:
