@@ -31,6 +31,25 @@ CPU_KIND = "cpu_peak_rss_above_baseline"  # a block in a process that ran other 
 CPU_FRESH_KIND = "cpu_rss_fresh_process"  # the same figure, in a process that runs nothing else
 CUDA_KIND = "cuda_peak_allocated"
 _active: list[measure] = []  # open measurements, outermost first
+_runs_started = 0  # a CPU peak is only a run's own when nothing ran before it in this process
+
+
+def count_run() -> int:
+    """Note that a run starts in this process; returns how many have, this one included."""
+    global _runs_started
+    _runs_started += 1
+    return _runs_started
+
+
+def runs_in_this_process() -> int:
+    return _runs_started
+
+
+def memory_kind(m: Measurement, device: torch.device) -> str:
+    """``m``'s memory kind: on CPU, whether this process ran nothing but the current run."""
+    if device.type == "cuda" or m.kind != CPU_KIND:
+        return m.kind
+    return CPU_FRESH_KIND if _runs_started <= 1 else CPU_KIND
 
 
 def current_rss_bytes() -> int:

@@ -23,10 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError
 from bench.runner import RunConfig
+
+if TYPE_CHECKING:
+    from bench.sweep import Finished  # the sweep imports this module lazily
 
 MAX_RETRIES = 3  # a worker or node that dies: Ray reruns the task elsewhere
 HEAD_POLL_S = 5.0  # how often the driver, waiting on runs, checks that the cluster's head still answers
@@ -127,9 +130,6 @@ def _failure_of(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-Finished = tuple[int, tuple[str | None, float]]  # (index in todo, (error or None, seconds))
-
-
 @contextmanager
 def in_ray(
     todo: list[RunConfig], address: str | None, plugins: list[str], skip_done: bool = True
@@ -204,25 +204,22 @@ def _driver(todo: list[RunConfig], address: str | None, plugins: list[str], skip
     send.close()
 
 
-@contextmanager
-def _driving(
-    todo: list[RunConfig], address: str | None, plugins: list[str], skip_done: bool
-) -> Iterator[Iterator[Finished]]:
-    """The driver's work: claims every run before submitting it (``bench.claims``), holds the
-    claim until the run is written or recorded as failed, and notices a head that stops
-    answering (``ClusterLost``) while Ray itself would still be waiting on it."""
-    from bench.claims import CLAIMED, claimed
-    from bench.record import RunRecord
-    from bench.runner import result_paths, write
-    from bench.sweep import is_done, record_failure
-
-    ray = require_ray()
+def _join(ray: Any, address: str | None) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the user gets one line
         raise BenchError(f"Ray could not start or join a cluster at {address or 'this machine'} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    claims = contextlib.ExitStack()
+
+
+def _claim_all(todo: list[RunConfig], skip_done: bool, claims: contextlib.ExitStack
+               ) -> tuple[dict[int, contextlib.ExitStack], list[Finished]]:
+    """Claim every run (``bench.claims``), held in ``claims``; the runs another sweep holds or
+    finished before we claimed them are skipped."""
+    from bench.claims import CLAIMED, claimed
+    from bench.runner import result_paths
+    from bench.sweep import is_done
+
     held: dict[int, contextlib.ExitStack] = {}
     skipped: list[Finished] = []
     for i, config in enumerate(todo):
@@ -233,21 +230,39 @@ def _driving(
             skipped.append((i, (None if mine else CLAIMED, 0.0)))
         else:
             held[i] = claims.enter_context(stack)
+    return held, skipped
 
+
+def _submit(ray: Any, todo: list[RunConfig], held: dict[int, contextlib.ExitStack], plugins: list[str]) -> dict:
+    """Warm each group's MAP networks once, then submit every claimed run: task ref → run index."""
     options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False}
     runs = ray.remote(run_task)
     warm = ray.remote(warm_task).options(**options)
-    for ref in [warm.remote(c, plugins) for c in _warm_groups([todo[i] for i in held])]:  # MAP networks once
+    for ref in [warm.remote(c, plugins) for c in _warm_groups([todo[i] for i in held])]:
         try:
             ray.get(ref)
         except Exception:  # noqa: BLE001, S110 - the runs that need it fail and are recorded themselves
             pass
-    refs = {}
-    for i, config in enumerate(todo):
-        if i not in held:
-            continue
-        gpus = 1 if config.device.startswith("cuda") else 0
-        refs[runs.options(**options, num_gpus=gpus).remote(config, plugins)] = i
+    return {runs.options(**options, num_gpus=1 if todo[i].device.startswith("cuda") else 0).remote(todo[i], plugins): i
+            for i in sorted(held)}
+
+
+@contextmanager
+def _driving(
+    todo: list[RunConfig], address: str | None, plugins: list[str], skip_done: bool
+) -> Iterator[Iterator[Finished]]:
+    """The driver's work: claims every run before submitting it (``bench.claims``), holds the
+    claim until the run is written or recorded as failed, and notices a head that stops
+    answering (``ClusterLost``) while Ray itself would still be waiting on it."""
+    from bench.record import RunRecord
+    from bench.runner import write
+    from bench.sweep import record_failure
+
+    ray = require_ray()
+    _join(ray, address)
+    claims = contextlib.ExitStack()
+    held, skipped = _claim_all(todo, skip_done, claims)
+    refs = _submit(ray, todo, held, plugins)
 
     head = ray.get_runtime_context().gcs_address
     lost: list[ClusterLost] = []

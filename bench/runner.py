@@ -9,7 +9,6 @@ import copy
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,27 @@ import torch
 
 import bench_methods  # noqa: F401 - registers the built-in methods
 from bench import options as opts
-from bench.cache import cache_lock, cache_root
+from bench.cache import cache_root
+from bench.checked_prediction import check_same_scores, checked_prediction
 from bench.derived_rows import tune
 from bench.device import select_device
 from bench.errors import BenchError
-from bench.logit_gaussian import gaussian_scores
-from bench.map_finish import certify, finish_seconds
+from bench.map_finish import finish_seconds
 from bench.method_api import FLAGS_KEY, METHODS, FitContext, Method
 from bench.metrics import evaluate
+from bench.model_cache import ModelCache, NetworkKey, network_name
 from bench.options import format_option
 from bench.planning import CostPlan, Estimate, EvaluationPlan, LoadPlan, training_seconds, validation_inputs
 from bench.plugins import plugin_file
 from bench.prediction_arrays import PredictionArrays, ood_set, shift_set
 from bench.profiling import (
-    CPU_FRESH_KIND,
-    CPU_KIND,
     FIX_MMAP_ENV,
     Measurement,
+    count_run,
     fix_mmap_threshold,
     measure,
+    memory_kind,
+    runs_in_this_process,
     settled_rss_bytes,
 )
 from bench.progress import Reporter
@@ -51,25 +52,9 @@ from bench.seeding import check_seed, derive_seed, seed_everything
 from bench.subsets import draw_subset
 from bench.tasks import TASKS, Task, TaskData
 from bench.training import (
-    CorruptCheckpoint,
-    TrainingCost,
-    checkpoint_path,
-    fingerprint,
-    fingerprint_parts,
-    load_state,
     map_checkpoint,
-    move_aside,
-    read_certificate,
-    read_cost,
-    save_certificate,
-    save_cost,
-    save_parts,
-    save_state,
-    train,
-    why_not_cached,
 )
-from bench.types import InvalidPrediction, Prediction
-from bench.validation import prediction_problem
+from bench.types import Prediction
 
 
 @dataclass
@@ -150,175 +135,6 @@ def resolve(config: RunConfig) -> Resolved:
 def result_paths(config: RunConfig) -> tuple[Path, Path]:
     r = resolve(config)
     return run_paths(config.out, r.task_label, r.method_label, config.seed)
-
-
-NetworkKey = tuple[int, str]  # (ensemble member, variant): (0, "") is the MAP network
-
-
-def network_name(key: NetworkKey) -> str:
-    member, variant = key
-    base = "MAP model" if member == 0 else f"ensemble member {member}"
-    return f"{base} with {variant}" if variant else base
-
-
-class ModelCache:
-    """Trains a task's model with its recipe once per (task config, recipe, architecture and
-    data fingerprint, seed, member, variant), and knows what each network cost to train, cached or not."""
-
-    def __init__(self, task: Task, data: TaskData, device: torch.device, seed: int, reporter: Reporter,
-                 baseline: int | None = None):
-        self.task, self.data, self.device, self.seed, self.reporter = task, data, device, seed, reporter
-        self.baseline = baseline  # memory figures are above this RSS (None on a GPU)
-        self.recipe = task.recipe()
-        self.costs: dict[NetworkKey, TrainingCost] = {}  # (0, ""): the MAP network
-        self.certificates: dict[NetworkKey, MapCertificate] = {}  # where each stands on its objective
-        self.trained_now_s = 0.0  # training done in this process (to separate it from post-hoc time)
-        self.fingerprint: str | None = None  # of architecture and training data, hashed once
-        self.loaded: list[NetworkKey] = []
-        self.trained: list[NetworkKey] = []
-
-    def make_model(self) -> torch.nn.Module:
-        return self.task.make_model(self.data.num_classes)
-
-    def get(self, member: int = 0) -> torch.nn.Module:
-        """The task's network for ensemble member ``member`` (0: the MAP), trained or loaded."""
-        model, path = map_checkpoint(self.task, self.data, self.seed, member, self.fingerprint)
-        self.fingerprint = path.parent.name  # every member shares the architecture and the data
-        seed = self.seed if member == 0 else derive_seed(self.seed, "member", member)
-        return self._network((member, ""), model, path, seed,
-                             lambda: map_checkpoint(self.task, self.data, self.seed, member, self.fingerprint)[0])
-
-    def get_variant(self, variant: str, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` (the task's architecture changed as ``variant`` names, e.g. ``dropout=0.3``,
-        seeded by the caller) trained with the task's recipe: cached under that name and charged
-        to the run like any network."""
-        if not variant or any(c in variant for c in "/\\"):
-            raise BenchError(f"a network variant needs a name without slashes; got {variant!r}")
-        fresh = copy.deepcopy(model)
-        path = checkpoint_path(self.task.cache_key(), self.recipe, self._fingerprint(model), self.seed, 0, variant)
-        seed = derive_seed(self.seed, "variant", variant)
-        return self._network((0, variant), model, path, seed, lambda: copy.deepcopy(fresh), rng_seed=seed)
-
-    def _fingerprint(self, model: torch.nn.Module) -> str:
-        if self.fingerprint is None:
-            self.fingerprint = fingerprint(model, self.data.train)
-        return self.fingerprint
-
-    def _network(self, key: NetworkKey, model: torch.nn.Module, path: Path, seed: int,
-                 fresh: Callable[[], torch.nn.Module], rng_seed: int | None = None) -> torch.nn.Module:
-        """Load ``model``'s weights from ``path`` or train it there (``seed``: its data order;
-        ``rng_seed``: the dropout masks', on a forked RNG; None: the RNG as the caller left it)."""
-        what = network_name(key)
-        with cache_lock(path):  # a parallel run training the same model: wait, then load
-            loaded = self._load(model, path, what)
-            if loaded is None:  # a corrupt checkpoint was moved aside: start again from a fresh, seeded network
-                model = fresh()
-            if loaded:
-                self.costs[key] = read_cost(path)
-                self.certificates[key] = self._cached_certificate(model, path)
-                self.loaded.append(key)
-                self.reporter.log(f"{what}: loaded cached checkpoint {path} (trained in "
-                                  f"{self.costs[key].seconds:.1f} s; charged as if trained now); "
-                                  f"{self.certificates[key].describe()}")
-                return model.to(self.device).eval()
-            parts = fingerprint_parts(model, self.data.train)
-            self.reporter.log(f"{what}: {why_not_cached(path, parts)}; training {self.recipe.epochs} epoch(s) "
-                              f"on {len(self.data.train)} examples")
-            generator = torch.Generator().manual_seed(derive_seed(seed, "data-order"))
-            with measure(self.device, self.baseline, separate=True) as m:  # its peak: its own record
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                    if rng_seed is not None:
-                        torch.manual_seed(rng_seed)
-                    train(model, self.data.train, self.recipe, self.device, generator, self.reporter.progress,
-                          desc=what)
-                self.certificates[key] = certify(model, self.data.train, self.recipe, self.reporter.log)
-            self.reporter.log(f"{what}: {self.certificates[key].describe()}")
-            self.costs[key] = TrainingCost(m.seconds, str(self.device), torch.get_num_threads(),
-                                           m.peak_bytes, memory_kind(m, self.device))
-            self.trained_now_s += m.seconds
-            self.trained.append(key)
-            save_cost(path, self.costs[key])  # first: a checkpoint without its cost is never left behind
-            save_certificate(path, self.certificates[key])
-            save_state(model, path)
-            save_parts(path, parts)
-        return model.eval()
-
-    def _load(self, model: torch.nn.Module, path: Path, what: str) -> bool | None:
-        """The cached weights into ``model`` (False: none cached); None: the checkpoint was corrupt
-        (``model`` may hold its values), so it is moved aside, said so, and retrained instead of
-        stopping the run."""
-        try:
-            return load_state(model, path)
-        except CorruptCheckpoint as corrupt:
-            moved = move_aside(path)
-            self.reporter.log(f"{what}: {str(corrupt).split(';')[0]}; moved it to {moved.name} and retraining")
-            return None
-
-    def _cached_certificate(self, model: torch.nn.Module, path: Path) -> MapCertificate:
-        """The certificate kept with a cached network; one trained before certificates were kept
-        (never a finished one: finishing changed the recipe's key) is measured now, as trained."""
-        kept = read_certificate(path)
-        if kept is not None:
-            return kept
-        if self.recipe.newton_finish:
-            raise BenchError(f"cached checkpoint {path} has no MAP certificate; delete it and rerun")
-        certificate = certify(model.to(self.device), self.data.train, self.recipe)
-        save_certificate(path, certificate)
-        return certificate
-
-    def member_seconds(self) -> float:
-        """Training seconds of the ensemble members (k > 0) this run used, cached or trained now."""
-        return sum(c.seconds for (member, _), c in self.costs.items() if member > 0)
-
-
-_runs_in_this_process = 0  # a CPU peak is only a run's own when nothing ran before it here
-
-
-def memory_kind(m: Measurement, device: torch.device) -> str:
-    """``m``'s memory kind: on CPU, whether this process ran nothing but the current run."""
-    if device.type == "cuda" or m.kind != CPU_KIND:
-        return m.kind
-    return CPU_FRESH_KIND if _runs_in_this_process <= 1 else CPU_KIND
-
-
-def _predict(method: Method, x: torch.Tensor, where: str, classes: int, seed: int = 0,
-             negatives: list[str] | None = None) -> Prediction:
-    """The method's prediction for ``x``, checked (one row per input, ``classes`` columns, finite,
-    normalised, finite scores) and in float64 on CPU; anything else is a one-line error. With a
-    logit Gaussian, the harness's own scores of it are added (``bench.logit_gaussian``, MI draws
-    seeded by ``seed``)."""
-    try:
-        pred = method.predict(x)
-    except InvalidPrediction as exc:  # a Prediction built with inconsistent shapes
-        raise BenchError(f"method {method.name} returned an invalid prediction for {where}: {exc}") from None
-    if not isinstance(pred, Prediction):
-        raise BenchError(f"method {method.name} returned a {type(pred).__name__} for {where}, not a Prediction")
-    if problem := prediction_problem(pred.probs, pred.scores, len(x), classes):
-        raise BenchError(f"method {method.name} returned an invalid prediction for {where}: {problem}")
-    scores = {k: v.detach().double().cpu() for k, v in pred.scores.items()}
-    if not pred.has_gaussian:
-        return Prediction(pred.probs.detach().double().cpu(), scores)
-    mean, cov = pred.logit_mean.detach().double().cpu(), pred.logit_cov.detach().double().cpu()
-    if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
-        raise BenchError(f"method {method.name} returned a logit Gaussian with NaN or inf for {where}")
-    if cov.ndim == 2 and (bad := int((cov < 0).sum())):  # a finite-difference estimate below 0
-        cov = cov.clamp_min(0.0)  # as the probit treats it; counted in the run's flags, never quiet
-        if negatives is not None:
-            negatives.append(f"{bad} of {cov.numel()} variance estimates for {where}")
-    harness = gaussian_scores(mean, cov, seed)
-    if clash := sorted(harness.keys() & scores.keys()):
-        raise BenchError(f"method {method.name} returned a score named {clash[0]!r}, which the harness derives "
-                         "from its logit Gaussian; rename the method's score")
-    return Prediction(pred.probs.detach().double().cpu(), scores | harness, mean, cov)
-
-
-def _same_scores(method: Method, test: Prediction, others: dict[str, Prediction]) -> None:
-    """Every evaluation set carries the test set's scores (else an AUROC would silently vanish)."""
-    names = sorted(test.scores)
-    for where, pred in others.items():
-        if sorted(pred.scores) != names:
-            raise BenchError(f"method {method.name} returned scores {sorted(pred.scores)} for {where} "
-                             f"but {names} for the test set; return the same scores for every input")
 
 
 @dataclass
@@ -459,7 +275,8 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
     negatives: list[str] = []
 
     def on(name: str, x: torch.Tensor, where: str) -> Prediction:
-        return _predict(method, x, where, p.data.num_classes, derive_seed(config.seed, "logit-draws", name), negatives)
+        seed = derive_seed(config.seed, "logit-draws", name)
+        return checked_prediction(method, x, where, p.data.num_classes, seed, negatives)
 
     x_test, y_test = subset("test", *p.data.test.tensors)
     with measure(p.device, p.baseline) as test_time:
@@ -479,7 +296,7 @@ def predict(config: RunConfig, p: Prepared, method: Method) -> Predicted:
                 subsets["val"], indices["val"] = n_val, pick
             xv, yv = (t[torch.from_numpy(pick)] for t in p.data.val.tensors)
             val = (on("val", xv, "the validation set"), yv)
-    _same_scores(method, test_pred, {**{f"OOD set {k!r}": v for k, v in ood.items()},
+    check_same_scores(method, test_pred, {**{f"OOD set {k!r}": v for k, v in ood.items()},
                                      **{f"shift set {k!r}": v for k, (v, _) in shift.items()}})
     if val is not None and not val[0].has_gaussian:
         raise BenchError(f"method {method.name} returned a logit Gaussian for the test set but not for validation")
@@ -526,7 +343,7 @@ def make_record(config: RunConfig, p: Prepared, fitted: Fitted, pred: Predicted,
         memory=Memory(
             kind=memory_kind(fitted.peak, p.device), fit_peak_bytes=fitted.peak.peak_bytes,
             predict_peak_bytes=pred.test_time.peak_bytes, baseline_bytes=p.baseline,
-            runs_in_process=_runs_in_this_process, settled=True,
+            runs_in_process=runs_in_this_process(), settled=True,
         ),
         metrics=metrics, method_summary=summary,
         flags=[str(f) for f in summary.get(FLAGS_KEY, [])] + pred.flags + certificate_flags(cache.certificates),
@@ -541,8 +358,7 @@ def execute(config: RunConfig, check_output: bool = True) -> tuple[RunRecord, Pr
     """One run's stages without the write: resolve → prepare (data, MAP) → fit → predict →
     evaluate; returns the record and its prediction arrays (a Ray task returns them to the
     driver, which writes). ``check_output``: prove the results folder writable first."""
-    global _runs_in_this_process
-    _runs_in_this_process += 1
+    count_run()
     # opt-in (it makes peaks repeatable, and predicting slower): before the run loads anything
     fixed_threshold = os.environ.get(FIX_MMAP_ENV) == "1" and fix_mmap_threshold()
     r = resolve(config)

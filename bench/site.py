@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import hashlib
 import json
-import shlex
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -27,22 +25,20 @@ from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from bench import options as opts
 from bench.cells import MISSING, PAIRED_REFERENCE, Column, Mark, is_paired, is_subset, paired_label, task_marks
 from bench.derived_rows import TUNED, UNTUNED, derived_label, is_derived
 from bench.errors import BenchError
 from bench.headline import headline_cell, headline_columns, headline_labels
 from bench.leaderboard import Collected, collect, warn_damaged
 from bench.metrics.registry import metric
-from bench.plugins import plugin_file
 from bench.record import RunRecord
-from bench.reproduce import PLACEHOLDER_DIR, run_command
-from bench.results import atomic_write_bytes, ensure_writable, intact_record, iter_runs
+from bench.reproduce import changed_options, registered_class, reproduce
+from bench.results import ensure_writable, intact_record, iter_runs
+from bench.site_files import MANIFEST, check_site, ensure_site_folder, manifest, write_site
 from bench.tables import columns_for, csv_number, render, task_answers, task_notes
 
 TEMPLATES = Path(__file__).with_name("site_templates")
 STATIC = ("site.css", "site.js")  # copied verbatim into static/
-MANIFEST = "MANIFEST.txt"
 CSV_FILE = "leaderboard.csv"
 # The figures of ``bench plot`` (and any shift-intensity plots) that belong to a task, in page order.
 PLOT_PATTERNS = ("reliability_{}.png", "ood_hist_{}_*.png", "cost_quality_{}.png", "regvar_contour_{}_*.png",
@@ -131,98 +127,6 @@ def task_tables(task: str, found: Collected, methods: set[str], marks: dict[str,
 
 
 # ---------------------------------------------------------------- the reproducing command
-
-
-@dataclass(frozen=True)
-class Reproduction:
-    command: str
-    notes: list[str]
-
-
-def _registered(name: str, kind: str) -> type | None:
-    import bench_methods  # noqa: F401 - registers the built-in methods
-    from bench.method_api import METHODS
-    from bench.tasks import TASKS
-
-    registry = METHODS if kind == "method" else TASKS
-    return registry.get(name) if name in registry else None
-
-
-def changed_options(options: dict[str, Any], cls: type) -> dict[str, Any]:
-    """The options that differ from ``cls``'s defaults today, in declaration order (as
-    ``bench.runner._label`` lists them)."""
-    defaults = opts.as_dict(cls.Options())
-    keys = [*defaults, *sorted(options.keys() - defaults.keys())]
-    return {k: options[k] for k in keys if k in options and (k not in defaults or defaults[k] != options[k])}
-
-
-def _label_settings(label: str, prefix: str) -> dict[str, str]:
-    """``k=v`` settings read back from a label ``name@k=v,...`` (for a name not registered here)."""
-    items = [s for s in label.partition("@")[2].split(",") if s and s != "smoke"]
-    return dict(f"{prefix}.{item}".split("=", 1) for item in items if "=" in item)
-
-
-def run_settings(record: RunRecord) -> tuple[dict[str, str], list[str]]:
-    """``--set`` key → value that give the run's options, and notes on how sure that is."""
-    cfg = record.config
-    method_cls, task_cls = _registered(cfg.method, "method"), _registered(cfg.task, "task")
-    if method_cls is None or task_cls is None:
-        missing = cfg.method if method_cls is None else cfg.task
-        return ({**_label_settings(record.method, "method"), **_label_settings(record.task, "task")},
-                [f"{missing} is not registered here (a plugin?): the settings are read from the run's labels"])
-    m_fields, t_fields = set(opts.as_dict(method_cls.Options())), set(opts.as_dict(task_cls.Options()))
-    settings = {}
-    for options, cls, theirs, prefix in ((cfg.method_options, method_cls, t_fields, "method"),
-                                         (cfg.task_options, task_cls, m_fields, "task")):
-        for key, value in changed_options(options, cls).items():  # a key both declare needs its owner
-            settings[f"{prefix}.{key}" if key in theirs else key] = opts.format_option(value)
-    notes = [_plugin_note(cls.name, file) for cls in (method_cls, task_cls) if (file := plugin_file(cls))]
-    return settings, notes
-
-
-def _plugin_note(name: str, file: str) -> str:
-    return f"{name} is registered by a plugin: {PLACEHOLDER_DIR} is where your copy of {file} lives"
-
-
-def plugin_files(record: RunRecord) -> list[str]:
-    """The plugin files the command needs (``--plugin``): one per file that registers the run's
-    method or task (a placeholder for a name not registered here at all)."""
-    files = []
-    for name, kind in ((record.config.method, "method"), (record.config.task, "task")):
-        cls = _registered(name, kind)
-        if cls is None:
-            files.append("PLUGIN.py")
-        elif file := plugin_file(cls):
-            files.append(file)
-    return files
-
-
-def reproduce(record: RunRecord) -> Reproduction:
-    """The ``bench run`` command that writes this run again: the one its record keeps (made as it
-    ran; its options' defaults are those of the commit it names), or, for a record without one,
-    rebuilt from its config and checked by resolving it as ``bench run`` would: a note says when
-    today's option defaults give other labels than the run's."""
-    if record.provenance.command is not None:
-        plugins = shlex.split(record.provenance.command)
-        files = [a.removeprefix(PLACEHOLDER_DIR) for a in plugins if a.startswith(PLACEHOLDER_DIR)]
-        return Reproduction(record.provenance.command, [_plugin_note("the run's method or task", f) for f in files])
-    from bench.runner import RunConfig, resolve
-
-    cfg = record.config
-    settings, notes = run_settings(record)
-    command = run_command(cfg.method, cfg.task, record.seed, smoke=cfg.smoke, device=cfg.device_requested,
-                          settings=settings, plugins=plugin_files(record))
-    if _registered(cfg.method, "method") is None or _registered(cfg.task, "task") is None:
-        return Reproduction(command, notes)  # nothing to check it against here
-    try:
-        resolved = resolve(RunConfig(method=cfg.method, task=cfg.task, seed=record.seed, smoke=cfg.smoke,
-                                     settings=settings))
-        if (resolved.method_label, resolved.task_label) != (record.method, record.task):
-            notes.append(f"today this command gives {resolved.method_label} on {resolved.task_label}, not "
-                         f"{record.method} on {record.task}: option defaults changed since the run")
-    except BenchError as exc:
-        notes.append(f"today this command is refused: {exc}")
-    return Reproduction(command, notes)
 
 
 # ---------------------------------------------------------------- pages
@@ -347,7 +251,7 @@ def method_about(label: str) -> MethodAbout | None:
     """None for a method not registered here."""
     import inspect
 
-    cls = _registered(label.partition("@")[0], "method")
+    cls = registered_class(label.partition("@")[0], "method")
     if cls is None:
         return None
     chosen = dict(item.split("=", 1) for item in label.partition("@")[2].split(",") if "=" in item)
@@ -434,7 +338,7 @@ def _option_rows(record: RunRecord) -> dict[str, list[tuple[str, Any, bool]]]:
     cfg = record.config
     out = {}
     for kind, name, options in (("method", cfg.method, cfg.method_options), ("task", cfg.task, cfg.task_options)):
-        cls = _registered(name, kind)
+        cls = registered_class(name, kind)
         changed = changed_options(options, cls) if cls is not None else {}
         out[f"{kind} {name}"] = [(k, v, k in changed) for k, v in sorted(options.items())]
     return out
@@ -467,65 +371,6 @@ def _memory_rows(record: RunRecord) -> list[tuple[str, Any]]:
             ("predict peak MiB", _mib(m.predict_peak_bytes)), ("baseline MiB", _mib(m.baseline_bytes)),
             ("runs in the process", m.runs_in_process),
             ("baseline settled", "yes" if m.settled else "no: the figures are lower bounds" if m.lower_bound else "–")]
-
-
-def manifest(files: dict[str, bytes]) -> bytes:
-    """``sha256  path`` per file (``sha256sum -c`` reads it); its presence marks a site folder."""
-    return "".join(f"{hashlib.sha256(data).hexdigest()}  {path}\n" for path, data in sorted(files.items())).encode()
-
-
-# ---------------------------------------------------------------- writing and checking
-
-
-SCREENSHOTS = "screenshots"
-"""A folder of the site that builds leave alone: pictures of its pages taken in a browser
-(``scripts/screenshot_site.py``), which no build can reproduce byte for byte."""
-
-
-def _present(out: Path) -> set[str]:
-    if not out.is_dir():
-        return set()
-    found = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()}
-    return {p for p in found if not p.startswith(f"{SCREENSHOTS}/")}
-
-
-def ensure_site_folder(out: Path) -> None:
-    """Refuse a non-empty folder that an earlier build did not make: writing the site removes
-    every file in its folder that the build does not produce."""
-    if out.exists() and not out.is_dir():
-        raise BenchError(f"{out} is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise BenchError(f"{out} is not empty and holds no {MANIFEST} of an earlier site build; "
-                         "choose a new or empty folder (--out)")
-
-
-def write_site(files: dict[str, bytes], out: Path) -> None:
-    """Write the changed files atomically (the manifest last), then remove the files of an
-    earlier build that this one no longer produces, and folders left empty."""
-    ensure_site_folder(out)
-    for path, data in sorted(files.items(), key=lambda item: item[0] == MANIFEST):
-        target = out / path
-        if not target.is_file() or target.read_bytes() != data:
-            atomic_write_bytes(target, data)
-    for path in sorted(_present(out) - files.keys()):
-        (out / path).unlink()
-    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(folder.iterdir()):
-            folder.rmdir()
-
-
-def check_site(files: dict[str, bytes], out: Path) -> list[str]:
-    """What differs between ``out`` and a fresh build, by path: missing, different or extra files."""
-    problems = {}
-    for path, data in files.items():
-        target = out / path
-        if not target.is_file():
-            problems[path] = f"{target} is missing"
-        elif target.read_bytes() != data:
-            problems[path] = f"{target} differs from what the run files give"
-    for path in _present(out) - files.keys():
-        problems[path] = f"{out / path} is not part of the site"
-    return [problems[p] for p in sorted(problems)]
 
 
 def cmd_site(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -28,6 +28,8 @@ from bench.runner import RunConfig, resolve, result_paths, run
 from bench.schedule import DEFAULT_HISTORY, TimeLeft, estimate_seconds, fill_unknown, longest_first
 from bench.seeding import check_seed
 from bench.tasks import TASKS
+
+Finished = tuple[int, tuple[str | None, float]]  # (index in todo, (error or None, seconds))
 
 
 def _names(text: str, registry, kind: str) -> list[str]:
@@ -189,7 +191,7 @@ def _result(receive: Connection) -> tuple[str | None, float] | None:
 @contextmanager
 def _in_fresh_processes(
     todo: list[RunConfig], jobs: int, plugins: list[str], quiet: bool, skip_done: bool = True
-) -> Iterator[Iterator[tuple[int, tuple[str | None, float]]]]:
+) -> Iterator[Iterator[Finished]]:
     """Each run in a fresh spawned process (so its peak memory is its own), ``jobs`` at a time,
     started in ``todo`` order; yields (index in ``todo``, (error, seconds)) as they finish.
     Each run is written atomically by its process, so stopping the sweep (Ctrl-C) loses only
@@ -224,7 +226,7 @@ def _in_fresh_processes(
         send.close()
         live[i] = (process, receive)
 
-    def finished() -> Iterator[tuple[int, tuple[str | None, float]]]:
+    def finished() -> Iterator[Finished]:
         for _ in range(jobs):
             start_next()
         while live or skipped:
@@ -246,12 +248,18 @@ def _in_fresh_processes(
     try:
         yield finished()
     finally:
-        for process, _ in live.values():  # Ctrl-C or an error: stop the runs still going
-            process.terminate()
-        for process, _ in live.values():
-            process.join(lifeline.GRACE_S)
-            if process.is_alive():
-                process.kill()
+        _stop(process for process, _ in live.values())  # Ctrl-C or an error: stop the runs still going
+
+
+def _stop(processes: Iterable[BaseProcess]) -> None:
+    """Terminate the processes, then kill those still alive after the grace period."""
+    processes = list(processes)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(lifeline.GRACE_S)
+        if process.is_alive():
+            process.kill()
 
 
 def _expected_seconds(todo: list[RunConfig], out: Path) -> list[float]:
@@ -264,12 +272,8 @@ def _expected_seconds(todo: list[RunConfig], out: Path) -> list[float]:
     return fill_unknown(estimates)
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    reporter = Reporter(args.quiet)
-    settings = parse_settings(args.settings)
-    methods = _names(args.methods, METHODS, "method")
-    tasks = _names(args.tasks, TASKS, "task")
-    seeds = _seeds(args.seeds)
+def _check_where(args: argparse.Namespace) -> None:
+    """The engine, the device and the results folder can take the sweep, before anything runs."""
     if getattr(args, "engine", "local") == "ray":
         from bench.ray_engine import check_address, require_ray
 
@@ -281,6 +285,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise BenchError(f"bad --jobs {args.jobs}; give the number of runs to execute at once (1 or more)")
     select_device(args.device)  # an unusable device stops the sweep here, not once per grid cell
     ensure_writable(args.out / "runs")
+
+
+def _grid(args: argparse.Namespace) -> list[RunConfig]:
+    """Every (task, method, seed) of the sweep, each with the ``--set`` settings that apply to it."""
+    settings = parse_settings(args.settings)
+    methods = _names(args.methods, METHODS, "method")
+    tasks = _names(args.tasks, TASKS, "task")
+    seeds = _seeds(args.seeds)
     base = RunConfig(method="", task="", device=args.device, out=args.out, smoke=args.smoke,
                      data_dir=args.data_dir, settings=settings, quiet=True)
     grid = [replace(base, method=m, task=t, seed=s, settings=_applicable(settings, m, t))
@@ -288,6 +300,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     used = set().union(*(c.settings for c in grid)) if grid else set()
     if unused := sorted(set(settings) - used):
         raise BenchError(f"--set {', '.join(unused)}: no method or task in this sweep has such an option")
+    return grid
+
+
+def _engine(args: argparse.Namespace, todo: list[RunConfig], jobs: int) -> AbstractContextManager[Iterator[Finished]]:
+    plugins = list(getattr(args, "plugin", []))
+    if getattr(args, "engine", "local") == "ray":
+        from bench.ray_engine import in_ray
+
+        return in_ray(todo, args.address, plugins, skip_done=not args.force)
+    return _in_fresh_processes(todo, jobs, plugins, args.quiet, skip_done=not args.force)
+
+
+def _follow(results: Iterator[Finished], todo: list[RunConfig], time_left: TimeLeft, reporter: Reporter,
+            started: float) -> list[tuple[RunConfig, str]]:
+    """Report each run as it ends (with the time left); returns the failed ones with their causes."""
+    failures: list[tuple[RunConfig, str]] = []
+    bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
+    for count, (i, (error, seconds)) in enumerate(results, start=1):
+        config = todo[i]
+        label = f"{config.method} on {config.task} seed {config.seed}"
+        if error == CLAIMED:
+            reporter.log(f"SKIPPED {label}: {error}")
+        elif error is not None:
+            failures.append((config, error))
+            reporter.log(f"FAILED {label}: {error}")
+        elapsed = time.perf_counter() - started
+        time_left.finished(i, seconds)
+        reporter.log(f"[{count}/{len(todo)}] {label} done in {seconds:.0f} s; elapsed {elapsed:.0f} s, "
+                     f"about {time_left.seconds():.0f} s left")
+        if hasattr(bar, "update"):
+            bar.update(1)
+    if hasattr(bar, "close"):
+        bar.close()
+    return failures
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    reporter = Reporter(args.quiet)
+    _check_where(args)
+    grid = _grid(args)
     for config in grid:
         if is_damaged(config):
             reporter.log(f"damaged result of {config.method} on {config.task} seed {config.seed} "
@@ -301,34 +353,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         todo, weights = [todo[i] for i in order], [weights[i] for i in order]
     reporter.log(f"sweep: {len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run"
                  + (f", {jobs} at a time, longest first" if jobs > 1 else ""))
-    failures: list[tuple[RunConfig, str]] = []
     started = time.perf_counter()
-    bar = reporter.progress(total=len(todo), desc="sweep", unit="run")
-    plugins = list(getattr(args, "plugin", []))
-    if getattr(args, "engine", "local") == "ray":
-        from bench.ray_engine import in_ray
-
-        engine = in_ray(todo, args.address, plugins, skip_done=not args.force)
-    else:
-        engine = _in_fresh_processes(todo, jobs, plugins, args.quiet, skip_done=not args.force)
-    with engine as results:
+    with _engine(args, todo, jobs) as results:
         time_left = TimeLeft([(c.method, c.task) for c in todo], weights, jobs)
-        for count, (i, (error, seconds)) in enumerate(results, start=1):
-            config = todo[i]
-            label = f"{config.method} on {config.task} seed {config.seed}"
-            if error == CLAIMED:
-                reporter.log(f"SKIPPED {label}: {error}")
-            elif error is not None:
-                failures.append((config, error))
-                reporter.log(f"FAILED {label}: {error}")
-            elapsed = time.perf_counter() - started
-            time_left.finished(i, seconds)
-            reporter.log(f"[{count}/{len(todo)}] {label} done in {seconds:.0f} s; elapsed {elapsed:.0f} s, "
-                         f"about {time_left.seconds():.0f} s left")
-            if hasattr(bar, "update"):
-                bar.update(1)
-    if hasattr(bar, "close"):
-        bar.close()
+        failures = _follow(results, todo, time_left, reporter, started)
     wall = time.perf_counter() - started
     if failures:
         print(f"{len(failures)} run(s) failed:")

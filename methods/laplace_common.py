@@ -118,6 +118,53 @@ def log_grid(lo: float, hi: float, size: int) -> torch.Tensor:
     return torch.logspace(lo, hi, size)
 
 
+def _marglik(la: Any, structure: PriorStructure, init: float, steps: int, lr: float, link: Link,
+             n_samples: int) -> None:
+    """laplace-torch's marginal-likelihood prior; a non-finite or non-positive result is an error."""
+    with quiet_laplace():
+        la.optimize_prior_precision(
+            pred_type="glm",
+            method="marglik",
+            n_steps=steps,
+            lr=lr,
+            init_prior_prec=float(init),
+            prior_structure=structure.value,
+            link_approx=link.value,
+            n_samples=n_samples,
+        )
+    if not torch.isfinite(la.prior_precision).all() or (la.prior_precision <= 0).any():
+        raise BenchError(
+            "marglik gave a non-finite prior precision; try prior_method=gridsearch or a "
+            "smaller marglik_lr"
+        )
+
+
+def _grid_search(la: Any, grid: torch.Tensor, val: TensorDataset, batch_size: int, link: Link, n_samples: int,
+                 val_nll: Callable[[], float] | None) -> list[float]:
+    """Set the grid value with the lowest validation NLL; returns the NLL at every grid value."""
+    if val_nll is None:
+        metric = GuardedNLL()
+        with quiet_laplace():
+            la.optimize_prior_precision(
+                pred_type="glm",
+                method="gridsearch",
+                val_loader=loader(val, batch_size),
+                loss=metric,
+                log_prior_prec_min=float(torch.log10(grid[0])),
+                log_prior_prec_max=float(torch.log10(grid[-1])),
+                grid_size=len(grid),
+                link_approx=link.value,
+                n_samples=n_samples,
+            )
+        return metric.history
+    scores = []
+    for value in grid:
+        la.prior_precision = float(value)
+        scores.append(val_nll())
+    la.prior_precision = float(grid[int(torch.tensor(scores).argmin())])
+    return scores
+
+
 def tune_prior(
     la: Any,
     method: PriorMethod,
@@ -145,22 +192,7 @@ def tune_prior(
         la.prior_precision = float(init)
         return None
     if method is PriorMethod.MARGLIK:
-        with quiet_laplace():
-            la.optimize_prior_precision(
-                pred_type="glm",
-                method="marglik",
-                n_steps=marglik_steps,
-                lr=marglik_lr,
-                init_prior_prec=float(init),
-                prior_structure=structure.value,
-                link_approx=link.value,
-                n_samples=n_samples,
-            )
-        if not torch.isfinite(la.prior_precision).all() or (la.prior_precision <= 0).any():
-            raise BenchError(
-                "marglik gave a non-finite prior precision; try prior_method=gridsearch or a "
-                "smaller marglik_lr"
-            )
+        _marglik(la, structure, init, marglik_steps, marglik_lr, link, n_samples)
         return None
     if structure is not PriorStructure.SCALAR:
         raise BenchError(
@@ -169,27 +201,7 @@ def tune_prior(
         )
     if len(val) == 0:
         raise BenchError("prior_method=gridsearch needs a non-empty validation split")
-    if val_nll is None:
-        metric = GuardedNLL()
-        with quiet_laplace():
-            la.optimize_prior_precision(
-                pred_type="glm",
-                method="gridsearch",
-                val_loader=loader(val, batch_size),
-                loss=metric,
-                log_prior_prec_min=float(torch.log10(grid[0])),
-                log_prior_prec_max=float(torch.log10(grid[-1])),
-                grid_size=len(grid),
-                link_approx=link.value,
-                n_samples=n_samples,
-            )
-        scores = metric.history
-    else:
-        scores = []
-        for value in grid:
-            la.prior_precision = float(value)
-            scores.append(val_nll())
-        la.prior_precision = float(grid[int(torch.tensor(scores).argmin())])
+    scores = _grid_search(la, grid, val, batch_size, link, n_samples, val_nll)
     if not any(math.isfinite(s) for s in scores):
         raise BenchError(
             "gridsearch: the validation NLL is not finite at any grid value; widen "

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench.device import select_device
 from bench.perf import register_perf
-from bench.profiling import measure
+from bench.profiling import Measurement, measure
 from bench.studies import task_with_map
 
 
@@ -40,7 +40,7 @@ def _timed(device: torch.device, fn: Any, x: torch.Tensor, batch: int) -> tuple[
 
 
 @register_perf("laplace")
-def main(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench perf laplace", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="test inputs to predict (default 1000)")
     parser.add_argument("--fit-n", type=int, default=2000,
@@ -52,12 +52,39 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--smoke", action="store_true", help="tiny quick version (n=40, fit-n=200)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.n, args.fit_n = min(args.n, 40), min(args.fit_n, 200)
+    return parser
 
+
+def _fitted_kfac(model: torch.nn.Module, fit_data: TensorDataset, device: torch.device) -> tuple[Any, Measurement]:
+    """laplace-torch's all-weights KFAC Laplace on ``fit_data``, its prior by marginal likelihood."""
     from laplace import Laplace
     from laplace.curvature import CurvlinopsGGN
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                     backend=CurvlinopsGGN)
+        with measure(device) as fit:
+            la.fit(DataLoader(fit_data, batch_size=256))
+            la.optimize_prior_precision(method="marglik", pred_type="glm")
+    return la, fit
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"GLM probit predictive, all-weights KFAC, {result['model_params']}-param CNN, {result['n']} inputs, "
+          f"{result['device']} ({result['threads']} threads)")
+    print(f"  laplace-torch : {result['laplace_torch_s_per_1k']:9.2f} s per 1,000 inputs "
+          f"(peak +{result['laplace_torch_peak_bytes'] / 2**20:.0f} MiB)")
+    print(f"  ours          : {result['ours_s_per_1k']:9.2f} s per 1,000 inputs "
+          f"(peak +{result['ours_peak_bytes'] / 2**20:.0f} MiB)")
+    print(f"  ratio         : {result['ratio']:9.1f}x")
+    print(f"  max |Δ prob|  : {result['max_abs_diff_probs']:.2e}")
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.smoke:
+        args.n, args.fit_n = min(args.n, 40), min(args.fit_n, 200)
 
     from bench.formulas import probit_probs
 
@@ -71,13 +98,7 @@ def main(argv: list[str]) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.task} model, {n_params} params, {weights}", file=sys.stderr)
     print(f"fitting all-weights KFAC on {len(fit_data)} images ...", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
-                     backend=CurvlinopsGGN)
-        with measure(device) as fit:
-            la.fit(DataLoader(fit_data, batch_size=256))
-            la.optimize_prior_precision(method="marglik", pred_type="glm")
+    la, fit = _fitted_kfac(model, fit_data, device)
     fast = FastGLMPredictive(la)
 
     def ours(xb: torch.Tensor) -> torch.Tensor:
@@ -114,12 +135,5 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"GLM probit predictive, all-weights KFAC, {n_params}-param CNN, {len(x)} inputs, "
-              f"{result['device']} ({result['threads']} threads)")
-        print(f"  laplace-torch : {result['laplace_torch_s_per_1k']:9.2f} s per 1,000 inputs "
-              f"(peak +{t_ref.peak_bytes / 2**20:.0f} MiB)")
-        print(f"  ours          : {result['ours_s_per_1k']:9.2f} s per 1,000 inputs "
-              f"(peak +{t_ours.peak_bytes / 2**20:.0f} MiB)")
-        print(f"  ratio         : {result['ratio']:9.1f}x")
-        print(f"  max |Δ prob|  : {result['max_abs_diff_probs']:.2e}")
+        _print(result)
     return 0

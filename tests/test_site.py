@@ -21,9 +21,11 @@ from bench.cli import build_parser, main
 from bench.leaderboard import collect
 from bench.plugins import load_plugin
 from bench.record import RunRecord
+from bench.reproduce import reproduce
 from bench.results import dumps_json, read_record
 from bench.runner import RunConfig, resolve, run
-from bench.site import MANIFEST, SCREENSHOTS, build_site, check_site, reproduce, write_site
+from bench.site import build_site
+from bench.site_files import MANIFEST, SCREENSHOTS, check_site, write_site
 from bench.tables import columns_for, render
 
 TASK = "tiny-digits"

@@ -21,7 +21,8 @@ from PIL import Image
 
 from bench.plugins import load_plugin
 from bench.runner import RunConfig, run
-from bench.site import build_site, write_site
+from bench.site import build_site
+from bench.site_files import write_site
 
 pytestmark = pytest.mark.slow  # a headless browser
 

@@ -287,22 +287,17 @@ class TextTask(Task):
         self.in_dim = feature_width(self.encoder_specs()[0])  # the head the plan prices is the loaded one
         return LoadPlan(sizes, torch.zeros(1, self.in_dim), 2, missing, seconds)
 
-    def load(self) -> TaskData:
+    def _features(self, texts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The texts' features (the mean of the encoder specs' embeddings, read from the feature
+        store where it has them) and what embedding them took."""
         from bench.training import cache_root  # lazy: bench.training imports bench.tasks
 
-        named, info, kept = self._named_sets()
-        splits = {name.removeprefix("id/"): s for name, s in named if name.startswith("id/")}
-        shift = {name.removeprefix("shift/"): s for name, s in named if name.startswith("shift/")}
-        ood = {name.removeprefix("ood/"): s for name, s in named if name.startswith("ood/")}
-        texts = [t for _, s in named for t in s.texts]
-        specs = self.encoder_specs()
         parts, infos = [], []
-        for spec in specs:
+        for spec in self.encoder_specs():
             desc = f"{self.name}: embed ({Truncation(spec.truncation).value})"
             f, i = embed_texts(texts, spec, cache_root(), desc=desc)
             parts.append(f)
             infos.append(i)
-        feats = torch.stack(parts).mean(0)
         embedded, cached = sum(i["embedded"] for i in infos), sum(i["cached"] for i in infos)
         feat_info = {
             "features": "cache" if not embedded else ("partly cached" if cached else "computed"),
@@ -317,8 +312,17 @@ class TextTask(Task):
                 f"features: embedded {feat_info['embedded']} texts ({feat_info['cached']} cached) "
                 f"in {feat_info['backbone_seconds']:.1f} s with {spec.backbone}"
             )
-        if self.options.normalize:
-            feats = nn.functional.normalize(feats, dim=1)
+        feats = torch.stack(parts).mean(0)
+        return (nn.functional.normalize(feats, dim=1) if self.options.normalize else feats), feat_info
+
+    def load(self) -> TaskData:
+        named, info, kept = self._named_sets()
+        splits = {name.removeprefix("id/"): s for name, s in named if name.startswith("id/")}
+        shift = {name.removeprefix("shift/"): s for name, s in named if name.startswith("shift/")}
+        ood = {name.removeprefix("ood/"): s for name, s in named if name.startswith("ood/")}
+        texts = [t for _, s in named for t in s.texts]
+        spec = self.encoder_specs()[-1]
+        feats, feat_info = self._features(texts)
         self.in_dim = feats.shape[1]
         chunks, start = {}, 0
         for name, s in named:
@@ -333,8 +337,8 @@ class TextTask(Task):
             val=labelled("id/val", splits["val"]),
             test=labelled("id/test", splits["test"]),
             num_classes=2,
-            ood={k: chunks[f"ood/{k}"] for k in ood},
-            shift={k: labelled(f"shift/{k}", v) for k, v in shift.items()},
+            ood={k: chunks[ood_set(k)] for k in ood},
+            shift={k: labelled(shift_set(k), v) for k, v in shift.items()},
             subsets=kept,
             info={
                 **info,

@@ -141,12 +141,7 @@ class RegVarAmortized(Method):
         k = len(o.lam_grid)
         refs = thetas[k:] if second is not None else fm.theta0.expand(k, -1)
         # Tune (λ, s) jointly on validation NLL over the whole validation set (2 passes each).
-        xv, yv = ctx.data.val.tensors[0], ctx.data.val.tensors[1]
-        nll_grid, curves = [], []  # nll_grid[j][i]: λ_j, scale s_i; curves: per input
-        for j in range(k):
-            logits, var = self._mean_var(thetas[j], refs[j], float(lams[j]), xv)
-            curves.append(scale_curve(logits, var, yv, SCALE_GRID))
-            nll_grid.append(curves[-1].mean(1).tolist())
+        nll_grid, curves = self._validation_grid(thetas[:k], refs, lams, *ctx.data.val.tensors)
         val_nll, j, i = min((v, j, i) for j, row in enumerate(nll_grid) for i, v in enumerate(row))
         profile_scale = float(SCALE_GRID[i])
         table = {
@@ -175,13 +170,27 @@ class RegVarAmortized(Method):
         }
         ctx.log(f"regvar-amortized: λ={self.lam:g} (val NLL {val_nll:.4f} at s={profile_scale:.3g}; "
                 "the predictive is s = 1, the harness tunes s)")
-        at_best_scale = torch.stack([c[int(c.mean(1).argmin())] for c in curves])  # λ × inputs
-        lam_flag = ("the amortized variance does not change validation NLL here: every λ on the grid is within "
-                    "the bootstrap noise of the best, so λ is not a tuned choice") if (
-            len(o.lam_grid) > 1 and flat_within_noise(at_best_scale)) else grid_edge_flag(
-            "λ", self.lam, o.lam_grid, "the best λ may lie outside the grid")
-        if lam_flag:
+        if lam_flag := self._lam_flag(curves):
             self.info[FLAGS_KEY] = [lam_flag]
+
+    def _validation_grid(self, thetas: torch.Tensor, refs: torch.Tensor, lams: torch.Tensor, x_val: torch.Tensor,
+                         y_val: torch.Tensor) -> tuple[list[list[float]], list[torch.Tensor]]:
+        """nll_grid[j][i]: the validation NLL at λ_j and scale s_i (2 passes per λ); the curves per input."""
+        nll_grid, curves = [], []
+        for j in range(len(lams)):
+            logits, var = self._mean_var(thetas[j], refs[j], float(lams[j]), x_val)
+            curves.append(scale_curve(logits, var, y_val, SCALE_GRID))
+            nll_grid.append(curves[-1].mean(1).tolist())
+        return nll_grid, curves
+
+    def _lam_flag(self, curves: list[torch.Tensor]) -> str | None:
+        """A flag when the chosen λ is no choice: a flat validation NLL over λ, or a grid edge."""
+        lam_grid = self.options.lam_grid
+        at_best_scale = torch.stack([c[int(c.mean(1).argmin())] for c in curves])  # λ × inputs
+        if len(lam_grid) > 1 and flat_within_noise(at_best_scale):
+            return ("the amortized variance does not change validation NLL here: every λ on the grid is within "
+                    "the bootstrap noise of the best, so λ is not a tuned choice")
+        return grid_edge_flag("λ", self.lam, lam_grid, "the best λ may lie outside the grid")
 
     @torch.no_grad()
     def _mean_var(

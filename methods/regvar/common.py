@@ -320,6 +320,82 @@ def first_order(
     return thetas.detach()
 
 
+class _LbfgsHistory:
+    """Each copy's last ``m`` curvature pairs (s, y), with ρ = 1/sᵀy (0: an inert pair with
+    sᵀy ≤ 0) and the initial scaling γ = sᵀy/yᵀy of the two-loop recursion."""
+
+    def __init__(self, m: int, like: torch.Tensor) -> None:
+        q_count, dim = like.shape
+        self.m, self.stored = m, 0
+        self.s = like.new_zeros(m, q_count, dim)
+        self.y = like.new_zeros(m, q_count, dim)
+        self.rho = like.new_zeros(m, q_count)
+        self.gamma = like.new_ones(q_count)
+
+    def direction(self, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The quasi-Newton direction −H·g per copy (two-loop recursion, dot products along dim 1);
+        steepest descent for a copy where that is not a descent direction; 0 for inactive copies."""
+        d = -g
+        slots = [(self.stored - 1 - j) % self.m for j in range(min(self.stored, self.m))]
+        alphas = []
+        for i in slots:
+            a = self.rho[i] * (self.s[i] * d).sum(1)
+            d = d - a[:, None] * self.y[i]
+            alphas.append(a)
+        d = d * self.gamma[:, None]
+        for i, a in zip(reversed(slots), reversed(alphas), strict=True):
+            b = self.rho[i] * (self.y[i] * d).sum(1)
+            d = d + (a - b)[:, None] * self.s[i]
+        d = d * active[:, None]
+        bad = (g * d).sum(1) >= 0  # not a descent direction: restart from steepest descent
+        if bool(bad.any()):
+            d[bad] = -g[bad] * active[bad, None]
+        return d
+
+    def push(self, step: torch.Tensor, y_vec: torch.Tensor, active: torch.Tensor) -> None:
+        sy = (step * y_vec).sum(1)
+        yy = (y_vec * y_vec).sum(1)
+        slot = self.stored % self.m
+        good = (sy > 0) & active
+        self.s[slot], self.y[slot] = step, y_vec
+        self.rho[slot] = torch.where(good, 1.0 / sy.where(good, torch.ones_like(sy)), torch.zeros_like(sy))
+        self.gamma = torch.where(good, sy / yy.where(good, torch.ones_like(yy)), self.gamma)
+        self.stored += 1
+
+
+def _line_search(objective: StackedObjective, x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, f: torch.Tensor,
+                 active: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per copy, the step length t along ``d`` (0: no acceptable trial) with the gradient and
+    value there, as :func:`batched_lbfgs` describes."""
+    dphi0 = (g * d).sum(1)
+    t = torch.ones(len(x), dtype=x.dtype, device=x.device)
+    best_t, best_g, best_f = torch.zeros_like(t), g.clone(), f.clone()
+    best_abs = torch.full_like(t, float("inf"))
+    slack = 8 * torch.finfo(x.dtype).eps * f.abs()
+    searching = active.clone()
+    for _trial in range(8):
+        # Only the copies still searching are evaluated (converged ones cost nothing).
+        rows = searching.nonzero().squeeze(1)
+        g_r, f_r = objective.full_grad_value(x[rows] + t[rows, None] * d[rows], chunk, rows)
+        g_new, f_new = g.clone(), f.clone()
+        g_new[rows], f_new[rows] = g_r, f_r
+        dphi = (g_new * d).sum(1)
+        armijo = searching & (f_new <= f + 1e-4 * t * dphi0 + slack)
+        better = armijo & (dphi.abs() < best_abs)
+        best_abs = torch.where(better, dphi.abs(), best_abs)
+        best_t = torch.where(better, t, best_t)
+        best_g = torch.where(better[:, None], g_new, best_g)
+        best_f = torch.where(better, f_new, best_f)
+        ok = armijo & (dphi.abs() <= 0.9 * dphi0.abs())
+        searching = searching & ~ok
+        if not bool(searching.any()):
+            break
+        denom = dphi0 - dphi  # positive when the curvature along d is positive
+        secant = torch.where(denom > 0, t * dphi0 / denom.where(denom > 0, torch.ones_like(denom)), 4.0 * t)
+        t = torch.where(searching, torch.where(armijo, secant.clamp(0.01 * t, 100.0 * t), 0.5 * t), t)
+    return best_t, best_g, best_f
+
+
 def batched_lbfgs(
     objective: StackedObjective,
     theta0: torch.Tensor,
@@ -344,79 +420,23 @@ def batched_lbfgs(
     ‖g‖∞ ≤ rtol·‖g₀‖∞ (relative to its initial gradient) or after ``steps`` iterations.
     """
     x = theta0.clone()
-    q_count, dim = x.shape
     start = x.clone()
-    chunk = data_chunk(settings.batch_size, q_count, objective.x)
+    chunk = data_chunk(settings.batch_size, len(x), objective.x)
     g, f = objective.full_grad_value(x, chunk)
     gtol = (settings.rtol * g.abs().amax(dim=1)).clamp_min(max(settings.atol, torch.finfo(x.dtype).tiny))
-    m = settings.history
-    s_hist = x.new_zeros(m, q_count, dim)
-    y_hist = x.new_zeros(m, q_count, dim)
-    rho = x.new_zeros(m, q_count)
-    gamma = x.new_ones(q_count)
-    stored = 0
+    history = _LbfgsHistory(settings.history, x)
     active = g.abs().amax(dim=1) > gtol
     reported: set[int] = set()
     for it in _step_numbers(settings, progress):
         if not bool(active.any()):
             break
-        # Two-loop recursion, per copy (dot products along dim 1).
-        d = -g
-        k = min(stored, m)
-        slots = [(stored - 1 - j) % m for j in range(k)]
-        alphas = []
-        for i in slots:
-            a = rho[i] * (s_hist[i] * d).sum(1)
-            d = d - a[:, None] * y_hist[i]
-            alphas.append(a)
-        d = d * gamma[:, None]
-        for i, a in zip(reversed(slots), reversed(alphas), strict=True):
-            b = rho[i] * (y_hist[i] * d).sum(1)
-            d = d + (a - b)[:, None] * s_hist[i]
-        d = d * active[:, None]
-        dphi0 = (g * d).sum(1)
-        bad = dphi0 >= 0  # not a descent direction: restart from steepest descent
-        if bool(bad.any()):
-            d[bad] = -g[bad] * active[bad, None]
-            dphi0 = (g * d).sum(1)
-        t = torch.ones(q_count, dtype=x.dtype, device=x.device)
-        best_t, best_g, best_f = torch.zeros_like(t), g.clone(), f.clone()
-        best_abs = torch.full_like(t, float("inf"))
-        slack = 8 * torch.finfo(x.dtype).eps * f.abs()
-        searching = active.clone()
-        for _trial in range(8):
-            # Only the copies still searching are evaluated (converged ones cost nothing).
-            rows = searching.nonzero().squeeze(1)
-            g_r, f_r = objective.full_grad_value(x[rows] + t[rows, None] * d[rows], chunk, rows)
-            g_new, f_new = g.clone(), f.clone()
-            g_new[rows], f_new[rows] = g_r, f_r
-            dphi = (g_new * d).sum(1)
-            armijo = searching & (f_new <= f + 1e-4 * t * dphi0 + slack)
-            better = armijo & (dphi.abs() < best_abs)
-            best_abs = torch.where(better, dphi.abs(), best_abs)
-            best_t = torch.where(better, t, best_t)
-            best_g = torch.where(better[:, None], g_new, best_g)
-            best_f = torch.where(better, f_new, best_f)
-            ok = armijo & (dphi.abs() <= 0.9 * dphi0.abs())
-            searching = searching & ~ok
-            if not bool(searching.any()):
-                break
-            denom = dphi0 - dphi  # positive when the curvature along d is positive
-            secant = torch.where(denom > 0, t * dphi0 / denom.where(denom > 0, torch.ones_like(denom)), 4.0 * t)
-            t = torch.where(searching, torch.where(armijo, secant.clamp(0.01 * t, 100.0 * t), 0.5 * t), t)
+        d = history.direction(g, active)
+        best_t, best_g, best_f = _line_search(objective, x, d, g, f, active, chunk)
         moved = best_t > 0
         objective.stats["stalled"] += int((active & ~moved).sum())
         active = active & moved
         step = best_t[:, None] * d
-        y_vec = best_g - g
-        sy = (step * y_vec).sum(1)
-        yy = (y_vec * y_vec).sum(1)
-        slot = stored % m
-        good = (sy > 0) & active
-        s_hist[slot], y_hist[slot] = step, y_vec
-        rho[slot] = torch.where(good, 1.0 / sy.where(good, torch.ones_like(sy)), torch.zeros_like(sy))
-        gamma = torch.where(good, sy / yy.where(good, torch.ones_like(yy)), gamma)
-        stored += 1
+        history.push(step, best_g - g, active)
         x = x + step * active[:, None]
         g = torch.where(active[:, None], best_g, g)
         f = torch.where(active, best_f, f)

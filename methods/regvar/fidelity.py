@@ -337,6 +337,20 @@ def _sweeps(per_input: RegVar, x_q: torch.Tensor, w: torch.Tensor, target: torch
     return lam_curve, step_curve, sub.stop, t_sweep
 
 
+_SUMMARY_KEYS = ("weights", "lam", "solver", "dtype", "difference", "cg_iterations_max", "solver_flags")
+
+
+def _small_targets(sp: SmallProblem, log: Callable[[str], None]) -> tuple[Any, ...]:
+    """The exact variances RegVar estimates: the output directions' quadratic forms in the inverse
+    of the true Hessian and of the GGN (with the matrices, the weights, the Jacobians and seconds)."""
+    fm, theta, x_q, n, wd = sp.fm, sp.theta, sp.x_q, sp.n, sp.wd
+    hess, t_hess = timed(log, "true Hessian", lambda: exact_hessian(fm, theta, sp.x_tr, sp.y_tr, wd))
+    ggn, t_ggn = timed(log, "GGN (laplace-torch full)", lambda: ggn_precision(sp.model, sp.x_tr, sp.y_tr, n * wd))
+    w = output_weights(fm.logits(theta, x_q), RegVarOptions().output)
+    jg = output_jacobians(fm, theta, x_q, w)
+    return hess, w, jg, quad(jg, hess)[:, 0], quad(jg, ggn)[:, 0], t_hess, t_ggn
+
+
 def run(
     task_name: str,
     smoke: bool,
@@ -352,13 +366,9 @@ def run(
 ) -> dict[str, Any]:
     """The small-model check (``--model small``)."""
     sp = _small_problem(task_name, smoke, n_queries, seed, train_size, val_size, prior_precision, log)
-    fm, theta, x_q, n, wd = sp.fm, sp.theta, sp.x_q, sp.n, sp.wd
-    hess, t_hess = timed(log, "true Hessian", lambda: exact_hessian(fm, theta, sp.x_tr, sp.y_tr, wd))
-    ggn, t_ggn = timed(log, "GGN (laplace-torch full)", lambda: ggn_precision(sp.model, sp.x_tr, sp.y_tr, n * wd))
+    fm, x_q, n, wd = sp.fm, sp.x_q, sp.n, sp.wd
+    hess, w, jg, target, target_ggn, t_hess, t_ggn = _small_targets(sp, log)
     eig_h = torch.linalg.eigvalsh(hess)
-    w = output_weights(fm.logits(theta, x_q), RegVarOptions().output)
-    jg = output_jacobians(fm, theta, x_q, w)
-    target, target_ggn = quad(jg, hess)[:, 0], quad(jg, ggn)[:, 0]
 
     ctx = _small_context(sp, seed, log)
     # The network is converged: the variance is read there (reference=map).
@@ -383,12 +393,7 @@ def run(
         "hessian_min_eig": float(eig_h[0]),
         "hessian_max_eig": float(eig_h[-1]),
         "target_median": float(target.median()),
-        "regvar": {
-            **compare(var_rv, target),
-            "weights": summary["weights"],
-            **{k: summary[k] for k in ("lam", "solver", "dtype", "difference", "cg_iterations_max")},
-            "solver_flags": summary["solver_flags"],
-        },
+        "regvar": {**compare(var_rv, target), **{k: summary[k] for k in _SUMMARY_KEYS}},
         "regvar-amortized": amortized,
         "vs_ggn": {
             "regvar": compare(var_rv, target_ggn),
@@ -415,8 +420,7 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split("|") if v)
 
 
-def main(argv: list[str]) -> int:
-    """``python -m bench fidelity --task T [--model small|full] [--smoke] [--n N] [--json] [--seed S]``."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True)
     p.add_argument("--model", choices=("small", "full"), default="small",
@@ -437,28 +441,28 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lams", default="1e-7|1e-6|1e-5|1e-4|1e-3", help="λ/n values of the λ sweep")
     p.add_argument("--steps-grid", default=None, help="CG iteration counts of the iterations sweep")
     p.add_argument("--sweep-queries", type=int, default=None, help="queries in the sweeps")
-    args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    if args.prior_precision <= 0:
-        raise BenchError("--prior-precision must be > 0 (the Hessian must be positive definite)")
-    if args.n is not None and args.n < 1:
-        raise BenchError("--n must be at least 1")
-    log = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    if args.model == "full":
-        if args.smoke:
-            raise BenchError("--smoke is for --model small; --model full uses the task's real MAP network")
-        from .fidelity_full import run_full  # imports this module's helpers
+    return p
 
-        out = run_full(args.task, args.n or 100, args.seed, args.train_size, log)
-        if args.json:
-            print(json.dumps(out, indent=1, default=_jsonable))
-        else:
-            for key in ("regvar", "regvar-ll"):
-                r = out[key]
-                print(f"{key:10s} ({r['weights']}, {r['n_params']} params) vs true Hessian: median rel err "
-                      f"{r['median_rel_err']:.4f}, spearman {r['spearman']:.4f}; vs GGN: "
-                      f"{r['vs_ggn']['median_rel_err']:.4f}, {r['vs_ggn']['spearman']:.4f}; "
-                      f"{r['seconds']['per_query']:.2f} s/query; flags {r['solver_flags'] or 'none'}")
+
+def _main_full(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    if args.smoke:
+        raise BenchError("--smoke is for --model small; --model full uses the task's real MAP network")
+    from .fidelity_full import run_full  # imports this module's helpers
+
+    out = run_full(args.task, args.n or 100, args.seed, args.train_size, log)
+    if args.json:
+        print(json.dumps(out, indent=1, default=_jsonable))
         return 0
+    for key in ("regvar", "regvar-ll"):
+        r = out[key]
+        print(f"{key:10s} ({r['weights']}, {r['n_params']} params) vs true Hessian: median rel err "
+              f"{r['median_rel_err']:.4f}, spearman {r['spearman']:.4f}; vs GGN: "
+              f"{r['vs_ggn']['median_rel_err']:.4f}, {r['vs_ggn']['spearman']:.4f}; "
+              f"{r['seconds']['per_query']:.2f} s/query; flags {r['solver_flags'] or 'none'}")
+    return 0
+
+
+def _main_small(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     smoke = args.smoke
     steps_default = "2|5|10|20|50" if smoke else "5|10|20|50|100|200"
     out = run(
@@ -476,16 +480,30 @@ def main(argv: list[str]) -> int:
     )
     if args.json:
         print(json.dumps(out, indent=None if smoke else 1, default=_jsonable))
-    else:
-        for key in ("regvar", "regvar-amortized"):
-            r = out[key]
-            print(f"{key:18s} median rel err {r['median_rel_err']:.4f}  spearman {r['spearman']:.4f}")
-        for key in ("regvar", "regvar-amortized"):
-            r = out["vs_ggn"][key]
-            print(f"{key:18s} vs GGN: median rel err {r['median_rel_err']:.4f}  spearman {r['spearman']:.4f}")
-        print("rel err vs λ:", out["rel_err_vs_lam"])
-        print("rel err vs CG iterations:", out["rel_err_vs_cg_iterations"])
+        return 0
+    for key in ("regvar", "regvar-amortized"):
+        r = out[key]
+        print(f"{key:18s} median rel err {r['median_rel_err']:.4f}  spearman {r['spearman']:.4f}")
+    for key in ("regvar", "regvar-amortized"):
+        r = out["vs_ggn"][key]
+        print(f"{key:18s} vs GGN: median rel err {r['median_rel_err']:.4f}  spearman {r['spearman']:.4f}")
+    print("rel err vs λ:", out["rel_err_vs_lam"])
+    print("rel err vs CG iterations:", out["rel_err_vs_cg_iterations"])
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bench fidelity --task T [--model small|full] [--smoke] [--n N] [--json] [--seed S]``."""
+    args = _parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    if args.prior_precision <= 0:
+        raise BenchError("--prior-precision must be > 0 (the Hessian must be positive definite)")
+    if args.n is not None and args.n < 1:
+        raise BenchError("--n must be at least 1")
+
+    def log(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    return _main_full(args, log) if args.model == "full" else _main_small(args, log)
 
 
 def _jsonable(value: Any) -> Any:

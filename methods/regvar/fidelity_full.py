@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from bench.method_api import FitContext
 from bench.seeding import derive_seed, seed_everything
 from bench.studies import context_around, task_with_map
 from bench.tasks.base import TaskData
@@ -75,6 +76,46 @@ def _probe_map_curvature(model: nn.Module, data: TaskData, wd: float, x_q: torch
     }
 
 
+def _method_entry(label: str, method: RegVar, ctx: FitContext, x_q: torch.Tensor, wd: float,
+                  log: Callable[[str], None]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """One method fitted and read on ``x_q``, against the exact variances of its own weights under
+    the true Hessian and the GGN at its θ₀: (the entry, its variances, the true-Hessian target)."""
+    _, t_fit = timed(log, f"{label} fit", lambda: method.fit(ctx))
+    var, t_pred = timed(log, f"{label} on {len(x_q)} inputs", lambda: top_variance(method, x_q))
+    problem = method.problem
+    assert problem is not None
+    inputs = method.network_inputs(x_q).to(DTYPE)
+    theta = problem.fm64.theta0
+    w = output_weights(problem.fm64.logits(theta, inputs), method.options.output)[:, 0]
+    jg = problem.readout_grads(theta.expand(len(inputs), -1), inputs, w)
+    targets: dict[str, torch.Tensor] = {}
+    infos: dict[str, Any] = {}
+    n = len(ctx.data.train)
+    for kind in CurvatureKind:
+        products = CurvatureProducts(problem.fm64, problem.x.to(DTYPE), problem.y, wd, kind)
+        (targets[kind.value], infos[kind.value]), secs = timed(
+            log, f"{label}: exact {kind.value} variances", lambda p=products: exact_variance(p, theta, jg, n))
+        infos[kind.value]["seconds"] = secs
+    summary = method.summary()
+    entry = {
+        "weights": summary["weights"],
+        "n_params": summary["n_params"],
+        "theta0": {k: v for k, v in summary.items() if k.startswith("theta0")},
+        **compare(var, targets["hessian"]),
+        "vs_ggn": compare(var, targets["ggn"]),
+        "target_true_hessian": infos["hessian"],
+        "target_ggn": infos["ggn"],
+        "true_hessian_vs_ggn": compare(targets["hessian"], targets["ggn"]),
+        "target_median": float(targets["hessian"].median()),
+        "solver": {k: summary[k] for k in ("solver", "dtype", "lam", "difference", "cg_iterations_max",
+                                           "cg_iterations_mean", "cg_rel_residual_max", "cg_variance_gain_max",
+                                           "nonlinearity_max")},
+        "solver_flags": summary["solver_flags"],
+        "seconds": {"fit": t_fit, "predict": t_pred, "per_query": t_pred / len(x_q)},
+    }
+    return entry, var, targets["hessian"]
+
+
 def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
              log: Callable[[str], None]) -> dict[str, Any]:
     """The full-model check (``--model full``) on the leaderboard's own MAP network."""
@@ -110,50 +151,16 @@ def run_full(task_name: str, n_queries: int, seed: int, train_size: int | None,
         "raw_checkpoint_curvature": probe,
         "seconds": {"map_probe": t_probe},
     }
+    all_target = None
     for label, method in (("regvar", RegVar(RegVarOptions(max_queries=len(x_q)))),
                           ("regvar-ll", RegVarLastLayer(RegVarLLOptions(max_queries=len(x_q))))):
-        _, t_fit = timed(log, f"{label} fit", lambda method=method: method.fit(ctx))
-        var, t_pred = timed(log, f"{label} on {len(x_q)} inputs", lambda method=method: top_variance(method, x_q))
-        problem = method.problem
-        assert problem is not None
-        inputs = method.network_inputs(x_q).to(DTYPE)
-        theta = problem.fm64.theta0
-        w = output_weights(problem.fm64.logits(theta, inputs), method.options.output)[:, 0]
-        jg = problem.readout_grads(theta.expand(len(inputs), -1), inputs, w)
-        targets: dict[str, torch.Tensor] = {}
-        infos: dict[str, Any] = {}
-        for kind in CurvatureKind:
-            products = CurvatureProducts(problem.fm64, problem.x.to(DTYPE), problem.y, wd, kind)
-            (targets[kind.value], infos[kind.value]), secs = timed(
-                log,
-                f"{label}: exact {kind.value} variances",
-                lambda p=products, t=theta, j=jg: exact_variance(p, t, j, n),
-            )
-            infos[kind.value]["seconds"] = secs
-        summary = method.summary()
-        entry = {
-            "weights": summary["weights"],
-            "n_params": summary["n_params"],
-            "theta0": {k: v for k, v in summary.items() if k.startswith("theta0")},
-            **compare(var, targets["hessian"]),
-            "vs_ggn": compare(var, targets["ggn"]),
-            "target_true_hessian": infos["hessian"],
-            "target_ggn": infos["ggn"],
-            "true_hessian_vs_ggn": compare(targets["hessian"], targets["ggn"]),
-            "target_median": float(targets["hessian"].median()),
-            "solver": {k: summary[k] for k in ("solver", "dtype", "lam", "difference", "cg_iterations_max",
-                                               "cg_iterations_mean", "cg_rel_residual_max", "cg_variance_gain_max",
-                                               "nonlinearity_max")},
-            "solver_flags": summary["solver_flags"],
-            "seconds": {"fit": t_fit, "predict": t_pred, "per_query": t_pred / len(x_q)},
-        }
+        entry, var, target = _method_entry(label, method, ctx, x_q, wd, log)
         if label == "regvar-ll":
-            entry["vs_all_weights_true_hessian"] = compare(var, out["_all_target"])
+            entry["vs_all_weights_true_hessian"] = compare(var, all_target)
             entry["note"] = "targets: the exact last-layer variance; vs_all_weights_true_hessian: regvar's target"
         else:
-            out["_all_target"] = targets["hessian"]
+            all_target = target
         out[label] = entry
-    del out["_all_target"]
     out["notes"] = _notes(out)
     return out
 

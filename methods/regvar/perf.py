@@ -140,7 +140,7 @@ def _rows(text: str) -> dict[str, int]:
 
 
 @register_perf("regvar")
-def main(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench perf regvar", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default="imdb,fashion-mnist", help="comma-separated task names")
     p.add_argument("--smoke", action="store_true", help="the tasks' smoke data")
@@ -155,14 +155,65 @@ def main(argv: list[str]) -> int:
                    help="also time the legacy solver (autograd products, per-query CG) at the same θ₀")
     p.add_argument("--out-dir", type=Path, default=None, help="write regvar-<task>.json per task into this folder")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+METHOD_CLASSES = {"regvar": RegVar, "regvar-ll": RegVarLastLayer}
+
+
+def _task_entry(name: str, args: argparse.Namespace, wanted: list[str], rows: dict[str, int],
+                device: torch.device) -> dict[str, Any]:
+    """One task's timings: each wanted method on a stack of queries (and what the flags add)."""
+    loaded = task_with_map(name, 0, args.smoke, device)
+    task, data, model, weights = loaded.task, loaded.data, loaded.model, loaded.describe()
+    n_all = len(data.train)
+    base = parse_spec(name)[0]
+    if base in rows and rows[base] < n_all:
+        x, y = data.train.tensors
+        data = replace(data, train=TensorDataset(x[: rows[base]], y[: rows[base]]))
+    ctx = context_around(model, data, task.recipe(), device=device)
+    x = data.test.tensors[0][: args.queries]
+    entry: dict[str, Any] = {"weights": weights, "rows": len(data.train), "rows_all": n_all}
+    for m in wanted:
+        r = per_query(METHOD_CLASSES[m], ctx, x, device, args.loop)
+        if args.compare:
+            r["versus_legacy"] = compare_legacy(METHOD_CLASSES[m], ctx, x, device, r)
+        r.pop("method")
+        if len(data.train) < n_all:
+            r["per_query_s_full_rows"] = r["per_query_s"] * n_all / len(data.train)
+        entry[m] = r
+    if args.amortized:
+        entry["amortized_vs_map"] = amortized_vs_map(task, data, model, device, 2000, 3)
+    return entry
+
+
+def _print_method(name: str, m: str, entry: dict[str, Any]) -> None:
+    r = entry[m]
+    rows_note = f"{entry['rows']:,} of {entry['rows_all']:,} rows" if entry["rows"] < entry["rows_all"] \
+        else f"{entry['rows']:,} rows"
+    full = f" (≈{r['per_query_s_full_rows']:.1f} s/query scaled to all rows)" if "per_query_s_full_rows" in r \
+        else ""
+    loop = f", one at a time {r['loop_per_query_s']:.2f} s ({r['stacking_speedup']:.1f}× slower)" \
+        if "loop_per_query_s" in r else ""
+    print(f"{name:14s} {m:9s} ({r['weights']}, {r['n_params']:,} params, {rows_note}): "
+          f"{r['per_query_s']:.3f} s/query{full}, CG iterations mean {r['cg_iterations_mean']:.0f}"
+          f"{loop}; fit {r['fit_s']:.0f} s; flags {r['solver_flags'] or 'none'}")
+    if "versus_legacy" in r:
+        v = r["versus_legacy"]
+        print(f"{'':14s} legacy solver {v['legacy']['per_query_s']:.3f} s/query "
+              f"(CG iterations mean {v['legacy']['cg_iterations_mean']:.0f}, flags "
+              f"{v['legacy']['solver_flags'] or 'none'}): {v['speedup']:.1f}× faster now; variances differ "
+              f"by ≤ {v['variance_rel_diff_max']:.2g} (median {v['variance_rel_diff_median']:.2g}) relative")
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
     if args.queries < 1:
         raise BenchError("--queries must be at least 1")
     device = select_device(args.device)
     rows = {} if args.rows == "none" else _rows(args.rows) if args.rows else (CPU_ROWS if device.type == "cpu" else {})
-    classes = {"regvar": RegVar, "regvar-ll": RegVarLastLayer}
     wanted = [m for m in args.methods.split(",") if m]
-    if not wanted or any(m not in classes for m in wanted):
+    if not wanted or any(m not in METHOD_CLASSES for m in wanted):
         raise BenchError(f"--methods takes regvar and/or regvar-ll, got {args.methods!r}")
     out: dict[str, Any] = {
         "device": str(device),
@@ -171,27 +222,7 @@ def main(argv: list[str]) -> int:
         "tasks": {},
     }
     for name in filter(None, args.tasks.split(",")):
-        loaded = task_with_map(name, 0, args.smoke, device)
-        task, data, model, weights = loaded.task, loaded.data, loaded.model, loaded.describe()
-        n_all = len(data.train)
-        base = parse_spec(name)[0]
-        if base in rows and rows[base] < n_all:
-            x, y = data.train.tensors
-            data = replace(data, train=TensorDataset(x[: rows[base]], y[: rows[base]]))
-        ctx = context_around(model, data, task.recipe(), device=device)
-        x = data.test.tensors[0][: args.queries]
-        entry: dict[str, Any] = {"weights": weights, "rows": len(data.train), "rows_all": n_all}
-        for m in wanted:
-            r = per_query(classes[m], ctx, x, device, args.loop)
-            if args.compare:
-                r["versus_legacy"] = compare_legacy(classes[m], ctx, x, device, r)
-            r.pop("method")
-            if len(data.train) < n_all:
-                r["per_query_s_full_rows"] = r["per_query_s"] * n_all / len(data.train)
-            entry[m] = r
-        if args.amortized:
-            entry["amortized_vs_map"] = amortized_vs_map(task, data, model, device, 2000, 3)
-        out["tasks"][name] = entry
+        entry = out["tasks"][name] = _task_entry(name, args, wanted, rows, device)
         if args.out_dir is not None:
             args.out_dir.mkdir(parents=True, exist_ok=True)
             one = {k: v for k, v in out.items() if k != "tasks"} | {"task": name, **entry}
@@ -204,22 +235,7 @@ def main(argv: list[str]) -> int:
     print(f"per-input RegVar on {out['device']}, {out['threads']} thread(s), one stack of {args.queries} queries")
     for name, entry in out["tasks"].items():
         for m in wanted:
-            r = entry[m]
-            rows_note = f"{entry['rows']:,} of {entry['rows_all']:,} rows" if entry["rows"] < entry["rows_all"] \
-                else f"{entry['rows']:,} rows"
-            full = f" (≈{r['per_query_s_full_rows']:.1f} s/query scaled to all rows)" if "per_query_s_full_rows" in r \
-                else ""
-            loop = f", one at a time {r['loop_per_query_s']:.2f} s ({r['stacking_speedup']:.1f}× slower)" \
-                if "loop_per_query_s" in r else ""
-            print(f"{name:14s} {m:9s} ({r['weights']}, {r['n_params']:,} params, {rows_note}): "
-                  f"{r['per_query_s']:.3f} s/query{full}, CG iterations mean {r['cg_iterations_mean']:.0f}"
-                  f"{loop}; fit {r['fit_s']:.0f} s; flags {r['solver_flags'] or 'none'}")
-            if "versus_legacy" in r:
-                v = r["versus_legacy"]
-                print(f"{'':14s} legacy solver {v['legacy']['per_query_s']:.3f} s/query "
-                      f"(CG iterations mean {v['legacy']['cg_iterations_mean']:.0f}, flags "
-                      f"{v['legacy']['solver_flags'] or 'none'}): {v['speedup']:.1f}× faster now; variances differ "
-                      f"by ≤ {v['variance_rel_diff_max']:.2g} (median {v['variance_rel_diff_median']:.2g}) relative")
+            _print_method(name, m, entry)
         if "amortized_vs_map" in entry:
             a = entry["amortized_vs_map"]
             print(f"{name:14s} amortized predict {a['amortized_s']:.3f} s vs MAP {a['map_s']:.3f} s on "
