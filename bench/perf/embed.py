@@ -26,6 +26,7 @@ import torch
 from bench.data.features import Encoder, EncoderSpec, Engine, make_encoder, resolve_backbone
 from bench.errors import BenchError
 from bench.perf import register_perf
+from bench.profiling import measure
 from bench.results import atomic_write_bytes
 
 EncodeFn = Callable[[Sequence[str]], torch.Tensor]
@@ -34,9 +35,9 @@ EncodeFn = Callable[[Sequence[str]], torch.Tensor]
 def timed(encoder: EncodeFn, texts: list[str], warmup: int) -> tuple[torch.Tensor, float]:
     """Vectors for ``texts`` and their seconds, after one untimed batch of ``warmup`` texts."""
     encoder(texts[:warmup])
-    start = time.perf_counter()
-    out = encoder(texts)
-    return out, time.perf_counter() - start
+    with measure(torch.device("cpu")) as m:  # the CPU embedding path
+        out = encoder(texts)
+    return out, m.seconds
 
 
 def cosines(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -51,6 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench.errors import BenchError
 from bench.method_api import FitContext
+from bench.profiling import measure
 from bench.seeding import derive_seed, seed_everything
 from bench.studies import context_around
 from bench.tasks.base import TaskData, TrainRecipe
@@ -193,11 +193,11 @@ def compare(est: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 
 def timed(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    log(f"fidelity: {what} in {seconds:.1f} s")
-    return out, seconds
+    """``fn()`` and its seconds (``bench.profiling.measure``; the checks run on CPU), logged."""
+    with measure(torch.device("cpu")) as m:
+        out = fn()
+    log(f"fidelity: {what} in {m.seconds:.1f} s")
+    return out, m.seconds
 
 
 def top_variance(method: RegVar, x: torch.Tensor) -> torch.Tensor:
