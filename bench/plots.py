@@ -23,7 +23,7 @@ from bench.derived_rows import is_derived  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.leaderboard import collect, warn_damaged  # noqa: E402
 from bench.metrics.calibration import N_BINS  # noqa: E402
-from bench.metrics.registry import SCORES, auroc_key, confidence_bins, shift_key, shift_sets_in  # noqa: E402
+from bench.metrics.registry import SCORES, auroc_key, confidence_bins, parse_auroc_key, shift_key, shift_sets_in  # noqa: E402
 from bench.prediction_arrays import TEST, PredictionArrays, ood_set  # noqa: E402
 from bench.ranking import summarize  # noqa: E402
 from bench.record import RunRecord  # noqa: E402
@@ -122,8 +122,7 @@ def plot_reliability(task: str, methods: dict[str, Path], out: Path) -> Path:
 
 def best_ood_score(record: RunRecord, ood: str) -> str:
     """The score with the highest AUROC of the run on ``ood`` (entropy when it has no other)."""
-    prefix = auroc_key(ood, "")
-    aurocs = {k.removeprefix(prefix): v for k, v in record.metrics.items() if k.startswith(prefix)}
+    aurocs = {p[1]: v for k, v in record.metrics.items() if (p := parse_auroc_key(k)) and p[0] == ood}
     return max(sorted(aurocs), key=aurocs.__getitem__) if aurocs else "entropy"
 
 

@@ -34,11 +34,10 @@ _active: list[measure] = []  # open measurements, outermost first
 _runs_started = 0  # a CPU peak is only a run's own when nothing ran before it in this process
 
 
-def count_run() -> int:
-    """Note that a run starts in this process; returns how many have, this one included."""
+def count_run() -> None:
+    """Note that a run starts in this process."""
     global _runs_started
     _runs_started += 1
-    return _runs_started
 
 
 def runs_in_this_process() -> int:

@@ -233,7 +233,8 @@ def _claim_all(todo: list[RunConfig], skip_done: bool, claims: contextlib.ExitSt
     return held, skipped
 
 
-def _submit(ray: Any, todo: list[RunConfig], held: dict[int, contextlib.ExitStack], plugins: list[str]) -> dict:
+def _submit(ray: Any, todo: list[RunConfig], held: dict[int, contextlib.ExitStack], plugins: list[str]
+            ) -> dict[Any, int]:
     """Warm each group's MAP networks once, then submit every claimed run: task ref → run index."""
     options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False}
     runs = ray.remote(run_task)
