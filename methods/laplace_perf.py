@@ -39,7 +39,6 @@ def _timed(device: torch.device, fn: Any, x: torch.Tensor, batch: int) -> tuple[
     return out, m
 
 
-@register_perf("laplace")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench perf laplace", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="test inputs to predict (default 1000)")
@@ -81,6 +80,7 @@ def _print(result: dict[str, Any]) -> None:
     print(f"  max |Δ prob|  : {result['max_abs_diff_probs']:.2e}")
 
 
+@register_perf("laplace")
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.smoke:

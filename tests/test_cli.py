@@ -301,6 +301,25 @@ def test_fidelity_options_reach_its_parser(capsys: pytest.CaptureFixture[str]) -
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
+def _benchmark_names() -> list[str]:
+    from bench.perf import PERF
+    from bench.perf.loader import load_all
+
+    load_all()
+    return PERF.names()
+
+
+@pytest.mark.parametrize("name", _benchmark_names())
+def test_every_registered_benchmark_takes_its_options_from_the_cli(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The registered entry is the benchmark's main: it parses the options the CLI hands it."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["perf", name, "--help"])
+    assert exited.value.code == 0
+    assert f"usage: bench perf {name}" in capsys.readouterr().out
+
+
 # --- Failures are one line, exit 2, and write nothing ----------------------------------
 
 def _one_line_error(code: int, err: str, *needles: str) -> str:
