@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 N_BINS = 15
 
@@ -23,6 +22,10 @@ def _guard_confidence_one(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _calibration(probs: torch.Tensor, labels: torch.Tensor, norm: str, n_bins: int) -> float:
+    # Imported here: torchmetrics loads torchvision and its image metrics, seconds that every
+    # command importing the metric registry (``bench list``, a refused run) would otherwise pay.
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     probs = _guard_confidence_one(probs.double())
     value = multiclass_calibration_error(
         probs, labels.long(), num_classes=probs.shape[1], n_bins=n_bins, norm=norm

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 
 def auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
@@ -15,6 +14,8 @@ def auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
     logits and squashes them with a sigmoid, which rounds every score above ≈ 37 to 1.0.
     Non-finite scores are refused: they have no rank (the harness rejects them earlier).
     """
+    from sklearn.metrics import roc_auc_score  # here: a second of import for commands that score nothing
+
     scores = torch.cat([score_in, score_out]).detach().double().cpu().numpy()
     if not np.isfinite(scores).all():
         raise ValueError("AUROC needs finite scores; got NaN or inf")
