@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "tests" / "fixtures" / "tiny_task.py")
 TINY_LORA = str(REPO / "tests" / "fixtures" / "tiny_lora_task.py")  # imdb-lora's model on generated text
 TAIL = 3000
-DRY_METHODS = "map,map-ts"  # the dry run's sweeps: plumbing only (see above)
+DRY_METHODS = "map,regvar-ll"  # the dry run's sweeps: plumbing only (see above); regvar-ll takes max_queries
 
 
 def _step(name: str, argv: list[str], out: Path, timeout: float) -> dict:
